@@ -1,0 +1,23 @@
+"""fastebm: kernel-accelerated energy-inspired self-supervised pretraining of vision models.
+
+Public API::
+
+    import fastebm
+    model = fastebm.create_model("vit_demo")                       # EnergyViT, energy per image
+    objective = fastebm.RestorationObjective(model, steps=2)       # restoration loss, one forward
+    corrupted, weight = fastebm.corrupt(clean, "mim", seed=0)      # pretext tasks
+    loss, stats = objective(clean, corrupted, weight)
+"""
+from .models import EnergyViT, create_model, list_models
+from .restore import RestorationObjective
+
+__version__ = "0.1.0"
+
+__all__ = ["EnergyViT", "RestorationObjective", "create_model", "list_models", "corrupt", "__version__"]
+
+# Imported last and eagerly: importing the subpackage binds ``fastebm.corrupt`` to the module,
+# and this import rebinds the name to the function users call.
+try:
+    from .corrupt import corrupt
+except ImportError:  # pragma: no cover - only while the corruption package is being written
+    pass

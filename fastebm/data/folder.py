@@ -1,0 +1,98 @@
+"""``--data DIR``: an ImageFolder-style tree read through PIL with torchvision-style augmentation.
+
+Class sub-folders are optional (pretraining ignores labels): every image file under DIR,
+recursively, is a sample; its label is the index of its first-level sub-folder, or -1 for files
+directly in DIR. Unreadable or corrupt files are not fatal here: ``load`` raises
+``UnreadableImage`` and the loader skips to another sample and counts the file.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DataError
+from .sampling import AUGMENT_STREAM, generator_for
+from .transforms import crop_flip_resize, to_rgb
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+class UnreadableImage(Exception):
+    """A file that PIL cannot decode completely."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def scan_image_files(root: str) -> Tuple[List[str], List[int], List[str]]:
+    """(paths, labels, class names) of every image under ``root``, in a stable sorted order."""
+    if not os.path.exists(root):
+        raise DataError(f"--data: folder {root!r} does not exist")
+    if not os.path.isdir(root):
+        raise DataError(f"--data: {root!r} is not a folder (give a directory of images)")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    class_index = {c: i for i, c in enumerate(classes)}
+    paths, labels = [], []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = os.path.relpath(folder, root)
+        label = -1 if rel == "." else class_index.get(rel.split(os.sep)[0], -1)
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                paths.append(os.path.join(folder, name))
+                labels.append(label)
+    if not paths:
+        raise DataError(f"--data: folder {root!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), recursively")
+    return paths, labels, classes
+
+
+def decode_image(path: str) -> Image.Image:
+    """Fully decoded RGB image, or UnreadableImage (truncated, corrupt, unsupported)."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # forces a full decode so a truncated file fails here, not later
+            return to_rgb(im)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+
+class ImageFolderData:
+    """Random-resized-crop (scale 0.2-1) + flip samples of an image tree, as uint8 (3, S, S)."""
+
+    def __init__(self, root: str, img_size: int, seed: int, crop_scale=(0.2, 1.0)):
+        self.root = root
+        self.img_size = img_size
+        self.seed = seed
+        self.crop_scale = crop_scale
+        self.paths, self.labels, self.classes = scan_image_files(root)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+    def load(self, index: int, epoch: int) -> Tuple[torch.Tensor, int]:
+        im = decode_image(self.paths[index])
+        g = generator_for(self.seed, AUGMENT_STREAM, epoch, index)
+        return crop_flip_resize(im, self.img_size, g, scale=self.crop_scale), self.labels[index]
+
+    def check_readable(self, limit: int = 1000) -> None:
+        """Fails fast (DataError) when none of the first ``limit`` files decodes."""
+        reasons = []
+        for path in self.paths[:limit]:
+            try:
+                decode_image(path)
+                return
+            except UnreadableImage as exc:
+                reasons.append(exc)
+        more = "" if len(self.paths) <= limit else f" (checked the first {limit} of {len(self.paths)})"
+        raise DataError(
+            f"--data: no readable image in {self.root!r}{more}: {len(reasons)} file(s) failed to decode, "
+            f"e.g. {reasons[0]}"
+        )

@@ -1,0 +1,90 @@
+"""Deterministic data order and per-sample random draws.
+
+Everything random about the data is a pure function of (seed, epoch, sample index): the epoch's
+order is a permutation drawn from a generator seeded with (seed, epoch), and each sample's
+augmentation uses a generator seeded with (seed, epoch, dataset index). No global RNG is touched.
+Consequences: a resumed run sees exactly the batches it would have seen, and N processes with
+batch B see the same samples with the same crops as one process with batch N*B (each rank takes
+its slice of the same global batch).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, NamedTuple
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed that depends on every value (order matters); stable across runs and machines."""
+    h = 0x2545F4914F6CDD1D
+    for v in values:
+        h = _splitmix64(h ^ (int(v) & _MASK64))
+    return h & ((1 << 63) - 1)
+
+
+def generator_for(*values: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(mix_seed(*values))
+    return g
+
+
+# Stream tags keep the order and the augmentation draws independent of each other.
+ORDER_STREAM = 1
+AUGMENT_STREAM = 2
+
+
+@functools.lru_cache(maxsize=2)  # one epoch in use, one about to start; callers must not mutate
+def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The dataset indices of an epoch, in the order every process agrees on."""
+    return torch.randperm(num_samples, generator=generator_for(seed, ORDER_STREAM, epoch))
+
+
+class SampleKey(NamedTuple):
+    """What a dataset needs to produce one sample deterministically."""
+
+    epoch: int
+    index: int  # dataset index
+    position: int  # position in the epoch order (a global id, independent of the process count)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How optimiser steps map to samples.
+
+    One optimiser step consumes ``accum_iter`` global micro-batches of ``batch_size * world_size``
+    samples; rank r loads the slice [r*batch_size, (r+1)*batch_size) of each. Leftover samples
+    at the end of an epoch (fewer than one optimiser step) are dropped, like ``drop_last``.
+    """
+
+    num_samples: int
+    batch_size: int
+    accum_iter: int = 1
+    world_size: int = 1
+    rank: int = 0
+    seed: int = 0
+
+    @property
+    def global_micro_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // (self.global_micro_batch * self.accum_iter)
+
+    def micro_batch_keys(self, step: int, micro: int) -> List[SampleKey]:
+        """Keys of this rank's samples for micro-step ``micro`` of optimiser step ``step`` (global)."""
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        order = epoch_order(self.num_samples, self.seed, epoch)
+        start = (step_in_epoch * self.accum_iter + micro) * self.global_micro_batch + self.rank * self.batch_size
+        return [SampleKey(epoch, int(order[p]), p) for p in range(start, start + self.batch_size)]

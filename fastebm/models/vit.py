@@ -1,0 +1,212 @@
+"""EnergyViT: a Vision Transformer whose forward pass is a scalar energy per image.
+
+The backbone is a plain ViT with parameter names identical to timm's ``VisionTransformer``
+(class token, learned position embedding, pre-norm blocks, final norm), so a pretrained backbone
+loads into ``timm.create_model(...)`` strictly. Attention goes through ``fastebm.ops.attention``,
+whose every backend is differentiable twice.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..energy import build_energy_head
+from ..ops import attention
+
+Size2 = Union[int, Tuple[int, int]]
+
+
+def _pair(v: Size2) -> Tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"img_size must be an int or an (H, W) pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens (timm name: ``patch_embed.proj``)."""
+
+    def __init__(self, img_size: Tuple[int, int], patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = attention(q, k, v, scale=self.scale, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class EnergyViT(nn.Module):
+    """ViT energy function ``E(x)``, one scalar per image.
+
+    Args:
+        img_size: input size (int or (H, W)); each side divisible by ``patch_size``.
+        patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the usual ViT sizes.
+        energy: ``"sqnorm"`` (default: ``mean_i 1/2 ||h_i||^2`` over the last block's tokens before
+            the final norm), ``"sqnorm_post"`` (the same after the final norm) or ``"linear"`` (a
+            learned projection of the mean normed token). See DESIGN.md §2 for why pre-norm.
+        attn_backend: passed to ``fastebm.ops.attention`` (``"auto"``, ``"math"``, ``"triton"``).
+    """
+
+    def __init__(
+        self,
+        img_size: Size2 = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        energy: str = "sqnorm",
+        attn_backend: str = "auto",
+    ):
+        super().__init__()
+        img_hw = _pair(img_size)
+        if patch_size < 1 or img_hw[0] % patch_size or img_hw[1] % patch_size:
+            raise ValueError(
+                f"img_size {img_hw[0]}x{img_hw[1]} is not divisible by patch_size {patch_size}; "
+                f"use a size that is a multiple of {patch_size} (e.g. {max(1, img_hw[0] // max(patch_size, 1)) * max(patch_size, 1)})"
+            )
+        if in_chans < 1 or depth < 1 or embed_dim < 1 or num_heads < 1:
+            raise ValueError("in_chans, embed_dim, depth and num_heads must all be >= 1")
+        self.img_size = img_hw
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(img_hw, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attn_backend) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.energy_type = energy
+        self.energy_head = build_energy_head(energy, embed_dim)
+        self._init_weights()
+
+    # ------------------------------------------------------------------ set-up
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def attn_backend(self) -> str:
+        return self.blocks[0].attn.backend
+
+    @attn_backend.setter
+    def attn_backend(self, name: str) -> None:
+        for blk in self.blocks:
+            blk.attn.backend = name
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass (non-reentrant: supports double backward)."""
+        self.grad_checkpointing = bool(enable)
+
+    # ------------------------------------------------------------------ forward
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"EnergyViT expects a 4-D batch (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"EnergyViT was built for {self.in_chans} channels but got {x.shape[1]}; "
+                f"convert the images (e.g. grey -> RGB) or create the model with in_chans={x.shape[1]}"
+            )
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"EnergyViT was built for {self.img_size[0]}x{self.img_size[1]} images but got "
+                f"{x.shape[-2]}x{x.shape[-1]}; resize the input or create the model with img_size={tuple(x.shape[-2:])}"
+            )
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1) + self.pos_embed
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens of the last block, before the final norm: (B, 1 + N, D)."""
+        self.check_input(x)
+        h = self.embed(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(blk, h, use_reentrant=False)
+            else:
+                h = blk(h)
+        return h
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed tokens (B, 1 + N, D), as timm's ``forward_features``."""
+        return self.norm(self.forward_tokens(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample energy, shape (B,)."""
+        h = self.forward_tokens(x)
+        return self.energy_head(h, self.norm)
+
+    # ------------------------------------------------------------------ export
+    def backbone_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Backbone weights under timm ``VisionTransformer`` names, nothing training-only."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("energy_head.")}
+
+    def extra_repr(self) -> str:
+        return f"img_size={self.img_size}, patch_size={self.patch_size}, energy={self.energy_type!r}"

@@ -1,0 +1,121 @@
+"""The fused Triton attention backend (eager engine): exact to second order.
+
+Three ``autograd.Function``s chain the kernels of ``fastebm.kernels.attention``:
+
+    _TritonAttention.forward  -> attn_fwd            (saves q, k, v, o, lse: all O(N) memory)
+    _TritonAttention.backward -> _TritonAttentionBwd (attn_bwd), itself differentiable
+    _TritonAttentionBwd.backward -> _TritonAttentionDbwd (attn_dbwd)
+    _TritonAttentionDbwd.backward -> RuntimeError (third order is not supported)
+
+so ``torch.autograd.grad(..., create_graph=True)`` through attention followed by a ``backward()``
+(the restoration objective's double backward) is exact. ``o`` and ``lse`` are caches: no gradient
+flows to them (their effect is inside the row statistics; DESIGN.md section 5).
+
+This module is for the eager path only. Under ``torch.compile`` with ``torch.func.grad`` an
+``autograd.Function`` gives silently wrong second-order gradients (DESIGN.md section 4); the
+compiled engines use math attention or the custom ops instead.
+
+Importing this module registers the backend ``"triton"`` with ``fastebm.ops.attention``; it raises
+ImportError when triton is not importable (the registry then keeps the math path only).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+except Exception as exc:  # pragma: no cover - depends on the machine
+    raise ImportError(f"triton is not importable ({exc}); the Triton attention backend is unavailable") from exc
+
+from fastebm.kernels.attention import MAX_HEAD_DIM, attn_bwd, attn_dbwd, attn_fwd
+
+from .attention import register_backend
+
+Tensor = torch.Tensor
+
+THIRD_ORDER_MESSAGE = (
+    "fastebm's Triton attention is differentiable to second order only (forward, backward and "
+    "double backward); a third-order derivative was requested. Use attention(..., backend='math') "
+    "(or FASTEBM_ATTENTION_BACKEND=math / the model's attn_backend='math') for higher orders."
+)
+
+
+class _TritonAttention(torch.autograd.Function):
+    """``o = softmax(scale q k^T) v``; also returns the row log-sum-exp (non-differentiable)."""
+
+    @staticmethod
+    def forward(q, k, v, scale):
+        return attn_fwd(q, k, v, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        # o and lse enter the backward as constants (caches), hence detach.
+        dq, dk, dv = _TritonAttentionBwd.apply(q, k, v, o.detach(), lse.detach(), do, ctx.scale)
+        return dq, dk, dv, None
+
+
+class _TritonAttentionBwd(torch.autograd.Function):
+    """``(dq, dk, dv) = attn_bwd(q, k, v, o, lse, do)``, differentiable in (q, k, v, do)."""
+
+    @staticmethod
+    def forward(q, k, v, o, lse, do, scale):
+        return attn_bwd(q, k, v, o, lse, do, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, o, lse, do, scale = inputs
+        ctx.save_for_backward(q, k, v, o, lse, do)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, gq, gk, gv):
+        q, k, v, o, lse, do = ctx.saved_tensors
+        qbar, kbar, vbar, gbar = _TritonAttentionDbwd.apply(q, k, v, o, lse, do, gq, gk, gv, ctx.scale)
+        return qbar, kbar, vbar, None, None, gbar, None
+
+
+class _TritonAttentionDbwd(torch.autograd.Function):
+    """The double-backward kernels as a graph node whose own backward refuses (third order)."""
+
+    @staticmethod
+    def forward(q, k, v, o, lse, do, gq, gk, gv, scale):
+        return attn_dbwd(q, k, v, o, lse, do, gq, gk, gv, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(THIRD_ORDER_MESSAGE)
+
+
+def triton_attention_fn(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Fused attention ``softmax(scale q k^T) v`` for q (B,H,Nq,d), k/v (B,H,Nk,d); exact first
+    and second derivatives, O(N) memory. The output is contiguous."""
+    o, _ = _TritonAttention.apply(q, k, v, float(scale))
+    return o
+
+
+def supports(q: Tensor) -> bool:
+    """CUDA tensors; CPU tensors too when the Triton interpreter is on (TRITON_INTERPRET=1)."""
+    on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return (
+        on_device
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+        and 1 <= q.shape[-1] <= MAX_HEAD_DIM
+    )
+
+
+register_backend("triton", triton_attention_fn, supports=supports)

@@ -1,0 +1,161 @@
+"""The restoration objective: corrupted images repaired by gradient descent on the energy.
+
+``x_{t+1} = x_t - alpha_t * dE/dx(x_t) [+ sigma * noise]`` for ``t = 0 .. T-1`` starting from the
+corrupted batch; the loss is the weighted MSE between every ``x_t`` (t >= 1) and the clean batch
+(normalised per sample, averaged over the batch), summed over steps. The whole restoration and the loss are one ``forward`` so that
+``DistributedDataParallel`` can wrap this module (DESIGN.md §8).
+
+Gradient modes:
+- ``exact``: every step keeps its graph (``create_graph=True``), so the loss is differentiated
+  through all Hessian-vector products;
+- ``truncated``: the energy gradients of steps ``0 .. T-2`` are treated as constants (computed
+  without a graph); only the last step is differentiated through. Step sizes still get gradients
+  from every step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GRAD_MODES = ("exact", "truncated")
+ENGINES = ("eager",)
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def weighted_mse(x: torch.Tensor, clean: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of ``sum(w * (x - clean)^2) / sum(w)`` (``w`` broadcast to the image shape).
+
+    Normalising per sample makes every sample count equally whatever its task's weight area, and
+    makes the loss of a batch the mean of the losses of any split of it (so 2 processes x B equals
+    1 process x 2B under DDP's gradient averaging).
+    """
+    w = weight.expand_as(x) if weight.shape != x.shape else weight
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x, clean = x.float(), clean.float()
+    err = (x - clean).pow(2)
+    per_sample = (w * err).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1.0)
+    return per_sample.mean()
+
+
+class RestorationObjective(nn.Module):
+    """Energy-based restoration loss around an energy model (e.g. :class:`~fastebm.EnergyViT`).
+
+    Args:
+        model: maps a batch ``(B, C, H, W)`` to energies ``(B,)``.
+        steps: number of gradient steps ``T`` (>= 1).
+        grad_mode: ``"exact"`` or ``"truncated"`` (see the module docstring).
+        alpha_init: initial step size of every step; each step learns its own
+            ``alpha_t = softplus(a_t)``.
+        learn_alpha: if False the step sizes stay fixed.
+        noise_sigma: standard deviation of optional Langevin noise added after each step (0 = off).
+        engine: how ``dE/dx`` with a graph is computed; ``"eager"`` is
+            ``torch.autograd.grad(create_graph=True)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        steps: int = 2,
+        grad_mode: str = "exact",
+        alpha_init: float = 1.0,
+        learn_alpha: bool = True,
+        noise_sigma: float = 0.0,
+        engine: str = "eager",
+    ):
+        super().__init__()
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"unknown grad_mode {grad_mode!r}; choose one of {', '.join(GRAD_MODES)}")
+        if not alpha_init > 0:
+            raise ValueError(f"alpha_init must be > 0 (it is a step size), got {alpha_init!r}")
+        if noise_sigma < 0:
+            raise ValueError(f"noise_sigma must be >= 0, got {noise_sigma!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        self.model = model
+        self.steps = steps
+        self.grad_mode = grad_mode
+        self.noise_sigma = float(noise_sigma)
+        self.engine = engine
+        self.alpha_logits = nn.Parameter(
+            torch.full((steps,), _inverse_softplus(float(alpha_init))), requires_grad=learn_alpha
+        )
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        """Current step sizes ``softplus(a_t)``, shape (T,)."""
+        return F.softplus(self.alpha_logits)
+
+    def energy_and_grad(self, x: torch.Tensor, create_graph: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(E(x), dE/dx)``; with ``create_graph`` the gradient is itself differentiable."""
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        energy = self.model(x)
+        (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
+        return energy, grad
+
+    def _step(self, x: torch.Tensor, t: int, alphas: torch.Tensor, create_graph: bool):
+        energy, grad = self.energy_and_grad(x, create_graph)
+        x_next = x - alphas[t].to(grad.dtype) * grad
+        if self.noise_sigma > 0:
+            x_next = x_next + self.noise_sigma * torch.randn_like(x_next)
+        return x_next, energy
+
+    def forward(
+        self, clean: torch.Tensor, corrupted: torch.Tensor, weight: torch.Tensor
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Restores ``corrupted`` in ``T`` steps and returns ``(loss, stats)``.
+
+        ``weight`` is the per-pixel loss weight (broadcastable to the images, e.g. (B, 1, H, W)).
+        ``stats`` holds detached tensors: ``loss_t`` (T,) the weighted MSE after each step,
+        ``loss_corrupted`` the weighted MSE before restoration, ``energy`` (T,) the mean energy at each
+        step's input, ``alphas`` (T,).
+        """
+        if clean.shape != corrupted.shape:
+            raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} shapes differ")
+        alphas = self.alphas
+        # The restored image must depend on the parameters through dE/dx: that needs a graph from the
+        # very first step, hence an input that requires grad.
+        x = corrupted.detach().requires_grad_(True)
+        losses: List[torch.Tensor] = []
+        energies: List[torch.Tensor] = []
+        for t in range(self.steps):
+            keep_graph = self.grad_mode == "exact" or t == self.steps - 1
+            x, energy = self._step(x, t, alphas, create_graph=keep_graph and torch.is_grad_enabled())
+            losses.append(weighted_mse(x, clean, weight))
+            energies.append(energy.detach().float().mean())
+        loss = torch.stack(losses).sum()
+        with torch.no_grad():
+            stats = {
+                "loss_t": torch.stack(losses).detach(),
+                "loss_corrupted": weighted_mse(corrupted, clean, weight).detach(),
+                "energy": torch.stack(energies),
+                "alphas": alphas.detach(),
+            }
+        return loss, stats
+
+    @torch.no_grad()
+    def restore(self, corrupted: torch.Tensor) -> List[torch.Tensor]:
+        """Inference: ``[x_0, x_1, ..., x_T]`` (detached), without building any graph for the parameters."""
+        alphas = self.alphas.detach()
+        xs = [corrupted.detach()]
+        x = corrupted.detach()
+        for t in range(self.steps):
+            with torch.enable_grad():
+                _, grad = self.energy_and_grad(x.detach().requires_grad_(True), create_graph=False)
+            x = x - alphas[t].to(grad.dtype) * grad
+            if self.noise_sigma > 0:
+                x = x + self.noise_sigma * torch.randn_like(x)
+            xs.append(x.detach())
+        return xs
+
+    def extra_repr(self) -> str:
+        return f"steps={self.steps}, grad_mode={self.grad_mode!r}, engine={self.engine!r}, noise_sigma={self.noise_sigma}"

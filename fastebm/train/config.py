@@ -1,0 +1,247 @@
+"""Training configuration: one flat dataclass, its command-line parser, YAML loading and checks.
+
+Every field is a flag of ``fastebm-train`` (same name) and a key of the YAML config file
+(``--config FILE.yaml``); flags given on the command line override the file. The defaults run
+the built-in demo (``fastebm-train`` with no arguments); ``configs/`` holds starting points for
+real data.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+KNOWN_TASKS = ("mim", "sort", "sr", "denoise", "colorize")
+GRAD_MODES = ("exact", "truncated")
+ENERGIES = ("sqnorm", "sqnorm_post", "linear")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+class UsageError(ValueError):
+    """Bad user input (flags, config file, data folder): the CLI prints it and exits with code 2."""
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """All knobs of one training run (see ``fastebm-train --help``)."""
+
+    # model and method
+    model: str = _opt("vit_demo", "model preset (vit_demo, vit_tiny_patch16, vit_small_patch16, vit_base_patch16, vit_large_patch16)")
+    img_size: Optional[int] = _opt(None, "input resolution in pixels (default: the preset's, 32 for vit_demo)")
+    energy: str = _opt("sqnorm", "energy head: sqnorm (pre-norm tokens), sqnorm_post, linear", choices=ENERGIES)
+    steps: int = _opt(2, "restoration gradient steps T per image")
+    grad_mode: str = _opt("exact", "gradient through the steps: exact (all steps) or truncated (last step)", choices=GRAD_MODES)
+    alpha_init: Optional[float] = _opt(None, "initial step size alpha_t (default: the objective's)")
+    noise_sigma: float = _opt(0.0, "Langevin noise per restoration step (0 = off)")
+    engine: str = _opt("eager", "how dE/dx is differentiated: eager (others as the objective supports)")
+    attn_backend: str = _opt("auto", "attention backend: auto, math, triton")
+    grad_checkpointing: bool = _opt(False, "activation checkpointing in the ViT blocks (less memory, more compute)")
+    # pretext tasks
+    tasks: List[str] = _opt(["mim", "sr", "denoise", "colorize"], "pretext tasks, mixed per sample (comma or space separated): " + ", ".join(KNOWN_TASKS))
+    mask_ratio: float = _opt(0.6, "fraction of patches masked by the mim task")
+    # optimisation
+    batch_size: int = _opt(64, "images per process per micro-step")
+    accum_iter: int = _opt(1, "micro-steps accumulated per optimiser step")
+    epochs: int = _opt(6, "epochs; the learning-rate schedule spans them")
+    max_steps: Optional[int] = _opt(None, "stop after this many optimiser steps (does not reshape the schedule)")
+    blr: float = _opt(3e-3, "base learning rate: lr = blr * effective batch / 256")
+    min_lr: float = _opt(1e-5, "learning rate at the end of the cosine schedule")
+    warmup_epochs: float = _opt(0.5, "linear warm-up length in epochs")
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms, biases, pos_embed, cls_token, step sizes)")
+    clip_grad: Optional[float] = _opt(1.0, "clip the gradient norm to this value (0 or none = off)")
+    precision: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp16, fp32", choices=PRECISIONS)
+    # data
+    data: Optional[str] = _opt(None, "image folder (class sub-folders optional); none = built-in demo data")
+    strict_data: bool = _opt(False, "stop on an unreadable image instead of skipping and counting it")
+    num_workers: Optional[int] = _opt(None, "data-loader worker processes (default: 0 for built-in data, min(8, CPUs) for folders)")
+    # run management
+    output_dir: str = _opt("./fastebm_out", "where checkpoints, metrics, pictures and summary.json go")
+    resume: Optional[str] = _opt(None, "checkpoint to resume from, or 'auto' (OUTPUT_DIR/last.pt if present)")
+    seed: int = _opt(0, "seed of initialisation, data order, augmentation and corruption")
+    device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    log_every: int = _opt(10, "optimiser steps between metric lines")
+    save_every: int = _opt(200, "optimiser steps between checkpoints (0 = only at the end)")
+    grid_every: int = _opt(100, "optimiser steps between restoration-grid refreshes (0 = only at the end)")
+    max_bad_steps: int = _opt(5, "stop after this many non-finite losses in a row")
+    eval: bool = _opt(True, "built-in data only: PSNR gain and linear probe before and after training")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain dict (strings, numbers, bools, lists, None) for checkpoints and config.yaml."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v) for f in dataclasses.fields(self)}
+
+    @property
+    def task_params(self) -> Dict[str, Dict[str, Any]]:
+        return {"mim": {"ratio": self.mask_ratio}}
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(conv):
+    def parse(text):
+        if text is None or str(text).strip().lower() in ("none", "null", ""):
+            return None
+        return conv(text)
+
+    parse.__name__ = conv.__name__
+    return parse
+
+
+def _field_type(f: dataclasses.Field):
+    hint = str(f.type)
+    base = int if "int" in hint else float if "float" in hint else bool if "bool" in hint else str
+    if base is bool:
+        return _parse_bool
+    return _optional(base) if hint.startswith("Optional") else base
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag becomes one UsageError line instead of usage text + exit."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fastebm-train",
+        description="Energy-inspired self-supervised pretraining of a ViT. With no arguments it pretrains "
+        "vit_demo on built-in data (digits and bundled photos) and reports PSNR gain and linear-probe accuracy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML file whose keys are flag names; command-line flags override it")
+    for f in dataclasses.fields(TrainConfig):
+        kw = dict(default=f.default if f.default is not dataclasses.MISSING else f.default_factory(), help=f.metadata["help"])
+        if f.name == "tasks":
+            kw.update(nargs="+", type=str)
+        elif "bool" in str(f.type):
+            kw.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        else:
+            kw["type"] = _field_type(f)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kw)
+    return parser
+
+
+def _load_yaml(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path!r} does not exist")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path!r} must be a mapping of flag names to values")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(k for k in data if str(k).replace("-", "_") not in names)
+    if unknown:
+        raise UsageError(f"config file {path!r} has unknown keys {unknown}; keys are flag names such as batch_size")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _coerce_yaml_value(f: dataclasses.Field, value: Any) -> Any:
+    """Applies the flag's own converter so that a YAML value is checked like a typed flag."""
+    if f.name == "tasks":
+        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    if value is None:
+        return None
+    try:
+        return _field_type(f)(value if not isinstance(value, bool) else str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise UsageError(f"config key {f.name}: invalid value {value!r}") from None
+
+
+def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
+    """Command line (and optional YAML file) -> checked TrainConfig. Raises UsageError or SystemExit(2)."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        from_file = {k: _coerce_yaml_value(fields[k], v) for k, v in _load_yaml(pre.config).items()}
+        for k, v in from_file.items():
+            if "choices" in fields[k].metadata and v not in fields[k].metadata["choices"]:
+                raise UsageError(f"config key {k}: {v!r} is not one of {list(fields[k].metadata['choices'])}")
+        parser.set_defaults(**from_file)
+    ns = parser.parse_args(argv)
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def split_tasks(tasks) -> List[str]:
+    out: List[str] = []
+    for item in tasks if isinstance(tasks, (list, tuple)) else [tasks]:
+        out.extend(t.strip().lower() for t in str(item).replace(",", " ").split() if t.strip())
+    return out
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks values that argparse's types cannot; raises UsageError naming the flag and the fix."""
+    cfg.tasks = split_tasks(cfg.tasks)
+    if not cfg.tasks:
+        raise UsageError("--tasks is empty; give one or more of " + ", ".join(KNOWN_TASKS))
+    bad = [t for t in cfg.tasks if t not in KNOWN_TASKS]
+    if bad:
+        raise UsageError(f"--tasks: unknown task(s) {bad}; choose from " + ", ".join(KNOWN_TASKS))
+    positive = ["batch_size", "accum_iter", "epochs", "steps", "log_every", "max_bad_steps"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
+    for name in ["save_every", "grid_every"]:
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must be >= 0 (0 = only at the end; got {getattr(cfg, name)})")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UsageError(f"--max_steps must be >= 1 or none (got {cfg.max_steps})")
+    if cfg.img_size is not None and cfg.img_size < 1:
+        raise UsageError(f"--img_size must be a positive number of pixels (got {cfg.img_size})")
+    for name in ["blr", "min_lr", "weight_decay", "warmup_epochs", "noise_sigma"]:
+        v = getattr(cfg, name)
+        if not (v >= 0) or v != v or v == float("inf"):
+            raise UsageError(f"--{name} must be a finite number >= 0 (got {v})")
+    if cfg.blr == 0:
+        raise UsageError("--blr must be > 0")
+    if cfg.warmup_epochs > cfg.epochs:
+        raise UsageError(f"--warmup_epochs ({cfg.warmup_epochs}) exceeds --epochs ({cfg.epochs})")
+    if cfg.alpha_init is not None and not (cfg.alpha_init > 0 and cfg.alpha_init != float("inf")):
+        raise UsageError(f"--alpha_init must be a finite number > 0 (got {cfg.alpha_init})")
+    if not (0.0 < cfg.mask_ratio < 1.0):
+        raise UsageError(f"--mask_ratio must be between 0 and 1 exclusive (got {cfg.mask_ratio})")
+    if cfg.clip_grad is not None:
+        if cfg.clip_grad < 0 or cfg.clip_grad != cfg.clip_grad:
+            raise UsageError(f"--clip_grad must be >= 0 (0 or none = off; got {cfg.clip_grad})")
+        if cfg.clip_grad == 0:
+            cfg.clip_grad = None
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise UsageError(f"--num_workers must be >= 0 (got {cfg.num_workers})")
+    dev = cfg.device.strip().lower()
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
+    cfg.device = dev
+    if cfg.resume is not None and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
+        raise UsageError(f"--resume: checkpoint {cfg.resume!r} does not exist (give a file or 'auto')")
+    if not cfg.output_dir:
+        raise UsageError("--output_dir must not be empty")
+
+
+def save_yaml(cfg: TrainConfig, path: str) -> None:
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)

@@ -1,0 +1,549 @@
+"""Triton kernels for attention with an exact double backward (``fastebm.kernels.attention``).
+
+Three stages, each a plain function on tensors (no autograd inside, outputs allocated with
+``torch.empty`` and always contiguous), so that both an ``autograd.Function`` (eager engine) and
+``torch.library.custom_op``s (explicit engine) can call them:
+
+- ``attn_fwd(q, k, v, scale) -> (o, lse)``
+- ``attn_bwd(q, k, v, o, lse, do, scale) -> (dq, dk, dv)``
+- ``attn_dbwd(q, k, v, o, lse, do, gq, gk, gv, scale) -> (qbar, kbar, vbar, gbar)``
+
+Shapes: ``q`` (B, H, Nq, d), ``k``/``v`` (B, H, Nk, d); Nq may differ from Nk. ``lse`` is (B, H, Nq)
+in float32 (float64 for float64 inputs). Inputs may be float16, bfloat16, float32 or float64 (the
+last mostly for gradcheck); all element-wise work and every matmul accumulate in float32 (float64
+for float64 inputs). float32 matmuls use IEEE precision, not TF32, so fp32 results match a float64
+reference to ~1e-6 relative. The head dimension is padded to a power of two >= 16 with masking, so
+any d up to 256 works (16..128 is the tuned range); ragged last tiles along Nq and Nk are masked.
+
+The specification of each stage is the PyTorch reference in ``fastebm/ops/attention_math.py``
+(imported below as ``attn_fwd_ref``, ``attn_bwd_ref``, ``attn_dbwd_ref``); the math is DESIGN.md
+section 5. No kernel or wrapper allocates anything of size B*H*Nq*Nk: probabilities are recomputed
+per tile from q, k and the saved row log-sum-exp.
+
+On a machine without a GPU the kernels run in Triton's interpreter; ``TRITON_INTERPRET=1`` must be
+in the environment before triton is first imported.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+# The references these kernels implement (kept importable from here so they sit beside the kernels).
+from fastebm.ops.attention_math import attn_bwd_ref, attn_dbwd_ref, attn_fwd_ref  # noqa: F401
+
+Tensor = torch.Tensor
+
+__all__ = ["attn_fwd", "attn_bwd", "attn_dbwd", "attn_fwd_ref", "attn_bwd_ref", "attn_dbwd_ref"]
+
+# Tile size used when the kernels run in the CPU interpreter. The interpreter's cost is per tile
+# iteration, so moderate tiles are fastest; tests lower it to exercise multi-tile loops.
+INTERPRETER_BLOCK = 32
+MAX_HEAD_DIM = 256
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_tile(base, offs_row, offs_d, N, D):
+    # Rows of a contiguous (N, D) matrix; out-of-range rows and padded head-dim columns read 0.
+    ptrs = base + offs_row[:, None] * D + offs_d[None, :]
+    return tl.load(ptrs, mask=(offs_row[:, None] < N) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _store_tile(base, x, offs_row, offs_d, N, D):
+    ptrs = base + offs_row[:, None] * D + offs_d[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=(offs_row[:, None] < N) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _load_row(base, offs_row, N):
+    return tl.load(base + offs_row, mask=offs_row < N, other=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.  Reference: attn_fwd_ref.
+# One program per (batch*head, BLOCK_M rows of Q). The Q tile stays resident; loop over K/V tiles
+# of BLOCK_N keys with the online softmax (running max m, running sum l, rescaled accumulator),
+# then O = acc / l and lse = m + log(l). Padded key columns get score -inf.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    scale_hi, scale_lo,
+    NQ, NK, D,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # see _scale_parts
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + bh * NQ * D, offs_m, offs_d, NQ, D)
+    k_base = K + bh * NK * D
+    v_base = V + bh * NK * D
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, offs_d, NK, D)
+        v = _load_tile(v_base, offs_n, offs_d, NK, D)
+        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        s = tl.where((offs_n < NK)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    _store_tile(O + bh * NQ * D, acc / l_i[:, None], offs_m, offs_d, NQ, D)
+    tl.store(LSE + bh * NQ + offs_m, m_i + tl.log(l_i), mask=offs_m < NQ)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward.  Reference: attn_bwd_ref.
+# (1) delta pre-pass: one program per (batch*head, BLOCK_M rows): delta = rowsum(O * dO).
+# (2) dK/dV kernel: one program per (batch*head, BLOCK_N keys); the K/V tile stays resident; loop
+#     over Q tiles recomputing P = exp(s q k^T - lse): dV += P^T dO, dS = P (dO V^T - delta),
+#     dK += dS^T Q. Each program owns its dK/dV rows, so no atomics.
+# (3) dQ kernel: one program per (batch*head, BLOCK_M rows); the Q tile stays resident; loop over
+#     K/V tiles: dQ += dS K.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, NQ, D,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + bh * NQ * D, offs_m, offs_d, NQ, D).to(ACC)
+    do = _load_tile(DO + bh * NQ * D, offs_m, offs_d, NQ, D).to(ACC)
+    tl.store(DELTA + bh * NQ + offs_m, tl.sum(o * do, 1), mask=offs_m < NQ)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    scale_hi, scale_lo,
+    NQ, NK, D,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # see _scale_parts
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + bh * NK * D, offs_n, offs_d, NK, D)
+    v = _load_tile(V + bh * NK * D, offs_n, offs_d, NK, D)
+    q_base = Q + bh * NQ * D
+    do_base = DO + bh * NQ * D
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for start_m in range(0, NQ, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        valid = (offs_m < NQ)[:, None] & (offs_n < NK)[None, :]
+        q = _load_tile(q_base, offs_m, offs_d, NQ, D)
+        do = _load_tile(do_base, offs_m, offs_d, NQ, D)
+        lse = _load_row(LSE + bh * NQ, offs_m, NQ)
+        delta = _load_row(DELTA + bh * NQ, offs_m, NQ)
+        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
+
+    _store_tile(DK + bh * NK * D, scale * dk, offs_n, offs_d, NK, D)
+    _store_tile(DV + bh * NK * D, dv, offs_n, offs_d, NK, D)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    scale_hi, scale_lo,
+    NQ, NK, D,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # see _scale_parts
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + bh * NQ * D, offs_m, offs_d, NQ, D)
+    do = _load_tile(DO + bh * NQ * D, offs_m, offs_d, NQ, D)
+    lse = _load_row(LSE + bh * NQ, offs_m, NQ)
+    delta = _load_row(DELTA + bh * NQ, offs_m, NQ)
+    k_base = K + bh * NK * D
+    v_base = V + bh * NK * D
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, offs_d, NK, D)
+        v = _load_tile(v_base, offs_n, offs_d, NK, D)
+        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p = tl.where((offs_n < NK)[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+    _store_tile(DQ + bh * NQ * D, scale * dq, offs_m, offs_d, NQ, D)
+
+
+# --------------------------------------------------------------------------------------------
+# Double backward.  Reference: attn_dbwd_ref (DESIGN.md section 5).
+# Per tile everything is recomputed from resident tiles:
+#   P = exp(s Q K^T - lse), dP = G V^T, U = s (gQ K^T + Q gK^T), W = G gV^T.
+# (1) row kernel: one program per (batch*head, BLOCK_M rows); Q, G, gQ tiles resident.
+#     Pass 1 over K/V tiles: the row statistics
+#         r  = rowsum(P U),  c1 = rowsum(P (W + U (dP - delta))),  c2 = rowsum(P dP),
+#     then c = c1 - r c2 (= rowsum(P Pbar) since Pbar = W + U (dP - delta) - r dP).
+#     Pass 2 over K/V tiles, now that r and c are known:
+#         dS = P (dP - delta), Sbar = P (Pbar - c), Dd = P (U - r),
+#         Qbar += dS gK + Sbar K (times s),  Gbar += P gV + Dd V.
+#     r and c are written out (B*H*Nq floats each) for the column kernel.
+# (2) column kernel: one program per (batch*head, BLOCK_N keys); K, V, gK, gV tiles resident;
+#     loop over Q tiles with the row statistics from (1):
+#         Kbar += dS^T gQ + Sbar^T Q (times s),  Vbar += Dd^T G.
+# Both kernels own their output rows, so no atomics.
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_dbwd_row_kernel(
+    Q, K, V, DO, GQ, GK, GV, LSE, DELTA,
+    QBAR, GBAR, R, C,
+    scale_hi, scale_lo,
+    NQ, NK, D,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # see _scale_parts
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = bh * NQ * D
+    k_off = bh * NK * D
+    q = _load_tile(Q + q_off, offs_m, offs_d, NQ, D)
+    g = _load_tile(DO + q_off, offs_m, offs_d, NQ, D)
+    gq = _load_tile(GQ + q_off, offs_m, offs_d, NQ, D)
+    lse = _load_row(LSE + bh * NQ, offs_m, NQ)
+    delta = _load_row(DELTA + bh * NQ, offs_m, NQ)
+
+    # Pass 1: row statistics r and c.
+    r = tl.zeros([BLOCK_M], ACC)
+    c1 = tl.zeros([BLOCK_M], ACC)
+    c2 = tl.zeros([BLOCK_M], ACC)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K + k_off, offs_n, offs_d, NK, D)
+        v = _load_tile(V + k_off, offs_n, offs_d, NK, D)
+        gk = _load_tile(GK + k_off, offs_n, offs_d, NK, D)
+        gv = _load_tile(GV + k_off, offs_n, offs_d, NK, D)
+        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p = tl.where((offs_n < NK)[None, :], tl.exp(s - lse[:, None]), 0.0)
+        u = scale * (
+            tl.dot(gq, tl.trans(k), input_precision=DOT_PREC) + tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
+        )
+        dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
+        w = tl.dot(g, tl.trans(gv), input_precision=DOT_PREC)
+        r += tl.sum(p * u, 1)
+        c1 += tl.sum(p * (w + u * (dp - delta[:, None])), 1)
+        c2 += tl.sum(p * dp, 1)
+    c = c1 - r * c2
+
+    # Pass 2: Qbar and Gbar.
+    qbar = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    gbar = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for start_n in range(0, NK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(K + k_off, offs_n, offs_d, NK, D)
+        v = _load_tile(V + k_off, offs_n, offs_d, NK, D)
+        gk = _load_tile(GK + k_off, offs_n, offs_d, NK, D)
+        gv = _load_tile(GV + k_off, offs_n, offs_d, NK, D)
+        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p = tl.where((offs_n < NK)[None, :], tl.exp(s - lse[:, None]), 0.0)
+        u = scale * (
+            tl.dot(gq, tl.trans(k), input_precision=DOT_PREC) + tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
+        )
+        dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
+        w = tl.dot(g, tl.trans(gv), input_precision=DOT_PREC)
+        dp_c = dp - delta[:, None]
+        ds = p * dp_c
+        sbar = p * (w + u * dp_c - r[:, None] * dp - c[:, None])
+        dd = p * (u - r[:, None])
+        qbar += tl.dot(ds.to(gk.dtype), gk, input_precision=DOT_PREC)
+        qbar += tl.dot(sbar.to(k.dtype), k, input_precision=DOT_PREC)
+        gbar += tl.dot(p.to(gv.dtype), gv, input_precision=DOT_PREC)
+        gbar += tl.dot(dd.to(v.dtype), v, input_precision=DOT_PREC)
+
+    _store_tile(QBAR + q_off, scale * qbar, offs_m, offs_d, NQ, D)
+    _store_tile(GBAR + q_off, gbar, offs_m, offs_d, NQ, D)
+    tl.store(R + bh * NQ + offs_m, r, mask=offs_m < NQ)
+    tl.store(C + bh * NQ + offs_m, c, mask=offs_m < NQ)
+
+
+@triton.jit
+def _attn_dbwd_col_kernel(
+    Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, C,
+    KBAR, VBAR,
+    scale_hi, scale_lo,
+    NQ, NK, D,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0).to(tl.int64)
+    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # see _scale_parts
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = bh * NQ * D
+    k_off = bh * NK * D
+    k = _load_tile(K + k_off, offs_n, offs_d, NK, D)
+    v = _load_tile(V + k_off, offs_n, offs_d, NK, D)
+    gk = _load_tile(GK + k_off, offs_n, offs_d, NK, D)
+    gv = _load_tile(GV + k_off, offs_n, offs_d, NK, D)
+
+    kbar = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    vbar = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for start_m in range(0, NQ, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        valid = (offs_m < NQ)[:, None] & (offs_n < NK)[None, :]
+        q = _load_tile(Q + q_off, offs_m, offs_d, NQ, D)
+        g = _load_tile(DO + q_off, offs_m, offs_d, NQ, D)
+        gq = _load_tile(GQ + q_off, offs_m, offs_d, NQ, D)
+        lse = _load_row(LSE + bh * NQ, offs_m, NQ)
+        delta = _load_row(DELTA + bh * NQ, offs_m, NQ)
+        r = _load_row(R + bh * NQ, offs_m, NQ)
+        c = _load_row(C + bh * NQ, offs_m, NQ)
+        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        u = scale * (
+            tl.dot(gq, tl.trans(k), input_precision=DOT_PREC) + tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
+        )
+        dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
+        w = tl.dot(g, tl.trans(gv), input_precision=DOT_PREC)
+        dp_c = dp - delta[:, None]
+        ds = p * dp_c
+        sbar = p * (w + u * dp_c - r[:, None] * dp - c[:, None])
+        dd = p * (u - r[:, None])
+        kbar += tl.dot(tl.trans(ds).to(gq.dtype), gq, input_precision=DOT_PREC)
+        kbar += tl.dot(tl.trans(sbar).to(q.dtype), q, input_precision=DOT_PREC)
+        vbar += tl.dot(tl.trans(dd).to(g.dtype), g, input_precision=DOT_PREC)
+
+    _store_tile(KBAR + k_off, scale * kbar, offs_n, offs_d, NK, D)
+    _store_tile(VBAR + k_off, vbar, offs_n, offs_d, NK, D)
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side wrappers
+# --------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 must not silently drop to TF32 (1e-3 error); half inputs use tensor cores as they are.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _scale_parts(scale: float) -> Tuple[float, float]:
+    # Float kernel arguments are float32. The scale travels as hi + lo (both float32) and each
+    # kernel sums them in its accumulation dtype, so float64 runs keep a ~1e-14 accurate scale
+    # (gradcheck and float64 references need it); in float32 the sum is just hi.
+    hi = float(np.float32(scale))
+    return hi, float(scale) - hi
+
+
+def _check_device(t: Tensor) -> None:
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"the Triton attention kernels got a {t.device.type} tensor; they need CUDA tensors, or "
+            "TRITON_INTERPRET=1 in the environment before triton is imported to run on CPU "
+            "(slow; for tests). Otherwise use backend='math'."
+        )
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"attention kernels expect 4-D (B, H, N, d) tensors; {name} has shape {tuple(t.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"attention shape mismatch: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}; "
+            "need q (B,H,Nq,d), k and v (B,H,Nk,d)"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(
+            f"attention kernels need q, k, v of one dtype among float16/bfloat16/float32/float64; "
+            f"got {q.dtype}, {k.dtype}, {v.dtype} (cast them first)"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    d = q.shape[-1]
+    if d < 1 or d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is outside 1..{MAX_HEAD_DIM}; use backend='math' for it")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"attention needs at least one query and one key; got Nq={q.shape[2]}, Nk={k.shape[2]}")
+    _check_device(q)
+
+
+def _like(t: Optional[Tensor], ref: Tensor, name: str) -> Tensor:
+    """A contiguous tensor shaped and typed like ``ref``; ``None`` (a zero cotangent) becomes zeros."""
+    if t is None:
+        return torch.zeros_like(ref, memory_format=torch.contiguous_format)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+    return t.to(dtype=ref.dtype).contiguous()
+
+
+def _config(q: Tensor, stage: str) -> dict:
+    """Tile sizes and launch options. CPU (interpreter): INTERPRETER_BLOCK. GPU: sizes for H100-class
+    parts, smaller tiles where a stage keeps many tiles live (double backward, d = 128)."""
+    d = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(d))
+    if not q.is_cuda:
+        return dict(BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK, BLOCK_D=block_d)
+    wide = block_d > 64 or q.dtype == torch.float64
+    fp32 = q.dtype in (torch.float32, torch.float64)
+    if stage == "fwd":
+        bm, bn, warps, stages = (128, 64, 8, 3) if not wide else (64, 64, 4, 2)
+    elif stage == "bwd":
+        bm, bn, warps, stages = (64, 64, 4, 2) if not wide else (32, 64, 4, 1)
+    else:  # dbwd keeps ~4 input tiles and 5 score-sized tiles live
+        bm, bn, warps, stages = (64, 64, 8, 1) if not wide else (32, 32, 4, 1)
+    if fp32 and stage != "fwd":
+        bm = min(bm, 32)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+
+
+def _common(q: Tensor, scale: float):
+    scale_hi, scale_lo = _scale_parts(scale)
+    return dict(
+        ACC=_tl_acc(q.dtype),
+        DOT_PREC=_dot_precision(q.dtype),
+    ), scale_hi, scale_lo
+
+
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """Fused attention forward: ``(O, lse)`` with ``O = softmax(scale q k^T) v`` (input dtype,
+    contiguous) and ``lse`` the row log-sum-exp of ``scale q k^T`` (B, H, Nq), float32/64."""
+    _validate(q, k, v)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, NQ), device=q.device, dtype=_acc_dtype(q.dtype))
+    cfg = _config(q, "fwd")
+    flags, s_hi, s_lo = _common(q, scale)
+    grid = (B * H, triton.cdiv(NQ, cfg["BLOCK_M"]))
+    _attn_fwd_kernel[grid](q, k, v, o, lse, s_hi, s_lo, NQ, NK, D, **flags, **cfg)
+    return o, lse
+
+
+def _delta(o: Tensor, do: Tensor, q: Tensor) -> Tensor:
+    B, H, NQ, D = q.shape
+    delta = torch.empty((B, H, NQ), device=q.device, dtype=_acc_dtype(q.dtype))
+    cfg = _config(q, "bwd")
+    extra = {k_: cfg[k_] for k_ in ("num_warps",) if k_ in cfg}
+    grid = (B * H, triton.cdiv(NQ, cfg["BLOCK_M"]))
+    _attn_bwd_delta_kernel[grid](
+        o, do, delta, NQ, D, ACC=_tl_acc(q.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], **extra
+    )
+    return delta
+
+
+def _check_saved(q: Tensor, o: Tensor, lse: Tensor, do: Tensor) -> None:
+    if o.shape != q.shape or do.shape != q.shape:
+        raise ValueError(f"o{tuple(o.shape)} and do{tuple(do.shape)} must have q's shape {tuple(q.shape)}")
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {tuple(q.shape[:3])}")
+
+
+def attn_bwd(
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused attention backward: ``(dQ, dK, dV)`` for upstream gradient ``do`` (contiguous, input dtype)."""
+    _validate(q, k, v)
+    _check_saved(q, o, lse, do)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = o.to(q.dtype).contiguous()
+    do = do.to(q.dtype).contiguous()
+    lse = lse.to(_acc_dtype(q.dtype)).contiguous()
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    delta = _delta(o, do, q)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    cfg = _config(q, "bwd")
+    flags, s_hi, s_lo = _common(q, scale)
+    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(NK, cfg["BLOCK_N"]))](
+        q, k, v, do, lse, delta, dk, dv, s_hi, s_lo, NQ, NK, D, **flags, **cfg
+    )
+    _attn_bwd_dq_kernel[(B * H, triton.cdiv(NQ, cfg["BLOCK_M"]))](
+        q, k, v, do, lse, delta, dq, s_hi, s_lo, NQ, NK, D, **flags, **cfg
+    )
+    return dq, dk, dv
+
+
+def attn_dbwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    gq: Optional[Tensor],
+    gk: Optional[Tensor],
+    gv: Optional[Tensor],
+    scale: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused attention double backward: ``(Qbar, Kbar, Vbar, Gbar)``, the gradients of
+    ``<gq, dQ> + <gk, dK> + <gv, dV>`` with respect to ``(q, k, v, do)``. ``None`` cotangents count
+    as zero. No gradient flows to ``o`` or ``lse`` (they are caches). Outputs are contiguous;
+    ``Gbar`` has ``do``'s dtype, the others their input's."""
+    _validate(q, k, v)
+    _check_saved(q, o, lse, do)
+    do_dtype = do.dtype
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = o.to(q.dtype).contiguous()
+    do = do.to(q.dtype).contiguous()
+    lse = lse.to(_acc_dtype(q.dtype)).contiguous()
+    gq, gk, gv = _like(gq, q, "gq"), _like(gk, k, "gk"), _like(gv, v, "gv")
+    B, H, NQ, D = q.shape
+    NK = k.shape[2]
+    delta = _delta(o, do, q)
+    row_stats = torch.empty((2, B, H, NQ), device=q.device, dtype=_acc_dtype(q.dtype))
+    r, c = row_stats[0], row_stats[1]
+    qbar, kbar, vbar, gbar = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(do)
+    cfg = _config(q, "dbwd")
+    flags, s_hi, s_lo = _common(q, scale)
+    _attn_dbwd_row_kernel[(B * H, triton.cdiv(NQ, cfg["BLOCK_M"]))](
+        q, k, v, do, gq, gk, gv, lse, delta, qbar, gbar, r, c, s_hi, s_lo, NQ, NK, D, **flags, **cfg
+    )
+    _attn_dbwd_col_kernel[(B * H, triton.cdiv(NK, cfg["BLOCK_N"]))](
+        q, k, v, do, gq, gk, gv, lse, delta, r, c, kbar, vbar, s_hi, s_lo, NQ, NK, D, **flags, **cfg
+    )
+    return qbar, kbar, vbar, gbar.to(do_dtype)
