@@ -17,18 +17,24 @@ def _packages():
 
 
 def _ext_modules():
+    """The fused corruption CUDA kernel as fastebm._C, only when FASTEBM_CUDA_EXT=1.
+
+    The library holds torch op registrations only (no Python module init): fastebm.corrupt loads it
+    with torch.ops.load_library. Flags keep it bit-exact with the PyTorch reference: no fast-math,
+    no FMA contraction, IEEE division and square root (fastebm/corrupt/_ext.py uses the same).
+    """
     if os.environ.get("FASTEBM_CUDA_EXT", "0") != "1":
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension  # noqa: WPS433
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(
-        os.path.join("csrc", f) for f in os.listdir(os.path.join(here, "csrc")) if f.endswith((".cu", ".cpp"))
-    )
     ext = CUDAExtension(
         name="fastebm._C",
-        sources=sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+        sources=["csrc/corrupt_op.cpp", "csrc/corrupt_kernel.cu"],
+        include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", "-ffp-contract=off"],
+            "nvcc": ["-O3", "--fmad=false", "-prec-div=true", "-prec-sqrt=true", "-ftz=false"],
+        },
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -11,6 +11,18 @@ Gradient modes:
 - ``truncated``: the energy gradients of steps ``0 .. T-2`` are treated as constants (computed
   without a graph); only the last step is differentiated through. Step sizes still get gradients
   from every step.
+
+Engines (how ``dE/dx`` with a graph is obtained; DESIGN.md section 4, ``fastebm.engines``):
+- ``eager`` (default): ``torch.autograd.grad(create_graph=True)`` then a double backward. Works with
+  every attention backend, the fused Triton ``autograd.Function`` included. Never compiled.
+- ``func``: ``torch.func.grad`` of the energy; the whole forward (all steps + loss) runs under
+  ``torch.compile`` and the loss gets a first-order ``.backward()``. Math attention only: a model
+  whose attention resolves to the Triton backend is refused with a ValueError.
+- ``explicit``: ``EnergyViT.energy_and_input_grad`` (hand-written backward from forward ops, attention
+  through the ``fastebm::attn_*`` custom ops backed by the Triton kernels or the math reference);
+  the whole forward under ``torch.compile``.
+All engines give the same parameter gradients (tests/test_engines.py). When compilation fails the
+compiled engines run uncompiled after one warning; ``compile=False`` or ``FASTEBM_COMPILE=0`` opts out.
 """
 from __future__ import annotations
 
@@ -21,8 +33,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .engines import (
+    COMPILED_ENGINES,
+    ENGINES,
+    CompiledFunction,
+    check_explicit_model,
+    check_func_attention,
+    compile_requested,
+    explicit_energy_and_grad,
+    explicit_op_backend,
+    func_energy_and_grad,
+)
+
 GRAD_MODES = ("exact", "truncated")
-ENGINES = ("eager",)
 
 
 def _inverse_softplus(y: float) -> float:
@@ -55,8 +78,15 @@ class RestorationObjective(nn.Module):
             ``alpha_t = softplus(a_t)``.
         learn_alpha: if False the step sizes stay fixed.
         noise_sigma: standard deviation of optional Langevin noise added after each step (0 = off).
-        engine: how ``dE/dx`` with a graph is computed; ``"eager"`` is
-            ``torch.autograd.grad(create_graph=True)``.
+        engine: how ``dE/dx`` with a graph is computed: ``"eager"`` (default),
+            ``"func"`` or ``"explicit"`` (see the module docstring). Why ``eager`` is the default:
+            it works with every model and attention backend and has no compile time; on 2 CPU
+            cores the compiled engines were measured slower end to end for small models once
+            compile time counts, and no GPU measurement exists yet (benchmarks/README.md). Pick
+            ``explicit`` on a GPU after checking ``benchmarks/bench_train_step.py`` there.
+        compile: for ``func``/``explicit``: ``True``/``False`` forces compilation on/off; ``None``
+            (default) compiles unless ``FASTEBM_COMPILE=0``. Ignored by ``eager``.
+        compile_backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` builds faster).
     """
 
     def __init__(
@@ -68,6 +98,8 @@ class RestorationObjective(nn.Module):
         learn_alpha: bool = True,
         noise_sigma: float = 0.0,
         engine: str = "eager",
+        compile: bool = None,
+        compile_backend: str = "inductor",
     ):
         super().__init__()
         if not isinstance(steps, int) or steps < 1:
@@ -80,6 +112,10 @@ class RestorationObjective(nn.Module):
             raise ValueError(f"noise_sigma must be >= 0, got {noise_sigma!r}")
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        if engine == "explicit":
+            check_explicit_model(model)
+        if engine == "func" and getattr(model, "attn_backend", None) == "triton":
+            check_func_attention(model, torch.empty(0))  # raises: refused before any step runs
         self.model = model
         self.steps = steps
         self.grad_mode = grad_mode
@@ -88,6 +124,18 @@ class RestorationObjective(nn.Module):
         self.alpha_logits = nn.Parameter(
             torch.full((steps,), _inverse_softplus(float(alpha_init))), requires_grad=learn_alpha
         )
+        # Not a submodule attribute: a plain callable, so state_dict/DDP only see the parameters.
+        self._restoration = CompiledFunction(
+            self._restoration_loss,
+            enabled=engine in COMPILED_ENGINES and compile_requested(compile),
+            name=f"{engine} restoration step",
+            backend=compile_backend,
+        )
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether ``forward`` runs under ``torch.compile`` (False for eager, after a fallback, or opt-out)."""
+        return self._restoration.is_compiled
 
     @property
     def alphas(self) -> torch.Tensor:
@@ -102,8 +150,20 @@ class RestorationObjective(nn.Module):
         (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
         return energy, grad
 
-    def _step(self, x: torch.Tensor, t: int, alphas: torch.Tensor, create_graph: bool):
-        energy, grad = self.energy_and_grad(x, create_graph)
+    def _engine_grad(self, x: torch.Tensor, keep_graph: bool, op_backend: str):
+        """``(E, dE/dx)`` by the configured engine; without ``keep_graph`` the gradient is a constant."""
+        if self.engine == "eager":
+            return self.energy_and_grad(x, create_graph=keep_graph)
+        if self.engine == "func":
+            energy, grad = func_energy_and_grad(self.model, x)
+            return (energy, grad) if keep_graph else (energy.detach(), grad.detach())
+        if keep_graph:
+            return explicit_energy_and_grad(self.model, x, op_backend)
+        with torch.no_grad():
+            return explicit_energy_and_grad(self.model, x, op_backend)
+
+    def _step(self, x: torch.Tensor, t: int, alphas: torch.Tensor, create_graph: bool, op_backend: str = "math"):
+        energy, grad = self._engine_grad(x, create_graph, op_backend)
         x_next = x - alphas[t].to(grad.dtype) * grad
         if self.noise_sigma > 0:
             x_next = x_next + self.noise_sigma * torch.randn_like(x_next)
@@ -121,15 +181,30 @@ class RestorationObjective(nn.Module):
         """
         if clean.shape != corrupted.shape:
             raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} shapes differ")
+        # Checks and backend choice happen here, outside the compiled region: the compiled graph sees
+        # the custom ops' kernel family as a constant string.
+        op_backend = "math"
+        if self.engine == "func":
+            check_func_attention(self.model, corrupted)
+        elif self.engine == "explicit":
+            if hasattr(self.model, "check_input"):
+                self.model.check_input(corrupted)
+            op_backend = explicit_op_backend(self.model, corrupted)
+        return self._restoration(clean, corrupted, weight, op_backend, torch.is_grad_enabled())
+
+    def _restoration_loss(self, clean, corrupted, weight, op_backend: str, grad_enabled: bool):
+        """All ``T`` steps and the loss (the function the compiled engines hand to ``torch.compile``)."""
         alphas = self.alphas
-        # The restored image must depend on the parameters through dE/dx: that needs a graph from the
-        # very first step, hence an input that requires grad.
-        x = corrupted.detach().requires_grad_(True)
+        # The restored image must depend on the parameters through dE/dx: the eager engine needs a
+        # graph from the very first step, hence an input that requires grad.
+        x = corrupted.detach()
+        if self.engine == "eager":
+            x = x.requires_grad_(True)
         losses: List[torch.Tensor] = []
         energies: List[torch.Tensor] = []
         for t in range(self.steps):
             keep_graph = self.grad_mode == "exact" or t == self.steps - 1
-            x, energy = self._step(x, t, alphas, create_graph=keep_graph and torch.is_grad_enabled())
+            x, energy = self._step(x, t, alphas, create_graph=keep_graph and grad_enabled, op_backend=op_backend)
             losses.append(weighted_mse(x, clean, weight))
             energies.append(energy.detach().float().mean())
         loss = torch.stack(losses).sum()
@@ -149,8 +224,11 @@ class RestorationObjective(nn.Module):
         xs = [corrupted.detach()]
         x = corrupted.detach()
         for t in range(self.steps):
-            with torch.enable_grad():
-                _, grad = self.energy_and_grad(x.detach().requires_grad_(True), create_graph=False)
+            if self.engine == "explicit":
+                _, grad = self.model.energy_and_input_grad(x)
+            else:
+                with torch.enable_grad():
+                    _, grad = self.energy_and_grad(x.detach().requires_grad_(True), create_graph=False)
             x = x - alphas[t].to(grad.dtype) * grad
             if self.noise_sigma > 0:
                 x = x + self.noise_sigma * torch.randn_like(x)

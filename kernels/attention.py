@@ -40,9 +40,11 @@ Tensor = torch.Tensor
 
 __all__ = ["attn_fwd", "attn_bwd", "attn_dbwd", "attn_fwd_ref", "attn_bwd_ref", "attn_dbwd_ref"]
 
-# Tile size used when the kernels run in the CPU interpreter. The interpreter's cost is per tile
-# iteration, so moderate tiles are fastest; tests lower it to exercise multi-tile loops.
-INTERPRETER_BLOCK = 32
+# Triton picks the interpreter when a kernel is decorated, from the environment at import time.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Tile size used in the interpreter. Its cost is Python overhead per tile operation, so large tiles
+# are fastest; tests lower it (monkeypatch) to exercise multi-tile loops with ragged last tiles.
+INTERPRETER_BLOCK = 64
 MAX_HEAD_DIM = 256
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -421,23 +423,41 @@ def _like(t: Optional[Tensor], ref: Tensor, name: str) -> Tensor:
 
 
 def _config(q: Tensor, stage: str) -> dict:
-    """Tile sizes and launch options. CPU (interpreter): INTERPRETER_BLOCK. GPU: sizes for H100-class
-    parts, smaller tiles where a stage keeps many tiles live (double backward, d = 128)."""
-    d = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(d))
-    if not q.is_cuda:
+    """Tile sizes and launch options for ``q`` (see :func:`launch_config`)."""
+    return launch_config(q.dtype, q.shape[-1], stage, on_gpu=q.is_cuda and not _INTERPRETED)
+
+
+def launch_config(dtype: torch.dtype, head_dim: int, stage: str, on_gpu: bool) -> dict:
+    """Tile sizes and launch options of ``stage`` ("fwd" | "bwd" | "dbwd").
+
+    Interpreter: INTERPRETER_BLOCK tiles. GPU: sizes for H100-class parts, smaller tiles where a
+    stage keeps many tiles live (the double backward, d = 128, 4-byte and 8-byte inputs)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if not on_gpu:
         return dict(BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK, BLOCK_D=block_d)
-    wide = block_d > 64 or q.dtype == torch.float64
-    fp32 = q.dtype in (torch.float32, torch.float64)
+    wide = block_d > 64 or dtype == torch.float64
+    fp32 = dtype in (torch.float32, torch.float64)
     if stage == "fwd":
         bm, bn, warps, stages = (128, 64, 8, 3) if not wide else (64, 64, 4, 2)
     elif stage == "bwd":
         bm, bn, warps, stages = (64, 64, 4, 2) if not wide else (32, 64, 4, 1)
-    else:  # dbwd keeps ~4 input tiles and 5 score-sized tiles live
+    elif stage == "dbwd":  # keeps ~4 input tiles and 5 score-sized tiles live
         bm, bn, warps, stages = (64, 64, 8, 1) if not wide else (32, 32, 4, 1)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; one of fwd, bwd, dbwd")
     if fp32 and stage != "fwd":
         bm = min(bm, 32)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+
+
+def _interpreter_bf16(q: Tensor) -> bool:
+    # Triton's interpreter multiplies bfloat16 tiles as raw 16-bit integers (numpy has no
+    # bfloat16), so there the wrappers compute bfloat16 inputs in float32 and cast back.
+    return _INTERPRETED and q.dtype == torch.bfloat16
+
+
+def _f32(*ts: Optional[Tensor]):
+    return [None if t is None else t.float() for t in ts]
 
 
 def _common(q: Tensor, scale: float):
@@ -452,6 +472,9 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Ten
     """Fused attention forward: ``(O, lse)`` with ``O = softmax(scale q k^T) v`` (input dtype,
     contiguous) and ``lse`` the row log-sum-exp of ``scale q k^T`` (B, H, Nq), float32/64."""
     _validate(q, k, v)
+    if _interpreter_bf16(q):
+        o, lse = attn_fwd(*_f32(q, k, v), scale)
+        return o.to(q.dtype), lse
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, NQ, D = q.shape
     NK = k.shape[2]
@@ -489,6 +512,9 @@ def attn_bwd(
     """Fused attention backward: ``(dQ, dK, dV)`` for upstream gradient ``do`` (contiguous, input dtype)."""
     _validate(q, k, v)
     _check_saved(q, o, lse, do)
+    if _interpreter_bf16(q):
+        grads = attn_bwd(*_f32(q, k, v, o, lse, do), scale)
+        return tuple(g.to(q.dtype) for g in grads)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = o.to(q.dtype).contiguous()
     do = do.to(q.dtype).contiguous()
@@ -526,6 +552,9 @@ def attn_dbwd(
     ``Gbar`` has ``do``'s dtype, the others their input's."""
     _validate(q, k, v)
     _check_saved(q, o, lse, do)
+    if _interpreter_bf16(q):
+        qbar, kbar, vbar, gbar = attn_dbwd(*_f32(q, k, v, o, lse, do, gq, gk, gv), scale)
+        return qbar.to(q.dtype), kbar.to(k.dtype), vbar.to(v.dtype), gbar.to(do.dtype)
     do_dtype = do.dtype
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = o.to(q.dtype).contiguous()

@@ -29,8 +29,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    # Fresh random inputs per run (DESIGN.md §10), but reproducible from the printed seed on failure.
-    seed = int.from_bytes(os.urandom(4), "little")
+def _fresh_seed(request):
+    # Fresh random inputs every run (DESIGN.md §10); a failing test's report shows the seed, and
+    # FASTEBM_TEST_SEED=<seed> replays it.
+    seed = int(os.environ.get("FASTEBM_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
+    request.node.user_properties.append(("torch_seed", seed))
     yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        seeds = [v for k, v in item.user_properties if k == "torch_seed"]
+        if seeds:
+            report.sections.append(("random seed", f"FASTEBM_TEST_SEED={seeds[0]}"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -32,13 +33,14 @@ _SCHEMA = (
 )
 # nvcc flags that keep the kernel bit-exact with the reference: no fast-math, no FMA contraction,
 # IEEE division and square root, no flush-to-zero.
-NVCC_FLAGS = ["-O3", "--fmad=false", "-prec-div=true", "-prec-sqrt=true", "-ftz=false", "-std=c++17"]
-CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off"]
+NVCC_FLAGS = ["-O3", "--fmad=false", "-prec-div=true", "-prec-sqrt=true", "-ftz=false"]
+CXX_FLAGS = ["-O3", "-ffp-contract=off"]  # the C++ standard is the one torch.utils.cpp_extension picks
 SOURCES = ("corrupt_op.cpp", "corrupt_kernel.cu")
 MAX_BATCH = 65535 * 64  # far above any real batch; keeps the grid arithmetic in range
 
 _lib = torch.library.Library("fastebm", "FRAGMENT")  # noqa: the lead's ops may share the namespace
 _lib.define(_SCHEMA)
+_lib.define("philox_words(Tensor sample_ids, int n, int key0, int key1, int offset, int purpose) -> Tensor")
 
 
 @torch.library.register_fake(OP_NAME)
@@ -46,6 +48,11 @@ def _fused_corrupt_fake(images, task_ids, patch_src, sample_ids, mean, std, nois
     b, c, h, w = images.shape
     clean = images.new_empty((b, c, h, w), dtype=torch.float32)
     return clean, torch.empty_like(clean), images.new_empty((b, 1, h, w), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastebm::philox_words")
+def _philox_words_fake(sample_ids, n, key0, key1, offset, purpose):
+    return sample_ids.new_empty((sample_ids.shape[0], n), dtype=torch.int64)
 
 
 def csrc_dir() -> Path | None:
@@ -98,15 +105,34 @@ def _load(verbose: bool) -> None:
         raise FileNotFoundError("csrc/ sources not found (set FASTEBM_CSRC to the csrc/ folder)")
     from torch.utils.cpp_extension import load
 
+    includes, ldflags = [str(src)], []
+    toolkit = _cuda_toolkit_of_nvcc()
+    if toolkit is not None:  # torch looks in $CUDA_HOME only; nvcc on PATH may live elsewhere
+        includes.append(str(toolkit / "include"))
+        ldflags += [f"-L{toolkit / d}" for d in ("lib64", "lib") if (toolkit / d).is_dir()]
     load(
         name="fastebm_corrupt_ext",
         sources=[str(src / s) for s in SOURCES],
-        extra_include_paths=[str(src)],
+        extra_include_paths=includes,
+        extra_ldflags=ldflags,
         extra_cflags=CXX_FLAGS,
         extra_cuda_cflags=NVCC_FLAGS,
         is_python_module=False,
         verbose=verbose,
     )
+
+
+def _cuda_toolkit_of_nvcc() -> Path | None:
+    """The CUDA toolkit root that has the runtime headers ($CUDA_HOME, nvcc's, /usr/local/cuda)."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        roots.append(str(Path(os.path.realpath(nvcc)).parents[1]))
+    roots.append("/usr/local/cuda")
+    for root in filter(None, roots):
+        if (Path(root) / "include" / "cuda_runtime.h").is_file():
+            return Path(root)
+    return None
 
 
 def extension_error() -> str | None:
@@ -156,14 +182,15 @@ def validate_fused_inputs(images, task_ids, patch_src, sample_ids, mean, std, no
             _fail(f"{name} is on {t.device} but images are on {device}; move every input to one device")
         if not t.is_contiguous():
             _fail(f"{name} must be contiguous; call .contiguous() first")
-    expect = dict(task_ids=(torch.int32, (b,)), sample_ids=(torch.int64, (b,)), mean=(torch.float32, (c,)),
-                  std=(torch.float32, (c,)), noise_scale=(torch.float32, (c,)))
-    for name, (dtype, shape) in expect.items():
+    expect = dict(task_ids=(torch.int32, (b,), "sample"), sample_ids=(torch.int64, (b,), "sample"),
+                  mean=(torch.float32, (c,), "channel"), std=(torch.float32, (c,), "channel"),
+                  noise_scale=(torch.float32, (c,), "channel"))
+    for name, (dtype, shape, per) in expect.items():
         t = tensors[name]
         if t.dtype != dtype:
             _fail(f"{name} must be {dtype}, got {t.dtype}")
         if tuple(t.shape) != shape:
-            _fail(f"{name} must have shape {shape} (one entry per {'sample' if shape == (b,) else 'channel'}), "
+            _fail(f"{name} must have shape {shape} (one entry per {per}), "
                   f"got {tuple(t.shape)}; the images have B={b}, C={c}")
     if patch_src.dtype != torch.int32 or patch_src.dim() != 2 or patch_src.shape[0] != b:
         _fail(f"patch_src must be int32 of shape (B, P) = ({b}, P), got {patch_src.dtype} {tuple(patch_src.shape)}")
@@ -208,3 +235,21 @@ def fused_corrupt(images, task_ids, patch_src, sample_ids, mean, std, noise_scal
         raise RuntimeError(f"the fused CUDA corruption kernel could not be built: {extension_error()}")
     return torch.ops.fastebm.fused_corrupt(images, task_ids, patch_src, sample_ids, mean, std, noise_scale, key0, key1,
                                            int(offset), int(patch_size), int(sr_factor))
+
+
+def philox_words(seed: int, offset: int, sample_ids: torch.Tensor, n: int, purpose: int) -> torch.Tensor:
+    """``philox.philox_uint32`` computed by one CUDA kernel (same words, bit for bit)."""
+    if not isinstance(sample_ids, torch.Tensor) or sample_ids.dtype != torch.int64 or sample_ids.dim() != 1:
+        raise ValueError("philox_words: sample_ids must be a 1-D int64 tensor")
+    if sample_ids.device.type != "cuda":
+        raise ValueError(f"philox_words: sample_ids must be a CUDA tensor (got {sample_ids.device}); "
+                         "use fastebm.corrupt.philox.philox_uint32 on CPU")
+    for name, v in dict(offset=offset, purpose=purpose).items():
+        if not 0 <= int(v) < 2**32:
+            raise ValueError(f"philox_words: {name} must be in [0, 2**32), got {v}")
+    if not 0 <= int(n) < 2**34:
+        raise ValueError(f"philox_words: n must be in [0, 2**34), got {n}")
+    if not load_extension():
+        raise RuntimeError(f"the fused CUDA corruption kernel could not be built: {extension_error()}")
+    return torch.ops.fastebm.philox_words(sample_ids.contiguous(), int(n), int(seed) & 0xFFFFFFFF, int(seed) >> 32,
+                                          int(offset), int(purpose))

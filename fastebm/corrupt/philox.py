@@ -13,12 +13,13 @@ task choice). Nothing depends on the batch layout or the device.
 uint32 arithmetic is emulated in int64 tensors (values kept in [0, 2**32)); the 32x32->64 bit
 products are split in 16-bit halves so that no intermediate leaves int64 range.
 
-Gaussian noise uses Box-Muller with ``log``/``sin``/``cos`` replaced by fixed polynomial evaluations
-made only of IEEE-754 float32 ``+ - * /`` and ``sqrt`` in a fixed order. Those operations are
+Gaussian noise uses Box-Muller with ``log``/``sin``/``cos``/``sqrt`` replaced by fixed polynomial evaluations
+made only of IEEE-754 float32 ``+ - * /`` in a fixed order. Those operations are
 correctly rounded on every CPU and GPU, so the noise is bit-identical on CPU and CUDA, in the
 vectorised and the scalar code paths of PyTorch, and in the fused CUDA kernel (which evaluates the
-same sequence with ``__fmul_rn``/``__fadd_rn``/``__fdiv_rn``/``__fsqrt_rn``). Library ``logf``/
-``sinf`` differ between CPU and GPU in the last bit, which is why they are not used.
+same sequence with ``__fmul_rn``/``__fadd_rn``/``__fdiv_rn``). Library ``logf``/``sinf`` differ
+between CPU and GPU in the last bit, and torch's CPU ``sqrt`` is not always correctly rounded,
+which is why none of them is used.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ __all__ = [
     "PURPOSE_NOISE",
     "PURPOSE_PATCH_KEYS",
     "PURPOSE_TASK_CHOICE",
+    "SQRT_MAGIC",
+    "SQRT_STEPS",
     "FLOAT_CONSTANTS",
     "split_seed",
     "philox4x32_10",
@@ -144,12 +147,30 @@ def philox_uint32(seed: int, offset: int, sample_ids: torch.Tensor, n: int, purp
     return torch.stack(words, dim=-1).reshape(sample_ids.numel(), 4 * blocks)[:, :n]
 
 
+SQRT_MAGIC = 0x1FBD1DF5  # (bits >> 1) + SQRT_MAGIC: a first guess of sqrt within 4 %
+SQRT_STEPS = 3  # Heron steps: relative error 4e-2 -> 8e-4 -> 3e-7 -> float32 rounding
+
+
+def _sqrt_heron(y: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """sqrt(y) for y >= 0 by a bit-trick guess and Heron steps g = (g + y / g) * 1/2.
+
+    torch.sqrt on CPU is not always correctly rounded (1 ulp off for some inputs), so the stream
+    defines its own square root from + and / only; it is within 1 ulp of the true value.
+    """
+    g = ((y.view(torch.int32).to(torch.int64) >> 1) + SQRT_MAGIC).to(torch.int32).view(torch.float32)
+    for _ in range(SQRT_STEPS):
+        g = (g + y / g) * half
+    return torch.where(y > 0, g, torch.zeros_like(g))
+
+
 def box_muller(xa: torch.Tensor, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two standard normal float32 tensors from two uint32 words (int64 tensors).
 
     radius = sqrt(-2 log u) with u = ((xa >> 8) + 1) / 2^24 in (0, 1];
     angle  = 2 pi j / 2^24 with j = xb >> 8;  returns (radius cos(angle), radius sin(angle)).
     Each line is one correctly rounded float32 operation; the CUDA core repeats them in order.
+    Library functions (log, sin, cos and even sqrt) are replaced by fixed polynomial / Heron
+    evaluations because their last bit differs between CPU, GPU and vectorised code paths.
     """
     dev = xa.device
 
@@ -179,7 +200,7 @@ def box_muller(xa: torch.Tensor, xb: torch.Tensor) -> tuple[torch.Tensor, torch.
     log_u = ef * c("LN2_LO")
     log_u = log_m + log_u
     log_u = ef * c("LN2_HI") + log_u  # ef * LN2_HI is exact
-    radius = torch.sqrt(log_u * neg_two)
+    radius = _sqrt_heron(log_u * neg_two, half)
 
     # --- sin/cos of 2 pi j / 2^24: exact quadrant reduction on the integer, polynomials on |a| <= pi/4.
     j = xb >> 8

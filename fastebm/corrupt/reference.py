@@ -61,25 +61,30 @@ def num_kept(ratio: float, n: int) -> int:
     return int(ratio * n + 0.5)
 
 
-def choose_tasks(task_names, seed, offset, sample_ids) -> torch.Tensor:
+def choose_tasks(task_names, seed, offset, sample_ids, random_words=philox.philox_uint32) -> torch.Tensor:
     """Task id per sample: the only task, or a uniform choice among ``task_names`` (``mix``)."""
     ids = torch.tensor([TASK_ID[t] for t in task_names], dtype=torch.int64, device=sample_ids.device)
     if len(task_names) == 1:
         return ids.expand(sample_ids.numel()).clone()
-    word = philox.philox_uint32(seed, offset, sample_ids, 1, philox.PURPOSE_TASK_CHOICE)[:, 0]
+    word = random_words(seed, offset, sample_ids, 1, philox.PURPOSE_TASK_CHOICE)[:, 0]
     choice = (word * len(task_names)) >> 32  # multiply-shift: uniform up to 2^-32 bias
     return ids[choice]
 
 
-def make_plan(shape, device, task_names, params, *, seed, offset, sample_ids, patch_size, std=None) -> CorruptionPlan:
-    """Draw the random decisions for a batch of ``shape`` (B, C, H, W). Inputs must be validated."""
+def make_plan(shape, device, task_names, params, *, seed, offset, sample_ids, patch_size, std=None,
+              random_words=philox.philox_uint32) -> CorruptionPlan:
+    """Draw the random decisions for a batch of ``shape`` (B, C, H, W). Inputs must be validated.
+
+    ``random_words`` has the signature of ``philox.philox_uint32``; the CUDA path passes the
+    one-launch kernel ``_ext.philox_words``, which returns the same words.
+    """
     _, channels, height, width = shape
-    task_ids = choose_tasks(task_names, seed, offset, sample_ids)
+    task_ids = choose_tasks(task_names, seed, offset, sample_ids, random_words)
     batch = task_ids.numel()
 
     if "mim" in task_names or "sort" in task_names:
         n_patches = (height // patch_size) * (width // patch_size)
-        keys = philox.philox_uint32(seed, offset, sample_ids, n_patches, philox.PURPOSE_PATCH_KEYS)
+        keys = random_words(seed, offset, sample_ids, n_patches, philox.PURPOSE_PATCH_KEYS)
         order = torch.argsort(keys, dim=1, stable=True)  # random order of the patches of each sample
         identity = torch.arange(n_patches, device=device, dtype=torch.int64).expand(batch, n_patches)
         src = identity.clone()

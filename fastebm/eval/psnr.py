@@ -13,7 +13,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from ..train._batch_standin import IMAGENET_MEAN, IMAGENET_STD, prepare_batch
+from ..corrupt import IMAGENET_MEAN, IMAGENET_STD, prepare_batch
 
 EVAL_SEED = 1234  # corruption draws of the evaluation (fixed so init and pretrained see the same inputs)
 

@@ -203,6 +203,15 @@ class EnergyViT(nn.Module):
         h = self.forward_tokens(x)
         return self.energy_head(h, self.norm)
 
+    def energy_and_input_grad(self, x: torch.Tensor, attn_backend=None):
+        """``(E(x), dE/dx)`` from a hand-written backward made of forward ops (the explicit engine;
+        see :mod:`fastebm.models.explicit_grad`). The gradient is differentiable; attention runs
+        through the ``fastebm::attn_*`` custom ops (``attn_backend``: ``"math"``/``"triton"``,
+        resolved from the model's backend by default)."""
+        from .explicit_grad import energy_and_input_grad
+
+        return energy_and_input_grad(self, x, attn_backend)
+
     # ------------------------------------------------------------------ export
     def backbone_state_dict(self) -> Dict[str, torch.Tensor]:
         """Backbone weights under timm ``VisionTransformer`` names, nothing training-only."""

@@ -35,23 +35,23 @@ class TrainConfig:
 
     # model and method
     model: str = _opt("vit_demo", "model preset (vit_demo, vit_tiny_patch16, vit_small_patch16, vit_base_patch16, vit_large_patch16)")
-    img_size: Optional[int] = _opt(None, "input resolution in pixels (default: the preset's, 32 for vit_demo)")
+    img_size: Optional[int] = _opt(None, "input resolution in pixels; none = the preset's (32 for vit_demo)")
     energy: str = _opt("sqnorm", "energy head: sqnorm (pre-norm tokens), sqnorm_post, linear", choices=ENERGIES)
     steps: int = _opt(2, "restoration gradient steps T per image")
     grad_mode: str = _opt("exact", "gradient through the steps: exact (all steps) or truncated (last step)", choices=GRAD_MODES)
-    alpha_init: Optional[float] = _opt(None, "initial step size alpha_t (default: the objective's)")
+    alpha_init: Optional[float] = _opt(None, "initial restoration step size alpha_t; none = the objective's default")
     noise_sigma: float = _opt(0.0, "Langevin noise per restoration step (0 = off)")
     engine: str = _opt("eager", "how dE/dx is differentiated: eager (others as the objective supports)")
     attn_backend: str = _opt("auto", "attention backend: auto, math, triton")
     grad_checkpointing: bool = _opt(False, "activation checkpointing in the ViT blocks (less memory, more compute)")
     # pretext tasks
-    tasks: List[str] = _opt(["mim", "sr", "denoise", "colorize"], "pretext tasks, mixed per sample (comma or space separated): " + ", ".join(KNOWN_TASKS))
+    tasks: List[str] = _opt(("mim", "sr", "denoise", "colorize"), "pretext tasks, mixed per sample (comma or space separated): " + ", ".join(KNOWN_TASKS))
     mask_ratio: float = _opt(0.6, "fraction of patches masked by the mim task")
     # optimisation
     batch_size: int = _opt(64, "images per process per micro-step")
     accum_iter: int = _opt(1, "micro-steps accumulated per optimiser step")
     epochs: int = _opt(6, "epochs; the learning-rate schedule spans them")
-    max_steps: Optional[int] = _opt(None, "stop after this many optimiser steps (does not reshape the schedule)")
+    max_steps: Optional[int] = _opt(None, "stop after this many optimiser steps (does not reshape the schedule); none = run all epochs")
     blr: float = _opt(3e-3, "base learning rate: lr = blr * effective batch / 256")
     min_lr: float = _opt(1e-5, "learning rate at the end of the cosine schedule")
     warmup_epochs: float = _opt(0.5, "linear warm-up length in epochs")
@@ -61,10 +61,10 @@ class TrainConfig:
     # data
     data: Optional[str] = _opt(None, "image folder (class sub-folders optional); none = built-in demo data")
     strict_data: bool = _opt(False, "stop on an unreadable image instead of skipping and counting it")
-    num_workers: Optional[int] = _opt(None, "data-loader worker processes (default: 0 for built-in data, min(8, CPUs) for folders)")
+    num_workers: Optional[int] = _opt(None, "data-loader worker processes; none = 0 for built-in data, min(8, CPUs) for folders")
     # run management
     output_dir: str = _opt("./fastebm_out", "where checkpoints, metrics, pictures and summary.json go")
-    resume: Optional[str] = _opt(None, "checkpoint to resume from, or 'auto' (OUTPUT_DIR/last.pt if present)")
+    resume: Optional[str] = _opt(None, "checkpoint to resume from, or 'auto' (OUTPUT_DIR/last.pt if present, else start fresh)")
     seed: int = _opt(0, "seed of initialisation, data order, augmentation and corruption")
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     log_every: int = _opt(10, "optimiser steps between metric lines")
@@ -75,7 +75,7 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         """A plain dict (strings, numbers, bools, lists, None) for checkpoints and config.yaml."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v) for f in dataclasses.fields(self)}
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), (list, tuple)) else v) for f in dataclasses.fields(self)}
 
     @property
     def task_params(self) -> Dict[str, Dict[str, Any]]:

@@ -33,7 +33,7 @@ from ..data.loader import MicroBatchStream
 from ..data.sampling import BatchPlan
 from ..restore import RestorationObjective
 from . import dist
-from ._batch_standin import prepare_batch
+from ..corrupt import prepare_batch
 from .checkpoint import (CheckpointError, capture_rng_state, find_resume_checkpoint, load_checkpoint,
                          restore_rng_state, save_checkpoint)
 from .config import TrainConfig, UsageError, save_yaml
@@ -217,7 +217,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     objective = build_objective(cfg).to(device)
     model = objective.model
     img_size = model.img_size[0]
-    source = build_data(cfg, img_size)
+    source = build_data(cfg, img_size)  # after the model (its img_size); seeds do not depend on the order
     plan = BatchPlan(len(source), cfg.batch_size, cfg.accum_iter, world, rank, cfg.seed)
     if plan.steps_per_epoch < 1:
         raise UsageError(f"the data has {len(source)} images, fewer than one optimiser step needs "
@@ -366,7 +366,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                                 f"({os.path.join(cfg.output_dir, 'last.pt')}); resume with --resume auto")
                 status, interrupted = f"interrupted_{stop.name or 'signal'}".lower(), True
                 break
-            if cfg.save_every and run.step % cfg.save_every == 0 and run.step != end_step:
+            # No periodic checkpoint during a run of non-finite steps: the last one before it stays the fallback.
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step != end_step and bad_streak == 0:
                 _save(cfg, objective, optimizer, scaler, run, plan, schedule)
                 last_saved_step = run.step
     finally:

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ..eval.psnr import to_unit_range  # noqa: E402
-from ._batch_standin import prepare_batch  # noqa: E402
+from ..corrupt import prepare_batch  # noqa: E402
 
 GRID_SEED = 4321
 

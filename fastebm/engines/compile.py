@@ -1,0 +1,95 @@
+"""``torch.compile`` with a graceful fallback for the compiled engines.
+
+Compilation can fail for reasons that have nothing to do with the user's model: no C/C++ compiler
+for Inductor's CPU code, an unsupported Python/platform, a Triton too old for the GPU. The step is
+then run uncompiled (same numbers, slower) after ONE warning that says why and how to silence it.
+``compile=False`` on the objective, or ``FASTEBM_COMPILE=0`` in the environment, opts out.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+COMPILE_ENV_VAR = "FASTEBM_COMPILE"
+# Each (steps, grad_mode, engine, shape, dtype) combination is one compiled graph of the same code
+# object; the default limit (8) would silently send a hyper-parameter sweep back to eager.
+MIN_RECOMPILE_LIMIT = 64
+
+
+def compile_requested(flag: Optional[bool]) -> bool:
+    """``flag`` if given, else True unless ``FASTEBM_COMPILE`` is 0/false/no/off."""
+    env = os.environ.get(COMPILE_ENV_VAR, "").strip().lower()
+    if flag is not None:
+        return bool(flag)
+    return env not in ("0", "false", "no", "off")
+
+
+def _raise_recompile_limit() -> None:
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < MIN_RECOMPILE_LIMIT:
+            setattr(cfg, name, MIN_RECOMPILE_LIMIT)
+            break
+
+
+class CompiledFunction:
+    """Calls ``torch.compile(fn)``; if compiling fails, warns once and calls ``fn`` from then on.
+
+    A failure is treated as a compilation failure only when ``fn`` itself then succeeds on the same
+    arguments; if it fails too, its own error is raised (a genuine error, not a compiler problem).
+
+    Args:
+        fn: the function to compile (pure with respect to its arguments; re-running it is harmless).
+        enabled: False runs ``fn`` directly.
+        name: used in the warning.
+        backend, mode, dynamic: passed to ``torch.compile`` (``backend="aot_eager"`` compiles the
+            graph without Inductor: faster to build, useful in tests).
+    """
+
+    def __init__(self, fn: Callable, enabled: bool = True, name: str = "step", backend: str = "inductor",
+                 mode: Optional[str] = None, dynamic: Optional[bool] = False):
+        self.fn = fn
+        self.name = name
+        self.backend = backend
+        self.fallback_reason: Optional[str] = None
+        self._compiled = None
+        if enabled:
+            try:
+                _raise_recompile_limit()
+                self._compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=dynamic)
+            except Exception as exc:  # torch.compile unsupported on this platform
+                self._fall_back(exc)
+
+    @property
+    def is_compiled(self) -> bool:
+        """True while calls go through ``torch.compile`` (False after a fallback or when disabled)."""
+        return self._compiled is not None
+
+    def _fall_back(self, exc: BaseException) -> None:
+        self._compiled = None
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        self.fallback_reason = f"{type(exc).__name__}: {first_line}"
+        warnings.warn(
+            f"fastebm: torch.compile failed for the {self.name} ({self.fallback_reason}); running it "
+            f"uncompiled instead (same results, slower). Pass compile=False or set "
+            f"{COMPILE_ENV_VAR}=0 to skip compilation and silence this warning.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        logger.debug("compile failure of %s", self.name, exc_info=exc)
+
+    def __call__(self, *args, **kwargs):
+        if self._compiled is None:
+            return self.fn(*args, **kwargs)
+        try:
+            return self._compiled(*args, **kwargs)
+        except Exception as exc:
+            out = self.fn(*args, **kwargs)  # raises the genuine error if there is one
+            self._fall_back(exc)
+            return out

@@ -1,0 +1,205 @@
+"""Attention stages as ``torch.library`` custom ops, for the compiled explicit engine.
+
+Three ops, each a pure function of tensors (outputs always contiguous)::
+
+    fastebm::attn_fwd(q, k, v, scale, backend)                        -> (o, lse)
+    fastebm::attn_bwd(q, k, v, o, lse, do, scale, backend)            -> (dq, dk, dv)
+    fastebm::attn_dbwd(q, k, v, o, lse, do, gq, gk, gv, scale, backend) -> (qbar, kbar, vbar, gbar)
+
+with registered autograd chaining them: the derivative of ``attn_fwd`` is ``attn_bwd``, the
+derivative of ``attn_bwd`` is ``attn_dbwd`` (DESIGN.md section 5), and ``attn_dbwd`` refuses a
+further derivative (third order). ``o`` and ``lse`` are caches: no gradient flows to them, their
+effect on the first backward is already inside ``attn_dbwd``'s total derivative.
+
+Why custom ops and not the ``autograd.Function`` of ``fastebm.ops.triton_attention``: under
+``torch.compile`` an ``autograd.Function`` differentiated by ``torch.func.grad`` gives silently wrong
+second-order gradients, while custom ops are opaque nodes that AOTAutograd differentiates through
+their registered formulas (DESIGN.md section 4). The explicit engine calls ``attn_fwd`` and
+``attn_bwd`` itself in its hand-written backward (``fastebm.models.explicit_grad``), so the whole
+energy gradient is a forward graph; one ``.backward()`` then reaches ``attn_bwd`` and ``attn_dbwd``.
+
+``backend`` is a plain string argument: ``"triton"`` runs ``fastebm.kernels.attention`` (CUDA
+tensors, or CPU under ``TRITON_INTERPRET=1``), ``"math"`` runs the PyTorch references of
+``fastebm.ops.attention_math``. Callers resolve it with ``fastebm.ops.attention.resolve_backend``
+(see :func:`resolve_op_backend`) outside any compiled region, so the compiled graph holds a constant.
+
+The fake (meta) implementations allocate contiguous outputs, and the real implementations make
+their outputs contiguous, so compiled and eager strides always agree.
+
+``CALLS`` counts real (non-fake) executions per op; tests use it to prove the ops ran inside a
+compiled step.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional, Tuple
+
+import torch
+
+from .attention import resolve_backend
+from .attention_math import attn_bwd_ref, attn_dbwd_ref, attn_fwd_ref
+
+Tensor = torch.Tensor
+
+OP_BACKENDS = ("math", "triton")
+CALLS: Counter = Counter()
+
+THIRD_ORDER_MESSAGE = (
+    "fastebm::attn_dbwd (the attention double backward) has no derivative: a third-order derivative "
+    "through attention was requested. The explicit engine never needs one; for higher orders use "
+    "the eager engine with attn_backend='math'."
+)
+
+
+def resolve_op_backend(q: Tensor, backend: str = "auto") -> str:
+    """The kernel family (``"triton"`` or ``"math"``) the custom ops should use for tensors like ``q``
+    when a model asks for attention backend ``backend`` (``auto`` | ``math`` | ``triton``)."""
+    name = resolve_backend(q, backend)
+    if name not in OP_BACKENDS:
+        raise ValueError(
+            f"attention backend {name!r} has no custom-op implementation; the explicit engine supports "
+            f"{', '.join(OP_BACKENDS)} (set the model's attn_backend to one of them)"
+        )
+    return name
+
+
+def _kernels():
+    from fastebm.kernels import attention as kernels  # imported lazily: needs triton
+
+    return kernels
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"unknown custom-op attention backend {backend!r}; choose one of {', '.join(OP_BACKENDS)}")
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _contig(*ts: Tensor) -> Tuple[Tensor, ...]:
+    return tuple(t.contiguous() for t in ts)
+
+
+# ---------------------------------------------------------------------------------------- fwd
+@torch.library.custom_op("fastebm::attn_fwd", mutates_args=())
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    """``(o, lse)``: ``o = softmax(scale q k^T) v`` (q's dtype), ``lse`` its row log-sum-exp (B, H, Nq)."""
+    _check_backend(backend)
+    CALLS["attn_fwd"] += 1
+    if backend == "triton":
+        o, lse = _kernels().attn_fwd(q, k, v, scale)
+    else:
+        o, lse = attn_fwd_ref(q, k, v, scale)
+    return _contig(o, lse)
+
+
+@attn_fwd.register_fake
+def _attn_fwd_fake(q, k, v, scale, backend):
+    o = q.new_empty(q.shape)
+    lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
+    return o, lse
+
+
+def _attn_fwd_setup(ctx, inputs, output):
+    q, k, v, scale, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _attn_fwd_backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = attn_bwd(q, k, v, o, lse, do, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None
+
+
+attn_fwd.register_autograd(_attn_fwd_backward, setup_context=_attn_fwd_setup)
+
+
+# ---------------------------------------------------------------------------------------- bwd
+@torch.library.custom_op("fastebm::attn_bwd", mutates_args=())
+def attn_bwd(
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)``, the attention backward for upstream gradient ``do``."""
+    _check_backend(backend)
+    CALLS["attn_bwd"] += 1
+    if backend == "triton":
+        out = _kernels().attn_bwd(q, k, v, o, lse, do, scale)
+    else:
+        out = attn_bwd_ref(q, k, v, o, lse, do, scale)
+    return _contig(*out)
+
+
+@attn_bwd.register_fake
+def _attn_bwd_fake(q, k, v, o, lse, do, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attn_bwd_setup(ctx, inputs, output):
+    q, k, v, o, lse, do, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, o, lse, do)
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _attn_bwd_backward(ctx, gq, gk, gv):
+    q, k, v, o, lse, do = ctx.saved_tensors
+    qbar, kbar, vbar, gbar = attn_dbwd(q, k, v, o, lse, do, gq, gk, gv, ctx.scale, ctx.backend)
+    # o and lse are caches (no gradient); scale and backend are not tensors.
+    return qbar, kbar, vbar, None, None, gbar, None, None
+
+
+attn_bwd.register_autograd(_attn_bwd_backward, setup_context=_attn_bwd_setup)
+
+
+# --------------------------------------------------------------------------------------- dbwd
+@torch.library.custom_op("fastebm::attn_dbwd", mutates_args=())
+def attn_dbwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    do: Tensor,
+    gq: Optional[Tensor],
+    gk: Optional[Tensor],
+    gv: Optional[Tensor],
+    scale: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(qbar, kbar, vbar, gbar)``: gradients of ``<gq,dq> + <gk,dk> + <gv,dv>`` w.r.t. ``(q, k, v, do)``;
+    ``None`` cotangents count as zero."""
+    _check_backend(backend)
+    CALLS["attn_dbwd"] += 1
+    if backend == "triton":
+        out = _kernels().attn_dbwd(q, k, v, o, lse, do, gq, gk, gv, scale)
+    else:
+        out = attn_dbwd_ref(q, k, v, o, lse, do, gq, gk, gv, scale)
+    return _contig(*out)
+
+
+@attn_dbwd.register_fake
+def _attn_dbwd_fake(q, k, v, o, lse, do, gq, gk, gv, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), do.new_empty(do.shape)
+
+
+def _attn_dbwd_setup(ctx, inputs, output):
+    pass
+
+
+def _attn_dbwd_backward(ctx, *grads):
+    raise RuntimeError(THIRD_ORDER_MESSAGE)
+
+
+attn_dbwd.register_autograd(_attn_dbwd_backward, setup_context=_attn_dbwd_setup)
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    """Convenience wrapper: ``torch.ops.fastebm.attn_fwd`` (differentiable twice through the ops)."""
+    return attn_fwd(q, k, v, float(scale), backend)
+
+
+__all__ = ["attn_fwd", "attn_bwd", "attn_dbwd", "attention_with_lse", "resolve_op_backend", "CALLS", "OP_BACKENDS"]

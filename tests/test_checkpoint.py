@@ -1,0 +1,72 @@
+"""Checkpoint files: atomic rotation, weights_only loading, damaged files, RNG round trip."""
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fastebm.train.checkpoint import (LAST, PREVIOUS, CheckpointError, capture_rng_state, find_resume_checkpoint,
+                                      load_checkpoint, restore_rng_state, save_checkpoint)
+
+
+def _state(step):
+    return {"model": {"w": torch.randn(3, 5)}, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+            "step": step, "config": {"seed": 1, "tasks": ["mim"]}, "rng": capture_rng_state()}
+
+
+def test_save_rotates_and_loads_weights_only(tmp_path):
+    first, second = _state(3), _state(7)
+    save_checkpoint(first, str(tmp_path))
+    save_checkpoint(second, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted([LAST, PREVIOUS])  # no temp file left behind
+    last = torch.load(tmp_path / LAST, weights_only=True)
+    prev = torch.load(tmp_path / PREVIOUS, weights_only=True)
+    assert last["step"] == 7 and prev["step"] == 3
+    assert torch.equal(last["model"]["w"], second["model"]["w"]) and torch.equal(prev["model"]["w"], first["model"]["w"])
+
+
+def test_truncated_checkpoint_names_the_file(tmp_path):
+    save_checkpoint(_state(5), str(tmp_path))
+    path = tmp_path / LAST
+    data = path.read_bytes()
+    path.write_bytes(data[: random.randint(10, len(data) // 2)])
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(str(path))
+
+
+def test_foreign_file_is_rejected(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.randn(2)}, path)
+    with pytest.raises(CheckpointError, match="not a fastebm training checkpoint"):
+        load_checkpoint(str(path))
+
+
+def test_auto_falls_back_to_previous_with_warning(tmp_path):
+    save_checkpoint(_state(4), str(tmp_path))
+    save_checkpoint(_state(8), str(tmp_path))
+    (tmp_path / LAST).write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.warns(UserWarning, match="unreadable"):
+        state, path = find_resume_checkpoint(str(tmp_path))
+    assert path.endswith(PREVIOUS) and state["step"] == 4
+
+
+def test_auto_with_nothing_usable(tmp_path):
+    assert find_resume_checkpoint(str(tmp_path)) == (None, None)
+    (tmp_path / LAST).write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no usable checkpoint"):
+        find_resume_checkpoint(str(tmp_path))
+
+
+def test_rng_state_round_trip(tmp_path):
+    torch.manual_seed(random.randint(0, 2 ** 31))
+    np.random.seed(random.randint(0, 2 ** 31))
+    random.random()
+    state = capture_rng_state()
+    save_checkpoint({**_state(1), "rng": state}, str(tmp_path))  # building the state draws random numbers
+    restore_rng_state(state)
+    expect = (torch.rand(4), np.random.rand(3), random.random(), np.random.randn())
+    restore_rng_state(load_checkpoint(str(tmp_path / LAST))["rng"])
+    got = (torch.rand(4), np.random.rand(3), random.random(), np.random.randn())
+    assert torch.equal(expect[0], got[0]) and np.array_equal(expect[1], got[1])
+    assert expect[2] == got[2] and expect[3] == got[3]

@@ -1,0 +1,74 @@
+"""fastebm-train's command line: defaults in --help, YAML config + overrides, bad values -> exit 2."""
+import subprocess
+import sys
+
+import pytest
+
+from fastebm.cli.train import main
+from fastebm.train.config import TrainConfig, UsageError, build_parser, parse_config
+
+
+def test_help_lists_every_flag_with_default(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}" in text
+    assert "(default: vit_demo)" in text and "(default: ./fastebm_out)" in text
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--batch_size", "0"], "--batch_size"),
+    (["--batch_size", "many"], "--batch_size"),
+    (["--blr", "-1"], "--blr"),
+    (["--tasks", "mim", "paint"], "paint"),
+    (["--grad_mode", "sideways"], "--grad_mode"),
+    (["--device", "tpu"], "--device"),
+    (["--mask_ratio", "1.5"], "--mask_ratio"),
+    (["--warmup_epochs", "9", "--epochs", "2"], "--warmup_epochs"),
+    (["--resume", "/no/such/ckpt.pt"], "/no/such/ckpt.pt"),
+    (["--no_such_flag", "1"], "no_such_flag"),
+    (["--steps", "0"], "--steps"),
+])
+def test_invalid_values_exit_2_with_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastebm-train: error:") and needle in err[0]
+
+
+def test_engine_rejected_by_objective_exits_2(tmp_path, capsys):
+    code = main(["--engine", "warp", "--output_dir", str(tmp_path), "--img_size", "16", "--eval", "false"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "warp" in err and "Traceback" not in err
+
+
+def test_yaml_config_and_command_line_override(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("batch_size: 24\nblr: 0.002\ntasks: [mim, sort]\nclip_grad: null\nstrict_data: true\n")
+    cfg = parse_config(["--config", str(cfg_file), "--blr", "0.005"])
+    assert cfg.batch_size == 24 and cfg.blr == 0.005 and cfg.tasks == ["mim", "sort"]
+    assert cfg.clip_grad is None and cfg.strict_data is True
+    assert parse_config(["--tasks", "mim,sr", "denoise"]).tasks == ["mim", "sr", "denoise"]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("batch_sise: 3\n", "batch_sise"),
+    ("batch_size: lots\n", "batch_size"),
+    ("- a\n- b\n", "mapping"),
+    ("grad_mode: wrong\n", "grad_mode"),
+])
+def test_bad_yaml_is_a_usage_error(tmp_path, text, needle):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(text)
+    with pytest.raises(UsageError, match=needle):
+        parse_config(["--config", str(cfg_file)])
+
+
+def test_subprocess_bad_flag_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "fastebm.train", "--accum_iter", "-3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("fastebm-train: error: --accum_iter")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

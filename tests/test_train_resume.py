@@ -1,0 +1,74 @@
+"""Resuming is exact: N steps + resume to 2N == 2N steps straight (CPU, same seed)."""
+import os
+
+import torch
+
+from _train_helpers import fast_args, make_image_folder, read_summary
+import fastebm
+from fastebm.cli.train import main
+from fastebm.train.metrics import read_metrics
+from fastebm.train.checkpoint import load_checkpoint
+
+
+def _params(out):
+    return torch.load(os.path.join(out, "last.pt"), weights_only=True)
+
+
+def test_resume_matches_straight_run(tmp_path, capsys):
+    data = str(tmp_path / "data")
+    make_image_folder(data, n=20, seed=int(torch.randint(0, 1000, (1,))))
+    seed = str(int(torch.randint(0, 1 << 30, (1,))))
+    # 20 images, batch 3 x accum 2 -> 3 steps/epoch; 3 epochs; stop at 7; the split at 4 is mid-epoch.
+    common = dict(batch_size=3, accum_iter=2, epochs=3, seed=seed, noise_sigma=0.01, save_every=2, steps=2)
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert main(fast_args(straight, data, max_steps=7, **common)) == 0
+    assert main(fast_args(split, data, max_steps=4, **common)) == 0
+    assert load_checkpoint(os.path.join(split, "last.pt"))["step"] == 4
+    assert main(fast_args(split, data, max_steps=7, resume="auto", **common)) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+    a, b = _params(straight), _params(split)
+    assert a["step"] == b["step"] == 7
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # optimiser moments are identical too, so the runs would stay identical from here on
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    # the training moved the weights (a run that does nothing would also "match")
+    torch.manual_seed(int(seed))
+    fresh = fastebm.RestorationObjective(fastebm.create_model("vit_demo", img_size=16), steps=2).state_dict()
+    assert not torch.equal(fresh["model.blocks.0.attn.qkv.weight"], a["model"]["model.blocks.0.attn.qkv.weight"])
+    # metrics of the resumed run continue the first part without duplicated steps
+    steps = [r["step"] for r in read_metrics(split)]
+    assert steps == sorted(set(steps)) and steps[-1] == 7
+    assert read_summary(split)["step"] == 7
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, capsys):
+    data = str(tmp_path / "data")
+    make_image_folder(data, n=8)
+    out = str(tmp_path / "out")
+    assert main(fast_args(out, data, max_steps=1, resume="auto")) == 0
+    assert "starting from scratch" in capsys.readouterr().out
+    assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == 1
+
+
+def test_truncated_checkpoint_explicit_and_auto(tmp_path, capsys):
+    data = str(tmp_path / "data")
+    make_image_folder(data, n=8)
+    out = str(tmp_path / "out")
+    assert main(fast_args(out, data, max_steps=2, save_every=1)) == 0  # last.pt = step 2, last.prev.pt = step 1
+    last = os.path.join(out, "last.pt")
+    with open(last, "rb") as fh:
+        blob = fh.read()
+    with open(last, "wb") as fh:
+        fh.write(blob[: len(blob) // 2])
+    capsys.readouterr()
+    assert main(fast_args(out, data, max_steps=3, resume=last)) == 2
+    err = capsys.readouterr().err
+    assert last in err and "truncated or corrupt" in err and "Traceback" not in err
+    assert main(fast_args(out, data, max_steps=3, resume="auto")) == 0
+    captured = capsys.readouterr()
+    assert "last.prev.pt" in captured.err and "resumed from" in captured.out and "at step 1" in captured.out
+    assert load_checkpoint(last)["step"] == 3
