@@ -146,7 +146,9 @@ FEBM_HD U32x4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, 
 
 // Word i of a sample's stream (philox.philox_uint32): word i % 4 of counter (i / 4, sample, offset, purpose).
 FEBM_HD uint32_t philox_word(uint32_t sample_id, int64_t i, uint32_t offset, uint32_t purpose, uint32_t k0, uint32_t k1) {
-  return philox4x32_10((uint32_t)(i >> 2), sample_id, offset, purpose, k0, k1).v[i & 3];
+  const U32x4 r = philox4x32_10((uint32_t)(i >> 2), sample_id, offset, purpose, k0, k1);
+  const int j = (int)(i & 3);  // selected without indexing, so r stays in registers
+  return j == 0 ? r.v[0] : j == 1 ? r.v[1] : j == 2 ? r.v[2] : r.v[3];
 }
 
 // ---- square root: bit-trick guess + 3 Heron steps (as philox._sqrt_heron; not sqrtf, whose
@@ -216,14 +218,19 @@ FEBM_HD float load_pixel(const CorruptArgs& a, int64_t i) {
 }
 FEBM_HD float normalise(const CorruptArgs& a, float p, int64_t c) { return f_div(f_sub(p, a.mean[c]), a.std[c]); }
 
+// Index arithmetic inside one sample is 32-bit (callers guarantee C*H*W < 2^31): 64-bit integer
+// division costs several times more on the GPU. Only sample base offsets are 64-bit.
+typedef uint32_t idx_t;
+
 // Number of units (threads) a sample with this task needs.
-FEBM_HD int64_t num_units(const CorruptArgs& a, int32_t task) {
-  if (task == kDenoise) return (a.channels * a.height * a.width + 3) / 4;
+FEBM_HD idx_t num_units(const CorruptArgs& a, int32_t task) {
+  const idx_t H = (idx_t)a.height, W = (idx_t)a.width;
+  if (task == kDenoise) return ((idx_t)a.channels * H * W + 3u) / 4u;
   if (task == kSr) {
-    const int64_t f = a.sr_factor;
-    return ((a.height + f - 1) / f) * ((a.width + f - 1) / f);
+    const idx_t f = (idx_t)a.sr_factor;
+    return ((H + f - 1u) / f) * ((W + f - 1u) / f);
   }
-  return a.height * a.width;
+  return H * W;
 }
 
 // The most units any task needs: the width of the launch grid.
@@ -234,94 +241,104 @@ FEBM_HD int64_t max_units(const CorruptArgs& a) {
 }
 
 // mim / sort / colorize (and any unknown id: identity): unit = one pixel.
-FEBM_HD void process_pixel(const CorruptArgs& a, int64_t b, int32_t task, int64_t pix) {
-  const int64_t hw = a.height * a.width;
-  const int64_t h = pix / a.width, w = pix - h * a.width;
-  const int64_t base = b * a.channels * hw;
+FEBM_HD void process_pixel(const CorruptArgs& a, int64_t b, int32_t task, idx_t pix) {
+  const idx_t W = (idx_t)a.width, hw = (idx_t)a.height * W, C = (idx_t)a.channels;
+  const idx_t h = pix / W, w = pix - h * W;
+  const int64_t base = b * (int64_t)C * hw;
   bool masked = false;
-  int64_t src_pix = pix;
+  idx_t src_pix = pix;
   const bool patches = (task == kMim || task == kSort) && a.num_patches > 0;
   if (patches) {
-    const int64_t ps = a.patch_size, wp = a.width / ps;
-    const int64_t patch = (h / ps) * wp + (w / ps);
-    const int32_t src = a.patch_src[b * a.num_patches + patch];
+    const idx_t ps = (idx_t)a.patch_size, wp = W / ps;
+    const idx_t ph = h / ps, pw = w / ps;
+    const int32_t src = a.patch_src[b * a.num_patches + (ph * wp + pw)];
     if (task == kMim) {
       masked = src < 0;
     } else if (src >= 0 && src < a.num_patches) {  // out-of-range sources leave the pixel in place
-      src_pix = ((src / wp) * ps + (h - (h / ps) * ps)) * a.width + (src % wp) * ps + (w - (w / ps) * ps);
+      const idx_t sh = (idx_t)src / wp, sw = (idx_t)src - sh * wp;
+      src_pix = (sh * ps + (h - ph * ps)) * W + sw * ps + (w - pw * ps);
     }
   }
   float grey = 0.0f;
-  const bool grey_ok = task == kColorize && a.channels == 3;  // other channel counts: identity
+  const bool grey_ok = task == kColorize && C == 3u;  // other channel counts: identity
   if (grey_ok) {  // BT.601 luma of the pixel values: (0.299 R + 0.587 G) + 0.114 B
     const float r = load_pixel(a, base + pix), g = load_pixel(a, base + hw + pix), bl = load_pixel(a, base + 2 * hw + pix);
     grey = f_add(f_add(f_mul(r, 0.299f), f_mul(g, 0.587f)), f_mul(bl, 0.114f));
   }
-  for (int64_t c = 0; c < a.channels; ++c) {
-    const int64_t i = base + c * hw + pix;
+  for (idx_t c = 0; c < C; ++c) {
+    const int64_t i = base + (c * hw + pix);
     const float clean = normalise(a, load_pixel(a, i), c);
     a.clean[i] = clean;
     float out = clean;
     if (task == kMim) {
       out = masked ? 0.0f : clean;
     } else if (task == kSort && patches) {
-      out = normalise(a, load_pixel(a, base + c * hw + src_pix), c);
+      out = normalise(a, load_pixel(a, base + (c * hw + src_pix)), c);
     } else if (grey_ok) {
       out = normalise(a, grey, c);
     }
     a.corrupted[i] = out;
   }
-  a.weight[b * hw + pix] = (task == kMim && patches) ? (masked ? 1.0f : 0.0f) : 1.0f;
+  a.weight[b * (int64_t)hw + pix] = (task == kMim && patches) ? (masked ? 1.0f : 0.0f) : 1.0f;
 }
 
 // sr: unit = one factor x factor block; every pixel gets the block mean (sum row by row from 0).
-FEBM_HD void process_sr_block(const CorruptArgs& a, int64_t b, int64_t unit) {
-  const int64_t f = a.sr_factor, hw = a.height * a.width;
-  const int64_t wb = (a.width + f - 1) / f;
-  const int64_t h0 = (unit / wb) * f, w0 = (unit % wb) * f;
-  const int64_t h1 = h0 + f < a.height ? h0 + f : a.height;
-  const int64_t w1 = w0 + f < a.width ? w0 + f : a.width;
+FEBM_HD void process_sr_block(const CorruptArgs& a, int64_t b, idx_t unit) {
+  const idx_t f = (idx_t)a.sr_factor, H = (idx_t)a.height, W = (idx_t)a.width, C = (idx_t)a.channels;
+  const idx_t hw = H * W, wb = (W + f - 1u) / f;
+  const idx_t bh = unit / wb;
+  const idx_t h0 = bh * f, w0 = (unit - bh * wb) * f;
+  const idx_t h1 = h0 + f < H ? h0 + f : H;
+  const idx_t w1 = w0 + f < W ? w0 + f : W;
   const float count = (float)((h1 - h0) * (w1 - w0));
-  const int64_t base = b * a.channels * hw;
-  for (int64_t c = 0; c < a.channels; ++c) {
+  const int64_t base = b * (int64_t)C * hw;
+  for (idx_t c = 0; c < C; ++c) {
     float total = 0.0f;
-    for (int64_t h = h0; h < h1; ++h) {
-      for (int64_t w = w0; w < w1; ++w) {
-        const int64_t i = base + c * hw + h * a.width + w;
+    for (idx_t h = h0; h < h1; ++h) {
+      for (idx_t w = w0; w < w1; ++w) {
+        const int64_t i = base + (c * hw + h * W + w);
         const float clean = normalise(a, load_pixel(a, i), c);
         a.clean[i] = clean;
         total = f_add(total, clean);
       }
     }
     const float mean = f_div(total, count);
-    for (int64_t h = h0; h < h1; ++h)
-      for (int64_t w = w0; w < w1; ++w) a.corrupted[base + c * hw + h * a.width + w] = mean;
+    for (idx_t h = h0; h < h1; ++h)
+      for (idx_t w = w0; w < w1; ++w) a.corrupted[base + (c * hw + h * W + w)] = mean;
   }
-  for (int64_t h = h0; h < h1; ++h)
-    for (int64_t w = w0; w < w1; ++w) a.weight[b * hw + h * a.width + w] = 1.0f;
+  for (idx_t h = h0; h < h1; ++h)
+    for (idx_t w = w0; w < w1; ++w) a.weight[b * (int64_t)hw + (h * W + w)] = 1.0f;
 }
 
 // denoise: unit = elements 4g .. 4g+3 of the sample (order c, h, w) = one Philox call.
-FEBM_HD void process_noise_group(const CorruptArgs& a, int64_t b, int64_t g) {
-  const int64_t hw = a.height * a.width, n = a.channels * hw;
-  const U32x4 x = philox4x32_10((uint32_t)g, (uint32_t)a.sample_ids[b], a.offset, kPurposeNoise, a.key0, a.key1);
+FEBM_HD void process_noise_group(const CorruptArgs& a, int64_t b, idx_t g) {
+  const idx_t hw = (idx_t)a.height * (idx_t)a.width, n = (idx_t)a.channels * hw;
+  const U32x4 x = philox4x32_10(g, (uint32_t)a.sample_ids[b], a.offset, kPurposeNoise, a.key0, a.key1);
   float z[4];
   box_muller(x.v[0], x.v[1], &z[0], &z[1]);
   box_muller(x.v[2], x.v[3], &z[2], &z[3]);
-  for (int l = 0; l < 4; ++l) {
-    const int64_t e = 4 * g + l;
-    if (e >= n) break;
-    const int64_t c = e / hw;
-    const int64_t i = b * n + e;
-    const float clean = normalise(a, load_pixel(a, i), c);
-    a.clean[i] = clean;
-    a.corrupted[i] = f_add(clean, f_mul(z[l], a.noise_scale[c]));
-    if (c == 0) a.weight[b * hw + e] = 1.0f;
+  const idx_t e0 = 4u * g;
+  idx_t c = e0 / hw, pos = e0 - c * hw;  // channel and pixel of element e0, advanced without division
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int l = 0; l < 4; ++l) {  // fully unrolled on the device, so z[] stays in registers
+    if (e0 + (idx_t)l < n) {
+      const int64_t i = b * (int64_t)n + (e0 + (idx_t)l);
+      const float clean = normalise(a, load_pixel(a, i), c);
+      a.clean[i] = clean;
+      a.corrupted[i] = f_add(clean, f_mul(z[l], a.noise_scale[c]));
+      if (c == 0) a.weight[b * (int64_t)hw + pos] = 1.0f;
+      if (++pos == hw) {
+        pos = 0;
+        ++c;
+      }
+    }
   }
 }
 
 // One unit of sample b (callers guarantee unit < num_units(a, task_ids[b])).
-FEBM_HD void process_unit(const CorruptArgs& a, int64_t b, int64_t unit) {
+FEBM_HD void process_unit(const CorruptArgs& a, int64_t b, idx_t unit) {
   const int32_t task = a.task_ids[b];
   if (task == kDenoise) {
     process_noise_group(a, b, unit);

@@ -7,8 +7,8 @@ namespace fastebm {
 
 void fused_corrupt_host(const CorruptArgs& args) {
   for (int64_t b = 0; b < args.batch; ++b) {
-    const int64_t n = num_units(args, args.task_ids[b]);
-    for (int64_t unit = 0; unit < n; ++unit) process_unit(args, b, unit);
+    const idx_t n = num_units(args, args.task_ids[b]);
+    for (idx_t unit = 0; unit < n; ++unit) process_unit(args, b, unit);
   }
 }
 
@@ -20,7 +20,8 @@ extern "C" int fastebm_fused_corrupt_host(const void* images, int images_uint8, 
                                           const float* noise_scale, int64_t batch, int64_t channels, int64_t height,
                                           int64_t width, int64_t patch_size, int64_t num_patches, int64_t sr_factor,
                                           uint32_t key0, uint32_t key1, uint32_t offset) {
-  if (batch < 0 || channels < 1 || height < 1 || width < 1 || patch_size < 1 || sr_factor < 2 || num_patches < 0)
+  if (batch < 0 || channels < 1 || height < 1 || width < 1 || patch_size < 1 || sr_factor < 2 || num_patches < 0 ||
+      channels * height * width >= (int64_t(1) << 31))
     return 1;
   if (num_patches && (height % patch_size || width % patch_size ||
                       num_patches != (height / patch_size) * (width / patch_size)))

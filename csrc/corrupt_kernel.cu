@@ -19,7 +19,7 @@ constexpr int kThreads = 256;
 __global__ void __launch_bounds__(kThreads) fused_corrupt_kernel(const CorruptArgs args) {
   const int64_t unit = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   for (int64_t b = blockIdx.y; b < args.batch; b += gridDim.y) {
-    if (unit < num_units(args, args.task_ids[b])) process_unit(args, b, unit);
+    if (unit < (int64_t)num_units(args, args.task_ids[b])) process_unit(args, b, (idx_t)unit);
   }
 }
 

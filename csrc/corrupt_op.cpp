@@ -33,6 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_corrupt_cuda(
               "fused_corrupt: images must be uint8 or float32, got ", images.scalar_type());
   TORCH_CHECK(images.is_contiguous(), "fused_corrupt: images must be contiguous");
   const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
+  TORCH_CHECK(C * H * W < (int64_t(1) << 31), "fused_corrupt: one image must have fewer than 2**31 elements");
   const at::Device device = images.device();
   check_vector(task_ids, "task_ids", at::kInt, B, device);
   check_vector(sample_ids, "sample_ids", at::kLong, B, device);

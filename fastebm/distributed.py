@@ -66,6 +66,10 @@ class DistributedSetupError(ValueError):
     """Bad distributed configuration (environment, device, backend); the CLI exits with code 2."""
 
 
+class DistributedFailure(RuntimeError):
+    """A peer died, hung or became unreachable; the message names it. The CLI exits with code 1."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process sits in the job."""
@@ -163,12 +167,14 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: Opt
     kw = {"device_id": dev} if backend == "nccl" else {}
     tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout), **kw)
     info = DistInfo(rank, world, local_rank, local_world, backend, dev, timeout)
-    heartbeat(-1)
+    _start_liveness()
+    heartbeat(0)
     return info
 
 
 def destroy_distributed() -> None:
     """Leaves the process group (safe to call when none exists)."""
+    _stop_liveness()
     if is_initialized():
         tdist.destroy_process_group()
 
@@ -240,61 +246,119 @@ def all_gather_object(obj) -> list:
 
 
 # ---------------------------------------------------------------------- naming a failed rank
-def _store():
-    try:
-        from torch.distributed.distributed_c10d import _get_default_store
+# Two records per rank in the rendezvous store: the step it last finished (written by the training
+# loop) and a liveness stamp refreshed by a background thread every LIVENESS_INTERVAL_S. A rank
+# blocked in a collective keeps its stamp fresh (the thread runs while the main thread waits in
+# C++); a killed, stopped or frozen process does not. So the rank that notices a failure can name
+# the rank that caused it, which torchrun's summary cannot do for a hang (it names the rank whose
+# collective timed out first).
+LIVENESS_INTERVAL_S = 2.0
+_liveness = None
 
-        return _get_default_store()
-    except Exception:  # no group, or a torch without the helper
+
+def _key(kind: str, r: int) -> str:
+    return f"{_HEARTBEAT_PREFIX}{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{kind}/{r}"
+
+
+def _open_store(timeout_s: float = 30.0):
+    """A new client connection to the rendezvous store (MASTER_ADDR:MASTER_PORT), or None."""
+    try:
+        return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception:  # no launcher store reachable: failure messages will just say less
         return None
 
 
-def heartbeat(step: int) -> None:
-    """Records in the rendezvous store that this rank reached ``step`` (cheap; once per step).
+class _Liveness:
+    """Daemon thread: refreshes this rank's liveness stamp through its own store connection."""
 
-    When a collective fails, :func:`describe_peers` reads these records to name the rank that
-    stopped advancing (dead or hung) instead of only the rank that noticed.
-    """
-    store = _store() if is_initialized() else None
+    def __init__(self, store, interval_s: float):
+        import threading
+
+        self.interval_s = interval_s
+        self.stop_event = threading.Event()
+        self.rank = rank()
+        self.store = store
+        self.thread = threading.Thread(target=self._run, name="fastebm-liveness", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.store.set(_key("alive", self.rank), f"{time.time():.3f}")
+            except Exception:  # store gone (job ending): nothing left to report to
+                return
+            self.stop_event.wait(self.interval_s)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=5)
+
+
+_main_store = None  # the main thread's own connection (heartbeats, failure reports)
+
+
+def _start_liveness() -> None:
+    global _liveness, _main_store
+    if _liveness is None:
+        thread_store, _main_store = _open_store(), _open_store()
+        if thread_store is not None:
+            _liveness = _Liveness(thread_store, LIVENESS_INTERVAL_S)
+
+
+def _stop_liveness() -> None:
+    global _liveness, _main_store
+    if _liveness is not None:
+        _liveness.stop()
+        _liveness = None
+    _main_store = None
+
+
+def _store():
+    return _main_store if is_initialized() else None
+
+
+def heartbeat(step: int) -> None:
+    """Records in the rendezvous store that this rank finished ``step`` (cheap; once per step)."""
+    store = _store()
     if store is None:
         return
     try:
-        store.set(f"{_HEARTBEAT_PREFIX}{rank()}", f"{int(step)} {time.time():.3f}")
+        store.set(_key("step", rank()), str(int(step)))
     except Exception:  # the store itself may be gone when the job is ending
         pass
 
 
 def describe_peers(timeout_s: float = 5.0) -> str:
-    """One line naming the ranks that fell behind (by last heartbeat), for failure messages."""
-    store = _store() if is_initialized() else None
+    """One line naming the ranks that stopped (no liveness) or fell behind (step), for failure messages."""
+    store = _store()
     if store is None:
         return ""
-    now, seen = time.time(), {}
     try:
         store.set_timeout(datetime.timedelta(seconds=timeout_s))
     except Exception:
         pass
-    for r in range(world_size()):
+
+    def read(kind: str, r: int):
         try:
-            step, stamp = store.get(f"{_HEARTBEAT_PREFIX}{r}").decode().split()
-            seen[r] = (int(step), float(stamp))
+            return float(store.get(_key(kind, r)).decode())
         except Exception:
-            seen[r] = None
-    if not seen:
-        return ""
-    missing = [r for r, v in seen.items() if v is None]
-    steps = {r: v[0] for r, v in seen.items() if v is not None}
-    if not steps:
-        return "no rank heartbeat could be read (the rendezvous store on rank 0's node is gone)"
-    best = max(steps.values())
-    behind = sorted(r for r, s in steps.items() if s < best)
-    parts = []
-    if behind:
-        parts.append("; ".join(f"rank {r} last reached step {steps[r]} ({now - seen[r][1]:.0f} s ago)" for r in behind)
-                     + f", the others step {best}: rank(s) {', '.join(map(str, behind))} died or hung")
-    if missing:
-        parts.append(f"no heartbeat from rank(s) {', '.join(map(str, missing))}")
-    return "; ".join(parts) if parts else f"every rank reached step {best}"
+            return None
+
+    now, me = time.time(), rank()
+    alive = {r: read("alive", r) for r in range(world_size())}
+    steps = {r: read("step", r) for r in range(world_size())}
+    stale_after = 3 * LIVENESS_INTERVAL_S + 2
+    silent = [r for r, t in alive.items() if r != me and t is not None and now - t > stale_after]
+    parts = [f"rank {r} has shown no sign of life for {now - alive[r]:.0f} s (killed, stopped or frozen)" for r in silent]
+    known = {r: s for r, s in steps.items() if s is not None}
+    if known:
+        best = max(known.values())
+        behind = [r for r, s in known.items() if s < best and r not in silent]
+        parts += [f"rank {r} is behind at step {int(known[r])} (others reached {int(best)})" for r in behind]
+    if not parts:
+        return "every other rank still looks alive (a network or backend error?)"
+    return "; ".join(parts)
 
 
 def explain_failure(exc: BaseException) -> str:
@@ -309,7 +373,7 @@ def explain_failure(exc: BaseException) -> str:
     text = f"{where}: a collective operation failed ({type(exc).__name__}: {first})"
     if peers:
         text += f"; {peers}"
-    return text + ". A peer process died or stopped answering; torchrun's summary names the rank that exited first."
+    return text + ". The job stops; restart it with --resume auto (torchrun --max_restarts K does so automatically)."
 
 
 def is_collective_failure(exc: BaseException) -> bool:
@@ -426,3 +490,66 @@ def load_full_state_dicts(module: nn.Module, optimizer: Optional[torch.optim.Opt
     set_model_state_dict(module, model_sd, options=opts)
     if optimizer is not None and optim_sd is not None:
         set_optimizer_state_dict(module, optimizer, optim_sd, options=opts)
+
+
+# ---------------------------------------------------------------------- FSDP2 checkpoints in the plain format
+def is_sharded(module: nn.Module) -> bool:
+    """True when ``module`` holds FSDP2-sharded (DTensor) parameters."""
+    try:
+        return is_fsdp(module)
+    except ImportError:
+        return False
+
+
+def optimizer_state_by_index(named_sd: dict) -> dict:
+    """Optimiser state keyed by parameter names (FSDP2's full format) -> torch's usual index format.
+
+    Indices count the parameters across the parameter groups in order, as ``optimizer.state_dict()``
+    does, so an FSDP2 run writes the same checkpoint as a DDP or single-process run.
+    """
+    index, groups = {}, []
+    for group in named_sd["param_groups"]:
+        g = dict(group)
+        g["params"] = []
+        for name in group["params"]:
+            index[name] = len(index)
+            g["params"].append(index[name])
+        groups.append(g)
+    return {"state": {index[n]: v for n, v in named_sd["state"].items() if n in index}, "param_groups": groups}
+
+
+def optimizer_state_by_name(indexed_sd: dict, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The inverse of :func:`optimizer_state_by_index` for ``optimizer`` over ``module``'s parameters."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups, k = [], 0
+    for group in indexed_sd["param_groups"]:
+        g = dict(group)
+        g["params"] = [order[i] for i in group["params"]]
+        groups.append(g)
+        k += len(group["params"])
+    if k != len(order):
+        raise ValueError(f"optimiser state has {k} parameters, the model {len(order)}")
+    return {"state": {order[int(i)]: v for i, v in indexed_sd["state"].items()}, "param_groups": groups}
+
+
+def gather_for_checkpoint(module: nn.Module, optimizer: torch.optim.Optimizer):
+    """(model state dict, optimiser state dict) in the plain format; collective under FSDP2.
+
+    Unsharded modules return their own state dicts on every rank. FSDP2 modules gather full tensors
+    to CPU: every rank must call it; rank 0 gets the state (other ranks may get empty dicts).
+    """
+    if not is_sharded(module):
+        return module.state_dict(), optimizer.state_dict()
+    model_sd = full_state_dict(module)
+    optim_sd = full_optimizer_state_dict(module, optimizer)
+    return model_sd, (optimizer_state_by_index(optim_sd) if optim_sd.get("param_groups") else optim_sd)
+
+
+def load_from_checkpoint(module: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Loads plain-format state dicts into ``module``/``optimizer`` (FSDP2-sharded or not)."""
+    if not is_sharded(module):
+        module.load_state_dict(model_sd)
+        optimizer.load_state_dict(optim_sd)
+        return
+    load_full_state_dicts(module, optimizer, model_sd, optimizer_state_by_name(optim_sd, module, optimizer))

@@ -11,9 +11,10 @@ Three stages, each a plain function on tensors (no autograd inside, outputs allo
 Shapes: ``q`` (B, H, Nq, d), ``k``/``v`` (B, H, Nk, d); Nq may differ from Nk. ``lse`` is (B, H, Nq)
 in float32 (float64 for float64 inputs). Inputs may be float16, bfloat16, float32 or float64 (the
 last mostly for gradcheck); all element-wise work and every matmul accumulate in float32 (float64
-for float64 inputs). float32 matmuls use IEEE precision, not TF32, so fp32 results match a float64
-reference to ~1e-6 relative. The head dimension is padded to a power of two >= 16 with masking, so
-any d up to 256 works (16..128 is the tuned range); ragged last tiles along Nq and Nk are masked.
+for float64 inputs). float32 matmuls follow ``torch.get_float32_matmul_precision()``; at PyTorch's
+default ("highest") they are IEEE fp32, so fp32 results match a float64 reference to ~1e-6. The
+head dimension (1..128) is padded to a power of two >= 16 with masking; ragged last tiles along Nq
+and Nk are masked.
 
 The specification of each stage is the PyTorch reference in ``fastebm/ops/attention_math.py``
 (imported below as ``attn_fwd_ref``, ``attn_bwd_ref``, ``attn_dbwd_ref``); the math is DESIGN.md
@@ -45,7 +46,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tile size used in the interpreter. Its cost is Python overhead per tile operation, so large tiles
 # are fastest; tests lower it (monkeypatch) to exercise multi-tile loops with ragged last tiles.
 INTERPRETER_BLOCK = 64
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 128  # larger heads would not fit the tiles in shared memory
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -368,8 +369,15 @@ def _tl_acc(dtype: torch.dtype):
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 must not silently drop to TF32 (1e-3 error); half inputs use tensor cores as they are.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    """Matmul precision of the kernels' tl.dot for this input dtype.
+
+    float32 follows ``torch.get_float32_matmul_precision()`` like torch.matmul does: "highest"
+    (PyTorch's default) -> IEEE fp32 (exact to ~1e-6, CUDA cores), "high" -> 3xTF32 (close to
+    fp32, tensor cores), "medium" -> TF32 (~1e-3). float64 is always IEEE; half inputs use tensor
+    cores as they are (the "tf32" flag is Triton's default and does not affect them)."""
+    if dtype == torch.float32:
+        return {"high": "tf32x3", "medium": "tf32"}.get(torch.get_float32_matmul_precision(), "ieee")
+    return "ieee" if dtype == torch.float64 else "tf32"
 
 
 def _scale_parts(scale: float) -> Tuple[float, float]:
@@ -435,16 +443,18 @@ def launch_config(dtype: torch.dtype, head_dim: int, stage: str, on_gpu: bool) -
     block_d = max(16, triton.next_power_of_2(head_dim))
     if not on_gpu:
         return dict(BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK, BLOCK_D=block_d)
-    wide = block_d > 64 or dtype == torch.float64
-    fp32 = dtype in (torch.float32, torch.float64)
+    if stage not in ("fwd", "bwd", "dbwd"):
+        raise ValueError(f"unknown stage {stage!r}; one of fwd, bwd, dbwd")
+    if dtype == torch.float64:  # 8-byte tiles: small ones keep shared memory under 227 KB at d = 128
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    wide = block_d > 64
+    fp32 = dtype == torch.float32
     if stage == "fwd":
         bm, bn, warps, stages = (128, 64, 8, 3) if not wide else (64, 64, 4, 2)
     elif stage == "bwd":
         bm, bn, warps, stages = (64, 64, 4, 2) if not wide else (32, 64, 4, 1)
-    elif stage == "dbwd":  # keeps ~4 input tiles and 5 score-sized tiles live
+    else:  # dbwd keeps ~4 input tiles and 5 score-sized tiles live
         bm, bn, warps, stages = (64, 64, 8, 1) if not wide else (32, 32, 4, 1)
-    else:
-        raise ValueError(f"unknown stage {stage!r}; one of fwd, bwd, dbwd")
     if fp32 and stage != "fwd":
         bm = min(bm, 32)
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)

@@ -311,7 +311,7 @@ def test_supports_and_input_errors():
     assert supports(torch.randn(1, 1, 4, 16, device=DEVICE))  # CUDA, or CPU with TRITON_INTERPRET=1
     assert supports(torch.randn(1, 1, 4, 16, dtype=torch.float64, device=DEVICE))
     assert not supports(torch.randint(0, 3, (1, 1, 4, 16), device=DEVICE))
-    assert not supports(torch.randn(1, 1, 4, 512, device=DEVICE))
+    assert not supports(torch.randn(1, 1, 4, 160, device=DEVICE))
     q = torch.randn(1, 2, 5, 16, device=DEVICE)
     with pytest.raises(ValueError, match="one dtype"):
         K.attn_fwd(q, q.double(), q, 0.25)

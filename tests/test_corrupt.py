@@ -298,3 +298,12 @@ def test_bad_input_raises_value_error_naming_the_fix(call, match):
     x = rand_images(3, 3, 32, 32)
     with pytest.raises(ValueError, match=match):
         call(x)
+
+
+def test_prepare_batch_split_across_processes_is_identical():
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    kw = dict(seed=fresh_seed(), offset=17, patch_size=4)
+    whole = prepare_batch(images, "mix", sample_ids=list(range(40, 46)), **kw)
+    parts = [prepare_batch(images[i:i + 3], "mix", sample_ids=list(range(40 + i, 43 + i)), **kw) for i in (0, 3)]
+    for k in range(4):
+        assert torch.equal(whole[k], torch.cat([parts[0][k], parts[1][k]]))

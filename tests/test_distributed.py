@@ -136,3 +136,195 @@ def test_one_gpu_nccl_ddp_run(tmp_path):
     a, b = (torch.load(str(tmp_path / f"plain_{w}.pt"), weights_only=True) for w in ("none", "ddp"))
     assert _max_param_diff(a["params"], b["params"]) <= 1e-5
     assert b["synced_at"], "DDP on NCCL never reduced a gradient"
+
+
+# ======================================================================= fastebm-train under torchrun
+import re  # noqa: E402
+import signal  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+TRAIN = ["-m", "fastebm.train"]
+
+
+def train_args(data: str, out: str, batch: int, *extra: str) -> list:
+    """A tiny real run: 16 px vit_demo on a small image folder, a step log line per step."""
+    return [*TRAIN, "--data", data, "--output_dir", out, "--batch_size", str(batch), "--img_size", "16",
+            "--epochs", "2", "--warmup_epochs", "0.5", "--tasks", "mim", "denoise", "--eval", "false",
+            "--grid_every", "0", "--log_every", "1", "--save_every", "2", "--num_workers", "0", "--device", "cpu",
+            "--seed", "5", *extra]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """32 random 20x20 RGB PNGs (fresh each run): 8 optimiser steps per epoch at a global batch of 4."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    for i in range(32):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"img_{i:02d}.png")
+    return str(root)
+
+
+class Job:
+    """A launched command whose combined output is collected line by line while it runs."""
+
+    def __init__(self, cmd: list, **env):
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=_env(**env), start_new_session=True)
+        self.lines: list = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 180) -> re.Match:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            m = re.search(pattern, self.output, re.M)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                m = re.search(pattern, self.output, re.M)
+                if m:
+                    return m
+                raise AssertionError(f"job ended (exit {self.proc.returncode}) before /{pattern}/:\n{self.output[-5000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"no /{pattern}/ within {timeout} s:\n{self.output[-5000:]}")
+
+    def finish(self, timeout: float = 180) -> int:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"job did not end within {timeout} s:\n{self.output[-5000:]}")
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def worker_pid(self, rank: int, restart: int = 0) -> int:
+        """PID of the torchrun worker with RANK=rank in attempt ``restart`` (children of the launcher)."""
+        for _ in range(100):
+            for child in _children(self.proc.pid):
+                try:
+                    with open(f"/proc/{child}/environ", "rb") as fh:
+                        env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+                except OSError:
+                    continue
+                if env.get(b"RANK") == str(rank).encode() and env.get(b"TORCHELASTIC_RESTART_COUNT", b"0") == str(restart).encode():
+                    return child
+            time.sleep(0.1)
+        raise AssertionError(f"no worker with RANK={rank} under launcher {self.proc.pid}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the job's own session, started by this test
+            self.proc.wait(10)
+
+
+def _children(pid: int) -> list:
+    out = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                out += [int(c) for c in fh.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _params(path: str) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state, {k: v for k, v in state["model"].items()}
+
+
+def test_cli_two_ranks_equal_one_rank_through_sigterm_kill_and_restart(image_folder, tmp_path):
+    """The acceptance path, end to end, with the real CLI:
+
+    1 process x batch 4 for 8 steps (reference);
+    2 processes x batch 2: SIGTERM to torchrun after step 2 -> one checkpoint at the stop step, clean exit;
+    ``--resume auto --max_restarts 1``: continue, SIGKILL rank 1 two steps later -> torchrun restarts the
+    group, every rank resumes from last.pt, the run finishes;
+    final parameters == the reference's (fp32 round-off): data order, per-sample draws, loss
+    normalisation, learning rate, checkpoint and RNG streams do not depend on the process count.
+    """
+    ref_dir, out = str(tmp_path / "single"), str(tmp_path / "multi")
+    run([sys.executable, *train_args(image_folder, ref_dir, 4, "--max_steps", "8")], timeout=300)
+
+    job = Job(torchrun_cmd(2, *train_args(image_folder, out, 2, "--max_steps", "8")))
+    try:
+        job.wait_for(r"^step 2/8")
+        os.kill(job.proc.pid, signal.SIGTERM)  # as SLURM does: to the launcher, which forwards it
+        job.finish(120)
+    finally:
+        job.kill()
+    saved = re.findall(r"checkpoint saved at step (\d+)", job.output)
+    assert len(saved) == 1, f"expected one save message (rank 0 only), got {saved}:\n{job.output[-3000:]}"
+    stop_step = int(saved[0])
+    assert 2 <= stop_step < 8, job.output[-3000:]
+    state, _ = _params(os.path.join(out, "last.pt"))
+    assert state["step"] == stop_step and state["world_size"] == 2
+    assert len(state["rng_per_rank"]) == 2
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")], "a temporary checkpoint file was left behind"
+    # torchrun itself reports the signal with a SignalException traceback; no worker may fail.
+    assert job.output.count("Traceback") == job.output.count("SignalException: Process"), job.output[-3000:]
+
+    job = Job(torchrun_cmd(2, *train_args(image_folder, out, 2, "--max_steps", "8", "--resume", "auto"), max_restarts=1))
+    try:
+        job.wait_for(rf"resumed from .*last\.pt at step {stop_step}")
+        job.wait_for(rf"^step {stop_step + 2}/8")
+        os.kill(job.worker_pid(1), signal.SIGKILL)
+        job.wait_for(r"resumed from .*last\.pt at step \d+[\s\S]*resumed from .*last\.pt at step \d+")
+        assert job.finish(240) == 0, job.output[-5000:]
+    finally:
+        job.kill()
+    final, params = _params(os.path.join(out, "last.pt"))
+    ref_state, ref = _params(os.path.join(ref_dir, "last.pt"))
+    assert final["step"] == ref_state["step"] == 8
+    worst = max(float((params[k] - ref[k]).abs().max()) for k in ref)
+    assert worst <= 1e-5, f"2-process run differs from the 1-process run by {worst:.3g}"
+
+
+def test_cli_killed_rank_fails_fast_naming_it(image_folder, tmp_path):
+    job = Job(torchrun_cmd(2, *train_args(image_folder, str(tmp_path / "k"), 2, "--max_steps", "12")))
+    try:
+        job.wait_for(r"^step 1/12")
+        t0 = time.time()
+        os.kill(job.worker_pid(1), signal.SIGKILL)
+        code = job.finish(120)
+        elapsed = time.time() - t0
+    finally:
+        job.kill()
+    assert code != 0
+    assert elapsed < 120
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)[\s\S]*?exitcode\s*:\s*-9", job.output), job.output[-3000:]
+
+
+def test_cli_hung_rank_times_out_naming_it(image_folder, tmp_path):
+    """SIGSTOP freezes rank 1: rank 0's next collective times out (--dist_timeout 10) and names rank 1."""
+    job = Job(torchrun_cmd(2, *train_args(image_folder, str(tmp_path / "h"), 2, "--max_steps", "12",
+                                          "--dist_timeout", "10")))
+    try:
+        job.wait_for(r"^step 1/12")
+        t0 = time.time()
+        os.kill(job.worker_pid(1), signal.SIGSTOP)
+        code = job.finish(150)
+        elapsed = time.time() - t0
+    finally:
+        job.kill()
+    assert code != 0
+    assert elapsed < 120, f"took {elapsed:.0f} s"
+    assert re.search(r"fastebm-train: error: rank 0 of 2: .*rank 1 has shown no sign of life", job.output), job.output[-3000:]

@@ -2,6 +2,7 @@
 training-loop call: uint8/float pixels -> clean target, corrupted input, loss weight, task ids)."""
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -109,6 +110,19 @@ def _channel_stats(mean, std, channels, device, what="mean/std"):
     if mean is None:
         return (torch.zeros(channels, dtype=torch.float32, device=device),
                 torch.ones(channels, dtype=torch.float32, device=device))
+    try:  # the usual case, constant tuples: checked and copied to the device once
+        return _channel_stats_cached(tuple(float(v) for v in mean), tuple(float(v) for v in std), channels, str(device))
+    except TypeError:  # tensors with more than one dimension etc.: the general path
+        pass
+    return _channel_stats_checked(mean, std, channels, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats_cached(mean, std, channels, device):
+    return _channel_stats_checked(mean, std, channels, device)
+
+
+def _channel_stats_checked(mean, std, channels, device):
     out = []
     for name, v in (("mean", mean), ("std", std)):
         t = torch.as_tensor(v).detach().to("cpu", torch.float32).flatten()  # checked on the host: no device sync
@@ -132,7 +146,7 @@ def _sample_ids(sample_ids, batch, device) -> torch.Tensor:
     lo, hi = torch.aminmax(ids)  # on the host when the ids come from the host: no device sync
     if int(lo) < 0 or int(hi) >= 2**32:
         raise ValueError("sample_ids must be in [0, 2**32)")
-    return ids.to(device)
+    return ids.to(device).contiguous()
 
 
 def _check_seed_offset(seed, offset) -> tuple[int, int]:

@@ -31,6 +31,7 @@ Per-task definitions (``clean`` = normalised image, ``pixel`` = the image in [0,
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,9 +62,15 @@ def num_kept(ratio: float, n: int) -> int:
     return int(ratio * n + 0.5)
 
 
+@functools.lru_cache(maxsize=64)
+def _task_table(task_names: tuple, device: str) -> torch.Tensor:
+    """Task ids of the names as a device tensor, made once (avoids a host-to-device copy per call)."""
+    return torch.tensor([TASK_ID[t] for t in task_names], dtype=torch.int64, device=device)
+
+
 def choose_tasks(task_names, seed, offset, sample_ids, random_words=philox.philox_uint32) -> torch.Tensor:
     """Task id per sample: the only task, or a uniform choice among ``task_names`` (``mix``)."""
-    ids = torch.tensor([TASK_ID[t] for t in task_names], dtype=torch.int64, device=sample_ids.device)
+    ids = _task_table(tuple(task_names), str(sample_ids.device))
     if len(task_names) == 1:
         return ids.expand(sample_ids.numel()).clone()
     word = random_words(seed, offset, sample_ids, 1, philox.PURPOSE_TASK_CHOICE)[:, 0]

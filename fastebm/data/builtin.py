@@ -87,7 +87,7 @@ class HeldOut:
     digit_labels: torch.Tensor  # (N,)
     photos: torch.Tensor  # uint8 (M, 3, S, S), fixed crops of the held-out photos
 
-    def restoration_images(self, per_source: int = 128) -> torch.Tensor:
+    def restoration_images(self, per_source: int = 64) -> torch.Tensor:
         """A fixed mix of held-out digits and photo crops for the PSNR evaluation."""
         return torch.cat([self.digits[:per_source], self.photos[:per_source]])
 

@@ -6,6 +6,9 @@ normalisation undone, values clamped to [0, 1]). Per image, the MSE is taken ove
 weighted region (``weight > 0``: the masked patches for ``mim``, every pixel for the other
 tasks) and PSNR = 10 log10(1 / MSE). The gain is mean_i PSNR(restored_i) - mean_i
 PSNR(corrupted_i); ``psnr_gain_db`` is the mean of the per-task gains.
+
+Images that a task leaves unchanged (e.g. ``colorize`` on a grey digit: corrupted == clean) have
+nothing to restore and an infinite input PSNR; they are left out of that task's average.
 """
 from __future__ import annotations
 
@@ -49,11 +52,15 @@ def psnr_gain(objective, images: torch.Tensor, tasks: Iterable[str], *, patch_si
                 clean, corrupted, weight, _ = prepare_batch(chunk, [task], seed=EVAL_SEED, offset=0, sample_ids=ids,
                                                             patch_size=patch_size, params=params)
                 restored = objective.restore(corrupted)[-1]
-                ref = to_unit_range(clean)
-                before.append(region_psnr(to_unit_range(corrupted), ref, weight))
-                after.append(region_psnr(to_unit_range(restored), ref, weight))
-            b, a = torch.cat(before).mean().item(), torch.cat(after).mean().item()
-            out[task] = {"corrupted": b, "restored": a, "gain": a - b}
+                ref, damaged = to_unit_range(clean), to_unit_range(corrupted)
+                changed = (damaged - ref).abs().flatten(1).amax(1) > 0.5 / 255
+                before.append(region_psnr(damaged, ref, weight)[changed])
+                after.append(region_psnr(to_unit_range(restored), ref, weight)[changed])
+            before_t, after_t = torch.cat(before), torch.cat(after)
+            if len(before_t) == 0:
+                continue  # the task changed none of these images
+            b, a = before_t.mean().item(), after_t.mean().item()
+            out[task] = {"corrupted": b, "restored": a, "gain": a - b, "images": int(len(before_t))}
     finally:
         objective.train(was_training)
     return out

@@ -45,16 +45,16 @@ class TrainConfig:
     attn_backend: str = _opt("auto", "attention backend: auto, math, triton")
     grad_checkpointing: bool = _opt(False, "activation checkpointing in the ViT blocks (less memory, more compute)")
     # pretext tasks
-    tasks: List[str] = _opt(("mim", "sr", "denoise", "colorize"), "pretext tasks, mixed per sample (comma or space separated): " + ", ".join(KNOWN_TASKS))
+    tasks: List[str] = _opt(("mim", "sr", "denoise", "colorize"), "pretext tasks, mixed per sample (comma or space separated): " + ", ".join(KNOWN_TASKS) + "; mix = all")
     mask_ratio: float = _opt(0.6, "fraction of patches masked by the mim task")
     # optimisation
-    batch_size: int = _opt(64, "images per process per micro-step")
+    batch_size: int = _opt(32, "images per process per micro-step")
     accum_iter: int = _opt(1, "micro-steps accumulated per optimiser step")
-    epochs: int = _opt(6, "epochs; the learning-rate schedule spans them")
+    epochs: int = _opt(1, "epochs; the learning-rate schedule spans them")
     max_steps: Optional[int] = _opt(None, "stop after this many optimiser steps (does not reshape the schedule); none = run all epochs")
-    blr: float = _opt(3e-3, "base learning rate: lr = blr * effective batch / 256")
+    blr: float = _opt(0.012, "base learning rate: lr = blr * effective batch / 256")
     min_lr: float = _opt(1e-5, "learning rate at the end of the cosine schedule")
-    warmup_epochs: float = _opt(0.5, "linear warm-up length in epochs")
+    warmup_epochs: float = _opt(0.1, "linear warm-up length in epochs")
     weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms, biases, pos_embed, cls_token, step sizes)")
     clip_grad: Optional[float] = _opt(1.0, "clip the gradient norm to this value (0 or none = off)")
     precision: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp16, fp32", choices=PRECISIONS)
@@ -196,7 +196,13 @@ def split_tasks(tasks) -> List[str]:
 
 def validate(cfg: TrainConfig) -> None:
     """Checks values that argparse's types cannot; raises UsageError naming the flag and the fix."""
+    from ..models import PRESETS
+
+    if cfg.model not in PRESETS:
+        raise UsageError(f"--model: unknown preset {cfg.model!r}; choose from {', '.join(sorted(PRESETS))}")
     cfg.tasks = split_tasks(cfg.tasks)
+    if "mix" in cfg.tasks:  # 'mix' = every task, as in fastebm.corrupt
+        cfg.tasks = list(KNOWN_TASKS)
     if not cfg.tasks:
         raise UsageError("--tasks is empty; give one or more of " + ", ".join(KNOWN_TASKS))
     bad = [t for t in cfg.tasks if t not in KNOWN_TASKS]

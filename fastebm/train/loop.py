@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import create_model
+from ..models import PRESETS
 from ..data.builtin import BuiltinDemoData
 from ..data.errors import DataError
 from ..data.folder import ImageFolderData
@@ -113,6 +114,16 @@ def build_objective(cfg: TrainConfig) -> RestorationObjective:
                                     engine=cfg.engine, **kw)
     except ValueError as exc:
         raise UsageError(f"objective settings (--engine {cfg.engine}, --steps, --grad_mode, --alpha_init): {exc}") from None
+
+
+def _check_corruption(cfg: TrainConfig, img_size: int, patch_size: int) -> None:
+    """Task/geometry mismatches (e.g. --img_size not a multiple of the sr factor) fail now, not at step 0."""
+    probe = torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8)
+    for task in cfg.tasks:
+        try:
+            prepare_batch(probe, [task], seed=0, patch_size=patch_size, params=cfg.task_params, backend="reference")
+        except ValueError as exc:
+            raise UsageError(f"--tasks {task} with --img_size {img_size}: {exc}") from None
 
 
 def build_data(cfg: TrainConfig, img_size: int):
@@ -213,11 +224,13 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     rank, world = dist.rank(), dist.world_size()
 
     # ---------------------------------------------------------------- model, data, optimiser
+    # data first: a bad folder fails before any model is built
+    source = build_data(cfg, cfg.img_size or PRESETS[cfg.model]["img_size"])
     seed_everything(cfg.seed)
     objective = build_objective(cfg).to(device)
     model = objective.model
     img_size = model.img_size[0]
-    source = build_data(cfg, img_size)  # after the model (its img_size); seeds do not depend on the order
+    _check_corruption(cfg, img_size, model.patch_size)
     plan = BatchPlan(len(source), cfg.batch_size, cfg.accum_iter, world, rank, cfg.seed)
     if plan.steps_per_epoch < 1:
         raise UsageError(f"the data has {len(source)} images, fewer than one optimiser step needs "
@@ -354,7 +367,6 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 record = {"step": run.step, "epoch": s // plan.steps_per_epoch, "lr": lr,
                           "img_per_s": window_images / elapsed, "time": time.time() - t_start}
                 record.update({k: float(np.mean(v)) for k, v in window.items()})
-                record.update({f"alpha/{i + 1}": a for i, a in enumerate(objective.alphas.detach().float().cpu().tolist())})
                 logger.log(record)
                 console.report(run.step, record["epoch"], record.get("loss", float("nan")), record["img_per_s"], lr)
                 window, window_images, window_start = {}, 0, time.time()
