@@ -13,7 +13,10 @@ def _packages():
     # kernels/ is installed as fastebm.kernels: a top-level package named `kernels` exists on PyPI.
     pkgs = find_packages(include=["fastebm", "fastebm.*"])
     pkgs += ["fastebm.kernels"] + ["fastebm.kernels." + p for p in find_packages(where="kernels")]
-    return pkgs, {"fastebm.kernels": "kernels"}
+    # csrc/ ships inside the package as fastebm/csrc so an installed (non-editable) fastebm can still
+    # JIT-build the CUDA extension on first use.
+    pkgs += ["fastebm.csrc"]
+    return pkgs, {"fastebm.kernels": "kernels", "fastebm.csrc": "csrc"}
 
 
 def _ext_modules():
@@ -41,4 +44,11 @@ def _ext_modules():
 
 _exts, _cmdclass = _ext_modules()
 _pkgs, _pkg_dir = _packages()
-setup(packages=_pkgs, package_dir=_pkg_dir, ext_modules=_exts, cmdclass=_cmdclass)
+setup(
+    packages=_pkgs,
+    package_dir=_pkg_dir,
+    package_data={"fastebm.csrc": ["*.h", "*.cu", "*.cpp", "*.md", "tests/*.cu"]},
+    include_package_data=False,
+    ext_modules=_exts,
+    cmdclass=_cmdclass,
+)

@@ -17,7 +17,4 @@ __all__ = ["EnergyViT", "RestorationObjective", "create_model", "list_models", "
 
 # Imported last and eagerly: importing the subpackage binds ``fastebm.corrupt`` to the module,
 # and this import rebinds the name to the function users call.
-try:
-    from .corrupt import corrupt
-except ImportError:  # pragma: no cover - only while the corruption package is being written
-    pass
+from .corrupt import corrupt  # noqa: E402

@@ -44,6 +44,9 @@ BACKENDS = ("auto", "nccl", "gloo")
 DEFAULT_TIMEOUT_S = {"gloo": 120.0, "nccl": 300.0}
 _HEARTBEAT_PREFIX = "fastebm/heartbeat/"
 
+FSDP_SUMMARY = ("whole RestorationObjective sharded as one FSDP2 unit (parameters, gradients and optimiser state "
+                "sharded between iterations); per-block sharding is wrong with the restoration double backward, "
+                "see docs/distributed.md")
 FSDP_STATUS = (
     "--fsdp shards the whole RestorationObjective as ONE FSDP2 unit (fully_shard on the objective): "
     "parameters, gradients and AdamW state are sharded across ranks between iterations, and the full "
@@ -486,10 +489,11 @@ def load_full_state_dicts(module: nn.Module, optimizer: Optional[torch.optim.Opt
     """Loads full (unsharded) state dicts into an FSDP2 module and its optimiser; collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(module, model_sd, options=opts)
+    set_model_state_dict(module, model_sd, options=StateDictOptions(full_state_dict=True))
     if optimizer is not None and optim_sd is not None:
-        set_optimizer_state_dict(module, optimizer, optim_sd, options=opts)
+        # strict=False: parameters that never received a gradient (the final norm under the
+        # pre-norm energy) have no optimiser state, exactly as in an unsharded AdamW.
+        set_optimizer_state_dict(module, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 # ---------------------------------------------------------------------- FSDP2 checkpoints in the plain format

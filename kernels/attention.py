@@ -11,8 +11,8 @@ Three stages, each a plain function on tensors (no autograd inside, outputs allo
 Shapes: ``q`` (B, H, Nq, d), ``k``/``v`` (B, H, Nk, d); Nq may differ from Nk. ``lse`` is (B, H, Nq)
 in float32 (float64 for float64 inputs). Inputs may be float16, bfloat16, float32 or float64 (the
 last mostly for gradcheck); all element-wise work and every matmul accumulate in float32 (float64
-for float64 inputs). float32 matmuls follow ``torch.get_float32_matmul_precision()``; at PyTorch's
-default ("highest") they are IEEE fp32, so fp32 results match a float64 reference to ~1e-6. The
+for float64 inputs). float32 matmuls use 3xTF32 on tensor cores (about fp32 accuracy; see
+``_dot_precision``), so fp32 results match a float64 reference to ~1e-6 relative. The
 head dimension (1..128) is padded to a power of two >= 16 with masking; ragged last tiles along Nq
 and Nk are masked.
 
@@ -368,15 +368,24 @@ def _tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+# float32 matmul precision: None follows torch.get_float32_matmul_precision() ("highest" and
+# "high" -> "tf32x3", "medium" -> "tf32"); or one of Triton's "ieee" | "tf32x3" | "tf32".
+FP32_DOT_PRECISION: Optional[str] = None
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """Matmul precision of the kernels' tl.dot for this input dtype.
 
-    float32 follows ``torch.get_float32_matmul_precision()`` like torch.matmul does: "highest"
-    (PyTorch's default) -> IEEE fp32 (exact to ~1e-6, CUDA cores), "high" -> 3xTF32 (close to
-    fp32, tensor cores), "medium" -> TF32 (~1e-3). float64 is always IEEE; half inputs use tensor
-    cores as they are (the "tf32" flag is Triton's default and does not affect them)."""
+    float32 uses 3xTF32 by default: three tensor-core TF32 products (hi*hi + hi*lo + lo*hi) that
+    carry ~22 mantissa bits, about fp32 accuracy (~1e-6 relative); Triton's IEEE fp32 dot runs on
+    CUDA cores and, at these tile sizes, spills tens of KB of registers on sm_90. Plain TF32
+    (~1e-3) only when torch's float32 matmul precision is "medium". float64 is always IEEE; half
+    inputs use tensor cores as they are ("tf32" is Triton's default flag; it does not affect them).
+    The interpreter ignores the flag (numpy matmul in the input dtype)."""
     if dtype == torch.float32:
-        return {"high": "tf32x3", "medium": "tf32"}.get(torch.get_float32_matmul_precision(), "ieee")
+        if FP32_DOT_PRECISION is not None:
+            return FP32_DOT_PRECISION
+        return "tf32" if torch.get_float32_matmul_precision() == "medium" else "tf32x3"
     return "ieee" if dtype == torch.float64 else "tf32"
 
 
@@ -430,33 +439,37 @@ def _like(t: Optional[Tensor], ref: Tensor, name: str) -> Tensor:
     return t.to(dtype=ref.dtype).contiguous()
 
 
-def _config(q: Tensor, stage: str) -> dict:
+# GPU launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by input class
+# and head-dim bucket. Chosen from sm_90 compiles (Triton 3.8 + ptxas): no or small register spills
+# and shared memory under H100's 227 KB. BLOCK_M tiles Q rows, BLOCK_N tiles K/V rows; the column
+# kernels (dkdv, dbwd_col) keep BLOCK_N rows resident and loop over BLOCK_M-row Q tiles.
+_GPU_CONFIGS = {
+    ("half", 64): dict(fwd=(128, 64, 8, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 2), dbwd_row=(64, 32, 4, 1), dbwd_col=(32, 64, 8, 1)),
+    ("half", 128): dict(fwd=(128, 64, 8, 2), dkdv=(64, 64, 8, 1), dq=(64, 64, 8, 1), dbwd_row=(64, 32, 8, 1), dbwd_col=(16, 64, 8, 1)),
+    ("fp32", 64): dict(fwd=(64, 64, 4, 2), dkdv=(32, 64, 4, 1), dq=(64, 64, 8, 1), dbwd_row=(64, 32, 8, 1), dbwd_col=(16, 64, 8, 1)),
+    ("fp32", 128): dict(fwd=(64, 64, 8, 1), dkdv=(16, 64, 8, 1), dq=(64, 32, 8, 1), dbwd_row=(64, 16, 8, 1), dbwd_col=(16, 32, 8, 1)),
+    ("fp64", 64): dict(fwd=(32, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1), dbwd_row=(32, 32, 4, 1), dbwd_col=(32, 32, 4, 1)),
+    ("fp64", 128): dict(fwd=(32, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1), dbwd_row=(16, 16, 4, 1), dbwd_col=(16, 16, 4, 1)),
+}
+KERNELS = ("fwd", "dkdv", "dq", "dbwd_row", "dbwd_col")
+
+
+def _config(q: Tensor, kernel: str) -> dict:
     """Tile sizes and launch options for ``q`` (see :func:`launch_config`)."""
-    return launch_config(q.dtype, q.shape[-1], stage, on_gpu=q.is_cuda and not _INTERPRETED)
+    return launch_config(q.dtype, q.shape[-1], kernel, on_gpu=q.is_cuda and not _INTERPRETED)
 
 
-def launch_config(dtype: torch.dtype, head_dim: int, stage: str, on_gpu: bool) -> dict:
-    """Tile sizes and launch options of ``stage`` ("fwd" | "bwd" | "dbwd").
+def launch_config(dtype: torch.dtype, head_dim: int, kernel: str, on_gpu: bool) -> dict:
+    """Tile sizes and launch options of ``kernel`` (one of ``KERNELS``) for inputs of ``dtype``.
 
-    Interpreter: INTERPRETER_BLOCK tiles. GPU: sizes for H100-class parts, smaller tiles where a
-    stage keeps many tiles live (the double backward, d = 128, 4-byte and 8-byte inputs)."""
+    In the interpreter every tile is INTERPRETER_BLOCK wide; on a GPU see ``_GPU_CONFIGS``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; one of {', '.join(KERNELS)}")
     block_d = max(16, triton.next_power_of_2(head_dim))
     if not on_gpu:
         return dict(BLOCK_M=INTERPRETER_BLOCK, BLOCK_N=INTERPRETER_BLOCK, BLOCK_D=block_d)
-    if stage not in ("fwd", "bwd", "dbwd"):
-        raise ValueError(f"unknown stage {stage!r}; one of fwd, bwd, dbwd")
-    if dtype == torch.float64:  # 8-byte tiles: small ones keep shared memory under 227 KB at d = 128
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    wide = block_d > 64
-    fp32 = dtype == torch.float32
-    if stage == "fwd":
-        bm, bn, warps, stages = (128, 64, 8, 3) if not wide else (64, 64, 4, 2)
-    elif stage == "bwd":
-        bm, bn, warps, stages = (64, 64, 4, 2) if not wide else (32, 64, 4, 1)
-    else:  # dbwd keeps ~4 input tiles and 5 score-sized tiles live
-        bm, bn, warps, stages = (64, 64, 8, 1) if not wide else (32, 32, 4, 1)
-    if fp32 and stage != "fwd":
-        bm = min(bm, 32)
+    kind = {torch.float32: "fp32", torch.float64: "fp64"}.get(dtype, "half")
+    bm, bn, warps, stages = _GPU_CONFIGS[(kind, 64 if block_d <= 64 else 128)][kernel]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
@@ -500,12 +513,10 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Ten
 def _delta(o: Tensor, do: Tensor, q: Tensor) -> Tensor:
     B, H, NQ, D = q.shape
     delta = torch.empty((B, H, NQ), device=q.device, dtype=_acc_dtype(q.dtype))
-    cfg = _config(q, "bwd")
-    extra = {k_: cfg[k_] for k_ in ("num_warps",) if k_ in cfg}
-    grid = (B * H, triton.cdiv(NQ, cfg["BLOCK_M"]))
-    _attn_bwd_delta_kernel[grid](
-        o, do, delta, NQ, D, ACC=_tl_acc(q.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], **extra
-    )
+    cfg = _config(q, "dq")
+    block_m = cfg["BLOCK_M"]
+    grid = (B * H, triton.cdiv(NQ, block_m))
+    _attn_bwd_delta_kernel[grid](o, do, delta, NQ, D, ACC=_tl_acc(q.dtype), BLOCK_M=block_m, BLOCK_D=cfg["BLOCK_D"])
     return delta
 
 
@@ -533,11 +544,12 @@ def attn_bwd(
     NK = k.shape[2]
     delta = _delta(o, do, q)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    cfg = _config(q, "bwd")
     flags, s_hi, s_lo = _common(q, scale)
+    cfg = _config(q, "dkdv")
     _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(NK, cfg["BLOCK_N"]))](
         q, k, v, do, lse, delta, dk, dv, s_hi, s_lo, NQ, NK, D, **flags, **cfg
     )
+    cfg = _config(q, "dq")
     _attn_bwd_dq_kernel[(B * H, triton.cdiv(NQ, cfg["BLOCK_M"]))](
         q, k, v, do, lse, delta, dq, s_hi, s_lo, NQ, NK, D, **flags, **cfg
     )
@@ -577,11 +589,12 @@ def attn_dbwd(
     row_stats = torch.empty((2, B, H, NQ), device=q.device, dtype=_acc_dtype(q.dtype))
     r, c = row_stats[0], row_stats[1]
     qbar, kbar, vbar, gbar = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(do)
-    cfg = _config(q, "dbwd")
     flags, s_hi, s_lo = _common(q, scale)
+    cfg = _config(q, "dbwd_row")
     _attn_dbwd_row_kernel[(B * H, triton.cdiv(NQ, cfg["BLOCK_M"]))](
         q, k, v, do, gq, gk, gv, lse, delta, qbar, gbar, r, c, s_hi, s_lo, NQ, NK, D, **flags, **cfg
     )
+    cfg = _config(q, "dbwd_col")
     _attn_dbwd_col_kernel[(B * H, triton.cdiv(NK, cfg["BLOCK_N"]))](
         q, k, v, do, gq, gk, gv, lse, delta, r, c, kbar, vbar, s_hi, s_lo, NQ, NK, D, **flags, **cfg
     )

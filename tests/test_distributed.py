@@ -256,8 +256,8 @@ def test_cli_two_ranks_equal_one_rank_through_sigterm_kill_and_restart(image_fol
 
     1 process x batch 4 for 8 steps (reference);
     2 processes x batch 2: SIGTERM to torchrun after step 2 -> one checkpoint at the stop step, clean exit;
-    ``--resume auto --max_restarts 1``: continue, SIGKILL rank 1 two steps later -> torchrun restarts the
-    group, every rank resumes from last.pt, the run finishes;
+    ``--resume auto --max_restarts 1 --fsdp``: continue sharded, SIGKILL rank 1 two steps later -> torchrun
+    restarts the group, every rank resumes from last.pt (written from FSDP2 shards), the run finishes;
     final parameters == the reference's (fp32 round-off): data order, per-sample draws, loss
     normalisation, learning rate, checkpoint and RNG streams do not depend on the process count.
     """
@@ -282,7 +282,9 @@ def test_cli_two_ranks_equal_one_rank_through_sigterm_kill_and_restart(image_fol
     # torchrun itself reports the signal with a SignalException traceback; no worker may fail.
     assert job.output.count("Traceback") == job.output.count("SignalException: Process"), job.output[-3000:]
 
-    job = Job(torchrun_cmd(2, *train_args(image_folder, out, 2, "--max_steps", "8", "--resume", "auto"), max_restarts=1))
+    # The second half runs sharded (--fsdp): same checkpoint format, same numbers.
+    job = Job(torchrun_cmd(2, *train_args(image_folder, out, 2, "--max_steps", "8", "--resume", "auto", "--fsdp"),
+                           max_restarts=1))
     try:
         job.wait_for(rf"resumed from .*last\.pt at step {stop_step}")
         job.wait_for(rf"^step {stop_step + 2}/8")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -150,10 +151,16 @@ def _sample_ids(sample_ids, batch, device) -> torch.Tensor:
 
 
 def _check_seed_offset(seed, offset) -> tuple[int, int]:
-    for name, v, hi in (("seed", seed, 2**64), ("offset", offset, 2**32)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
-            raise ValueError(f"{name} must be an integer in [0, 2**{int(math.log2(hi))}), got {v!r}")
-    return int(seed), int(offset)
+    out = []
+    for name, v, bits in (("seed", seed, 64), ("offset", offset, 32)):
+        try:  # ints, numpy and 0-dim torch integers
+            iv = None if isinstance(v, bool) else operator.index(v)
+        except TypeError:
+            iv = None
+        if iv is None or not 0 <= iv < 2**bits:
+            raise ValueError(f"{name} must be an integer in [0, 2**{bits}), got {v!r}")
+        out.append(iv)
+    return out[0], out[1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -138,7 +138,9 @@ def _block_bwd(blk, g: Tensor, c: _BlockCache, backend: str) -> Tensor:
     # attention branch: h' = h + proj(attn(qkv(LN1(h))))
     ga = _linear_input_grad(g, attn.proj)
     go = ga.reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
-    dq, dk, dv = attn_bwd(c.q, c.k, c.v, c.o, c.lse, go.to(c.q.dtype), float(attn.scale), backend)
+    # o and lse are caches (attn_dbwd is the total derivative): detached so the outer backward does
+    # not also run attn_fwd's backward on a zero cotangent.
+    dq, dk, dv = attn_bwd(c.q, c.k, c.v, c.o.detach(), c.lse.detach(), go.to(c.q.dtype), float(attn.scale), backend)
     gqkv = torch.stack((dq, dk, dv), dim=0).permute(1, 3, 0, 2, 4).reshape(B, N, 3 * C)
     gy1 = _linear_input_grad(gqkv, attn.qkv)
     return g + layer_norm_bwd(gy1, c.ln1).to(g.dtype)

@@ -9,7 +9,9 @@ Three ops, each a pure function of tensors (outputs always contiguous)::
 with registered autograd chaining them: the derivative of ``attn_fwd`` is ``attn_bwd``, the
 derivative of ``attn_bwd`` is ``attn_dbwd`` (DESIGN.md section 5), and ``attn_dbwd`` refuses a
 further derivative (third order). ``o`` and ``lse`` are caches: no gradient flows to them, their
-effect on the first backward is already inside ``attn_dbwd``'s total derivative.
+effect on the first backward is already inside ``attn_dbwd``'s total derivative. Callers pass them
+to ``attn_bwd`` detached (as this module does), else a double backward walks back into ``attn_fwd``'s
+node and spends an extra ``attn_bwd`` on a zero cotangent.
 
 Why custom ops and not the ``autograd.Function`` of ``fastebm.ops.triton_attention``: under
 ``torch.compile`` an ``autograd.Function`` differentiated by ``torch.func.grad`` gives silently wrong
@@ -112,7 +114,9 @@ def _attn_fwd_setup(ctx, inputs, output):
 
 def _attn_fwd_backward(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = attn_bwd(q, k, v, o, lse, do, ctx.scale, ctx.backend)
+    # o and lse enter the backward as caches: detached, so that a second backward does not walk
+    # back into attn_fwd's node (an extra attn_bwd on a zero cotangent).
+    dq, dk, dv = attn_bwd(q, k, v, o.detach(), lse.detach(), do, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None
 
 

@@ -1,0 +1,453 @@
+#!/usr/bin/env python
+"""End-to-end training-step benchmark: images/s, peak memory and MFU per engine.
+
+Engines compared side by side in one run, on the same batch size:
+
+  baseline  what a user writes without fastebm: a plain PyTorch ViT (minimal code below), SDPA
+            forced to the math backend (the only SDPA path with a double backward), the energy
+            gradient by ``torch.autograd.grad(create_graph=True)``, then ``loss.backward()``;
+  eager     fastebm RestorationObjective(engine="eager"), attention "auto" (the fused Triton
+            attention on a GPU, math on CPU);
+  func      engine="func" (torch.func.grad inside torch.compile; math attention);
+  explicit  engine="explicit" (hand-written input gradient + attention custom ops, torch.compile;
+            Triton kernels on a GPU, math reference on CPU).
+
+One timed step = the restoration forward (T gradient steps + loss), ``loss.backward()`` and an AdamW
+update. bf16 autocast on CUDA (fp32 weights), fp32 on CPU.
+
+FLOPs are counted analytically per image (matmuls only, model FLOPs: no recomputation counted).
+With N tokens (1 + patches), Np patches, D width, L depth, P = C * p * p pixels per patch:
+
+    F_fwd = 2 Np P D + L * (24 N D^2 + 4 N^2 D)      energy forward: qkv 6ND^2, proj 2ND^2, MLP 16ND^2,
+                                                      QK^T and PV 2N^2D each
+    F_in  = 2 Np P D + L * (24 N D^2 + 8 N^2 D)      dE/dx: each linear's input gradient (same FLOPs as
+                                                      its forward), attention dP, dV, dQ, dK (2N^2D each)
+    per restoration step that keeps its graph:  3 * (F_fwd + F_in)   (the graph, then its backward at
+                                                      the usual 2x the FLOPs of what it differentiates)
+    per step without a graph (truncated mode):  F_fwd + F_in
+
+MFU = (FLOPs per training step) / (step time) / (peak), where the peak is measured by this script with
+a large bf16 matmul on the GPU (fp32 on CPU), not taken from a data sheet.
+
+Usage:
+    python benchmarks/bench_train_step.py --out benchmarks/results            # GPU: ViT-S/B, T=1,2
+    python benchmarks/bench_train_step.py --small --out /tmp/x                # CPU smoke test (CI)
+    python benchmarks/bench_train_step.py --config demo                       # CPU mid-size (vit_demo)
+    python benchmarks/bench_train_step.py --profile                           # + top CUDA kernels
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from typing import Dict, List, Optional
+
+if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
+    # Without a GPU the Triton kernels can only run in the interpreter (far too slow to benchmark),
+    # but setting it keeps imports working; the CPU modes never use the Triton backend.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fastebm  # noqa: E402
+from fastebm.restore import weighted_mse  # noqa: E402
+
+MODELS = {
+    # name: (img, patch, width, depth, heads)
+    "vit_small_patch16": (224, 16, 384, 12, 6),
+    "vit_base_patch16": (224, 16, 768, 12, 12),
+    "vit_demo": (32, 4, 128, 4, 4),
+    "tiny": (32, 8, 64, 2, 2),
+}
+
+
+# ------------------------------------------------------------------------------ FLOPs
+def flops_per_image(img: int, patch: int, dim: int, depth: int, chans: int = 3) -> Dict[str, float]:
+    n_p = (img // patch) ** 2
+    n = n_p + 1
+    pix = chans * patch * patch
+    f_fwd = 2 * n_p * pix * dim + depth * (24 * n * dim ** 2 + 4 * n ** 2 * dim)
+    f_in = 2 * n_p * pix * dim + depth * (24 * n * dim ** 2 + 8 * n ** 2 * dim)
+    return {"fwd": float(f_fwd), "input_grad": float(f_in)}
+
+
+def flops_per_step(model_name: str, steps: int, batch: int, grad_mode: str = "exact") -> float:
+    img, patch, dim, depth, _ = MODELS[model_name]
+    f = flops_per_image(img, patch, dim, depth)
+    graph_steps = steps if grad_mode == "exact" else 1
+    per_image = graph_steps * 3 * (f["fwd"] + f["input_grad"]) + (steps - graph_steps) * (f["fwd"] + f["input_grad"])
+    return per_image * batch
+
+
+def measure_peak_flops(device: torch.device) -> Dict[str, float]:
+    """Best of a few large matmuls: bf16 on CUDA, fp32 on CPU."""
+    if device.type == "cuda":
+        n, dtype, reps = 8192, torch.bfloat16, 20
+    else:
+        n, dtype, reps = 1024, torch.float32, 5
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return {"peak_flops": 2 * n ** 3 / best, "peak_dtype": str(dtype).replace("torch.", ""), "matmul_n": n}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------ baseline model
+class PlainBlock(nn.Module):
+    """A textbook pre-norm ViT block with F.scaled_dot_product_attention (no fastebm code)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, N, C))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class PlainViTEnergy(nn.Module):
+    def __init__(self, img: int, patch: int, dim: int, depth: int, heads: int):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        n = (img // patch) ** 2 + 1
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 1e-6)
+        self.pos_embed = nn.Parameter(torch.randn(1, n, dim) * 0.02)
+        self.blocks = nn.ModuleList(PlainBlock(dim, heads) for _ in range(depth))
+
+    def forward(self, x):
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], 1) + self.pos_embed
+        for blk in self.blocks:
+            h = blk(h)
+        return 0.5 * h.float().pow(2).sum(-1).mean(-1)  # the same pre-norm squared-norm energy
+
+
+class BaselineStep:
+    """``x <- x - alpha_t dE/dx`` with autograd.grad(create_graph=True), SDPA math backend."""
+
+    def __init__(self, model: nn.Module, steps: int):
+        self.model = model
+        self.steps = steps
+        self.alpha_logits = nn.Parameter(torch.zeros(steps, device=next(model.parameters()).device))
+
+    def parameters(self):
+        return list(self.model.parameters()) + [self.alpha_logits]
+
+    def __call__(self, clean, corrupted, weight):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        alphas = F.softplus(self.alpha_logits)
+        x = corrupted.detach().requires_grad_(True)
+        loss = 0.0
+        with sdpa_kernel(SDPBackend.MATH):
+            for t in range(self.steps):
+                energy = self.model(x)
+                (g,) = torch.autograd.grad(energy.sum(), x, create_graph=True)
+                x = x - alphas[t] * g
+                loss = loss + weighted_mse(x, clean, weight)
+        return loss, {}
+
+
+# ------------------------------------------------------------------------------ one measurement
+def build(engine: str, model_name: str, steps: int, device, compile_backend: str):
+    img, patch, dim, depth, heads = MODELS[model_name]
+    if engine == "baseline":
+        model = PlainViTEnergy(img, patch, dim, depth, heads).to(device)
+        runner = BaselineStep(model, steps)
+        return runner, runner.parameters(), "sdpa-math", False
+    attn = "math" if engine == "func" else "auto"
+    model = fastebm.EnergyViT(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                              attn_backend=attn)
+    obj = fastebm.RestorationObjective(model, steps=steps, engine=engine, compile_backend=compile_backend).to(device)
+    probe = torch.empty(1, 1, 1, dim // heads, device=device)
+    from fastebm.ops.attention import resolve_backend
+
+    return obj, list(obj.parameters()), resolve_backend(probe, attn), obj.is_compiled
+
+
+def make_batch(batch: int, img: int, device):
+    clean = torch.randn(batch, 3, img, img, device=device)
+    corrupted = clean.clone()
+    weight = (torch.rand(batch, 1, img, img, device=device) < 0.6).float()
+    corrupted = corrupted * (1 - weight)  # masked pixels -> 0, the loss counts the masked ones
+    return clean, corrupted, weight
+
+
+def time_engine(engine: str, model_name: str, steps: int, batch: int, device, args) -> Dict:
+    img = MODELS[model_name][0]
+    runner, params, attn, compiled = build(engine, model_name, steps, device, args.compile_backend)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    clean, corrupted, weight = make_batch(batch, img, device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+
+    def train_step():
+        with amp:
+            loss, _ = runner(clean, corrupted, weight)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    train_step()  # first call: compilation (compiled engines), autotuning, allocator warm-up
+    _sync(device)
+    first_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        train_step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        loss = train_step()
+    _sync(device)
+    dt = (time.perf_counter() - t0) / args.iters
+    if not torch.isfinite(loss.detach()).all():
+        raise RuntimeError(f"{engine}: non-finite loss {loss.item()}")
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    still_compiled = getattr(runner, "is_compiled", compiled)
+    return dict(step_ms=1e3 * dt, images_per_s=batch / dt, peak_mem_gib=peak, first_step_s=first_s,
+                attn_backend=attn, compiled=bool(still_compiled), runner=runner, step_fn=train_step)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+# ------------------------------------------------------------------------------ driver
+def run(args) -> Dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.small and args.config != "demo" else "cpu")
+    if args.small:
+        configs, engines, batch0 = [("tiny", 1)], args.engines or ["baseline", "eager", "func", "explicit"], args.batch or 8
+        args.iters = args.iters or 2
+        args.warmup = 0 if args.warmup is None else args.warmup
+    elif args.config == "demo":
+        configs, engines, batch0 = [("vit_demo", s) for s in args.steps], args.engines or ["baseline", "eager", "func", "explicit"], args.batch or 64
+        args.iters = args.iters or 3
+        args.warmup = 1 if args.warmup is None else args.warmup
+    else:
+        if device.type != "cuda":
+            raise SystemExit("the full benchmark needs a CUDA GPU; use --small or --config demo on CPU")
+        # ViT-B T=1 first: the acceptance configuration, measured even when the time budget runs out
+        configs = [(m, s) for s in args.steps for m in args.models]
+        configs.sort(key=lambda c: (c[1], c[0] != "vit_base_patch16"))
+        engines, batch0 = args.engines or ["baseline", "eager", "explicit", "func"], args.batch or 128
+        args.iters = args.iters or 10
+        args.warmup = 3 if args.warmup is None else args.warmup
+
+    info = dict(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        dtype="bf16 autocast" if device.type == "cuda" else "fp32", compile_backend=args.compile_backend,
+        iters=args.iters, warmup=args.warmup, grad_mode="exact",
+    )
+    info.update(measure_peak_flops(device))
+    print(f"# {info['device']} | torch {info['torch']} | triton {info['triton']} | peak "
+          f"{info['peak_flops'] / 1e12:.1f} TFLOP/s ({info['peak_dtype']})", flush=True)
+    start = time.perf_counter()
+    rows: List[Dict] = []
+    best = None
+    for model_name, steps in configs:
+        batch = batch0
+        base = None
+        for engine in engines:
+            row = dict(model=model_name, steps=steps, engine=engine, batch=batch)
+            if time.perf_counter() - start > args.budget_s:
+                row["error"] = "skipped: time budget exhausted"
+                rows.append(row)
+                print(f"{model_name} T={steps} {engine}: skipped (budget)", flush=True)
+                continue
+            while True:
+                try:
+                    res = time_engine(engine, model_name, steps, batch, device, args)
+                    break
+                except Exception as exc:  # noqa: BLE001 - one engine's failure must not stop the rest
+                    _free(device)
+                    if _is_oom(exc) and engine == "baseline" and batch > 1:
+                        batch //= 2  # the largest batch that fits the baseline is used for every engine
+                        row["batch"] = batch
+                        continue
+                    res = None
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                    if args.verbose:
+                        traceback.print_exc()
+                    break
+            if res is not None:
+                runner, step_fn = res.pop("runner"), res.pop("step_fn")
+                row.update(res)
+                row["tflops"] = flops_per_step(model_name, steps, batch) / (res["step_ms"] / 1e3) / 1e12
+                row["mfu"] = row["tflops"] * 1e12 / info["peak_flops"]
+                if engine == "baseline":
+                    base = row
+                if base is not None and engine != "baseline":
+                    row["speedup_vs_baseline"] = row["images_per_s"] / base["images_per_s"]
+                    if base.get("peak_mem_gib") and row.get("peak_mem_gib"):
+                        row["mem_vs_baseline"] = row["peak_mem_gib"] / base["peak_mem_gib"]
+                if engine != "baseline" and (best is None or row["images_per_s"] > best[0]["images_per_s"]):
+                    if args.profile:
+                        best = (row, step_fn)
+                    else:
+                        best = (row, None)
+                del runner, step_fn
+            rows.append(row)
+            print(_row_line(row), flush=True)
+            _free(device)
+    result = dict(info=info, results=rows, flops_formula=__doc__.split("FLOPs are counted")[1].split("Usage:")[0].strip())
+    if args.profile and best is not None and best[1] is not None:
+        result["profile"] = profile(best[1], device, best[0])
+    return result
+
+
+def profile(step_fn, device, row) -> str:
+    from torch.profiler import ProfilerActivity, profile as _profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with _profile(activities=acts) as prof:
+        for _ in range(3):
+            step_fn()
+        _sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=20)
+    header = f"Top kernels, engine {row['engine']} ({row['model']}, T={row['steps']}, batch {row['batch']}), 3 steps"
+    print("\n" + header + "\n" + table, flush=True)
+    return header + "\n" + table
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _row_line(row: Dict) -> str:
+    if "error" in row:
+        return f"{row['model']} T={row['steps']} {row['engine']:>8}: {row['error']}"
+    return (f"{row['model']} T={row['steps']} b={row['batch']} {row['engine']:>8}: {row['images_per_s']:9.1f} img/s  "
+            f"{row['step_ms']:8.1f} ms  mem {_fmt(row.get('peak_mem_gib'), '.2f')} GiB  MFU {100 * row['mfu']:.1f}%  "
+            f"x{_fmt(row.get('speedup_vs_baseline'), '.2f')}  first step {row['first_step_s']:.1f}s  "
+            f"attn={row['attn_backend']} compiled={row['compiled']}")
+
+
+def markdown(result: Dict) -> str:
+    info = result["info"]
+    lines = [
+        "# Training-step benchmark (bench_train_step.py)",
+        "",
+        f"- device: {info['device']}",
+        f"- torch {info['torch']}, triton {info['triton']}, python {info['python']}",
+        f"- date: {info['date']}",
+        f"- precision: {info['dtype']}; grad mode {info['grad_mode']}; {info['iters']} timed steps after "
+        f"{info['warmup']} warm-up steps (+ the first, compiling, step); compile backend {info['compile_backend']}",
+        f"- measured peak ({info['peak_dtype']} {info['matmul_n']}^3 matmul): {info['peak_flops'] / 1e12:.1f} TFLOP/s",
+        "",
+        "| model | T | batch | engine | attention | compiled | images/s | step ms | peak mem GiB | MFU | speed-up vs baseline | memory vs baseline | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["results"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['steps']} | {r['batch']} | {r['engine']} | | | {r['error']} | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['batch']} | {r['engine']} | {r['attn_backend']} | {r['compiled']} | "
+            f"{r['images_per_s']:.1f} | {r['step_ms']:.1f} | {_fmt(r.get('peak_mem_gib'), '.2f')} | {100 * r['mfu']:.1f}% | "
+            f"{_fmt(r.get('speedup_vs_baseline'), '.2f')} | {_fmt(r.get('mem_vs_baseline'), '.2f')} | {r['first_step_s']:.1f} |"
+        )
+    if result.get("profile"):
+        lines += ["", "```", result["profile"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="output folder for train_step_<tag>.json and .md")
+    p.add_argument("--small", action="store_true", help="CPU smoke test: tiny model, fp32, 2 timed steps")
+    p.add_argument("--config", choices=["full", "demo"], default="full",
+                   help="full: ViT-S/16 and ViT-B/16 at 224 px (GPU); demo: vit_demo on CPU")
+    p.add_argument("--models", type=lambda s: s.split(","), default=["vit_small_patch16", "vit_base_patch16"])
+    p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2], help="T values")
+    p.add_argument("--engines", type=lambda s: s.split(","), default=None,
+                   help="subset of baseline,eager,func,explicit")
+    p.add_argument("--batch", type=int, default=None, help="batch size (halved while the baseline runs out of memory)")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of func/explicit")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="skip measurements that start after this many seconds")
+    p.add_argument("--profile", action="store_true", help="print the top kernels (torch.profiler) of the fastest engine")
+    p.add_argument("--tag", default=None, help="file-name tag (default: cpu_small, cpu_demo or the GPU name)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    for e in args.engines or []:
+        if e not in ("baseline", "eager", "func", "explicit"):
+            p.error(f"unknown engine {e!r}; choose from baseline,eager,func,explicit")
+    for m in args.models:
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    result = run(args)
+    tag = args.tag or ("cpu_small" if args.small else "cpu_demo" if args.config == "demo" else
+                       "".join(c if c.isalnum() else "_" for c in result["info"]["device"]).strip("_").lower())
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"train_step_{tag}")
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(result))
+    print(f"\nwrote {base}.json and {base}.md")
+    return 0 if any("error" not in r for r in result["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
