@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     # CPU smoke results are not results: by default they go to a temporary folder.
     default_out = "benchmarks/results" if CUDA else os.path.join(tempfile.gettempdir(), "fastebm_bench")
     parser.add_argument("--out", default=default_out, help=f"folder for attention_bench.{{json,md}} ({default_out})")
-    parser.add_argument("--reps", type=int, default=20 if CUDA else 2)
+    parser.add_argument("--reps", type=int, default=10 if CUDA else 2)
     parser.add_argument("--warmup", type=int, default=3 if CUDA else 0)
     args = parser.parse_args(argv)
     if args.reps < 1 or args.warmup < 0:

@@ -260,7 +260,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------ driver
-def run(args) -> Dict:
+def run(args, save) -> Dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small and args.config != "demo" else "cpu")
     if args.small:
         configs, engines, batch0 = [("tiny", 1)], args.engines or ["baseline", "eager", "func", "explicit"], args.batch or 8
@@ -289,7 +289,7 @@ def run(args) -> Dict:
     )
     info.update(measure_peak_flops(device))
     print(f"# {info['device']} | torch {info['torch']} | triton {info['triton']} | peak "
-          f"{info['peak_flops'] / 1e12:.1f} TFLOP/s ({info['peak_dtype']})", flush=True)
+          f"{info['peak_flops'] / 1e12:.3g} TFLOP/s ({info['peak_dtype']})", flush=True)
     start = time.perf_counter()
     rows: List[Dict] = []
     best = None
@@ -338,6 +338,7 @@ def run(args) -> Dict:
             rows.append(row)
             print(_row_line(row), flush=True)
             _free(device)
+            save(dict(info=info, results=rows, partial=True))  # a timeout still leaves every finished row
     result = dict(info=info, results=rows, flops_formula=__doc__.split("FLOPs are counted")[1].split("Usage:")[0].strip())
     if args.profile and best is not None and best[1] is not None:
         result["profile"] = profile(best[1], device, best[0])
@@ -391,7 +392,7 @@ def markdown(result: Dict) -> str:
         f"- date: {info['date']}",
         f"- precision: {info['dtype']}; grad mode {info['grad_mode']}; {info['iters']} timed steps after "
         f"{info['warmup']} warm-up steps (+ the first, compiling, step); compile backend {info['compile_backend']}",
-        f"- measured peak ({info['peak_dtype']} {info['matmul_n']}^3 matmul): {info['peak_flops'] / 1e12:.1f} TFLOP/s",
+        f"- measured peak ({info['peak_dtype']} {info['matmul_n']}^3 matmul): {info['peak_flops'] / 1e12:.3g} TFLOP/s",
         "",
         "| model | T | batch | engine | attention | compiled | images/s | step ms | peak mem GiB | MFU | speed-up vs baseline | memory vs baseline | first step s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -436,16 +437,21 @@ def main(argv=None) -> int:
     for m in args.models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
-    result = run(args)
-    tag = args.tag or ("cpu_small" if args.small else "cpu_demo" if args.config == "demo" else
-                       "".join(c if c.isalnum() else "_" for c in result["info"]["device"]).strip("_").lower())
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"train_step_{tag}")
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(base + ".md", "w") as f:
-        f.write(markdown(result))
-    print(f"\nwrote {base}.json and {base}.md")
+    paths = {}
+
+    def save(result):
+        tag = args.tag or ("cpu_small" if args.small else "cpu_demo" if args.config == "demo" else
+                           "".join(c if c.isalnum() else "_" for c in result["info"]["device"]).strip("_").lower())
+        base = paths["base"] = os.path.join(args.out, f"train_step_{tag}")
+        with open(base + ".json", "w") as f:
+            json.dump(result, f, indent=2)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(result))
+
+    result = run(args, save)
+    save(result)
+    print(f"\nwrote {paths['base']}.json and {paths['base']}.md")
     return 0 if any("error" not in r for r in result["results"]) else 1
 
 

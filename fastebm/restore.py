@@ -124,9 +124,11 @@ class RestorationObjective(nn.Module):
         self.alpha_logits = nn.Parameter(
             torch.full((steps,), _inverse_softplus(float(alpha_init))), requires_grad=learn_alpha
         )
-        # Not a submodule attribute: a plain callable, so state_dict/DDP only see the parameters.
+        # A plain attribute (state_dict/DDP see only the parameters). It wraps a module-level function
+        # that takes the objective as an argument, not a bound method, so that copy.deepcopy of the
+        # objective does not keep calling the original's method.
         self._restoration = CompiledFunction(
-            self._restoration_loss,
+            _restoration_loss,
             enabled=engine in COMPILED_ENGINES and compile_requested(compile),
             name=f"{engine} restoration step",
             backend=compile_backend,
@@ -190,7 +192,7 @@ class RestorationObjective(nn.Module):
             if hasattr(self.model, "check_input"):
                 self.model.check_input(corrupted)
             op_backend = explicit_op_backend(self.model, corrupted)
-        return self._restoration(clean, corrupted, weight, op_backend, torch.is_grad_enabled())
+        return self._restoration(self, clean, corrupted, weight, op_backend, torch.is_grad_enabled())
 
     def _restoration_loss(self, clean, corrupted, weight, op_backend: str, grad_enabled: bool):
         """All ``T`` steps and the loss (the function the compiled engines hand to ``torch.compile``)."""
@@ -237,3 +239,8 @@ class RestorationObjective(nn.Module):
 
     def extra_repr(self) -> str:
         return f"steps={self.steps}, grad_mode={self.grad_mode!r}, engine={self.engine!r}, noise_sigma={self.noise_sigma}"
+
+
+def _restoration_loss(objective: RestorationObjective, clean, corrupted, weight, op_backend: str, grad_enabled: bool):
+    """The compiled engines' entry point (see ``RestorationObjective._restoration``)."""
+    return objective._restoration_loss(clean, corrupted, weight, op_backend, grad_enabled)

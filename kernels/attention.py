@@ -41,14 +41,18 @@ Tensor = torch.Tensor
 
 __all__ = ["attn_fwd", "attn_bwd", "attn_dbwd", "attn_fwd_ref", "attn_bwd_ref", "attn_dbwd_ref"]
 
-# Triton picks the interpreter when a kernel is decorated, from the environment at import time.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton picks the interpreter when a kernel is decorated, from the environment at import time:
+# True when these kernels run in the interpreter (CPU tensors allowed, nothing compiled).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tile size used in the interpreter. Its cost is Python overhead per tile operation, so large tiles
 # are fastest; tests lower it (monkeypatch) to exercise multi-tile loops with ragged last tiles.
 INTERPRETER_BLOCK = 64
 MAX_HEAD_DIM = 128  # larger heads would not fit the tiles in shared memory
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+
+# Sequence lengths are not specialised (do_not_specialize): Triton would otherwise compile a
+# kernel per "N divisible by 16 / N == 1 / other", and they only enter masks and loop bounds.
 
 # --------------------------------------------------------------------------------------------
 # Shared device helpers
@@ -81,7 +85,7 @@ def _load_row(base, offs_row, N):
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ", "NK"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
     scale_hi, scale_lo,
@@ -128,7 +132,7 @@ def _attn_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ"])
 def _attn_bwd_delta_kernel(
     O, DO, DELTA, NQ, D,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -141,7 +145,7 @@ def _attn_bwd_delta_kernel(
     tl.store(DELTA + bh * NQ + offs_m, tl.sum(o * do, 1), mask=offs_m < NQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ", "NK"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     scale_hi, scale_lo,
@@ -178,7 +182,7 @@ def _attn_bwd_dkdv_kernel(
     _store_tile(DV + bh * NK * D, dv, offs_n, offs_d, NK, D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ", "NK"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     scale_hi, scale_lo,
@@ -230,7 +234,7 @@ def _attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ", "NK"])
 def _attn_dbwd_row_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA,
     QBAR, GBAR, R, C,
@@ -304,7 +308,7 @@ def _attn_dbwd_row_kernel(
     tl.store(C + bh * NQ + offs_m, c, mask=offs_m < NQ)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NQ", "NK"])
 def _attn_dbwd_col_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, C,
     KBAR, VBAR,
@@ -398,10 +402,10 @@ def _scale_parts(scale: float) -> Tuple[float, float]:
 
 
 def _check_device(t: Tensor) -> None:
-    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not t.is_cuda and not INTERPRETED:
         raise ValueError(
             f"the Triton attention kernels got a {t.device.type} tensor; they need CUDA tensors, or "
-            "TRITON_INTERPRET=1 in the environment before triton is imported to run on CPU "
+            "TRITON_INTERPRET=1 in the environment before triton is first imported to run on CPU "
             "(slow; for tests). Otherwise use backend='math'."
         )
 
@@ -443,20 +447,27 @@ def _like(t: Optional[Tensor], ref: Tensor, name: str) -> Tensor:
 # and head-dim bucket. Chosen from sm_90 compiles (Triton 3.8 + ptxas): no or small register spills
 # and shared memory under H100's 227 KB. BLOCK_M tiles Q rows, BLOCK_N tiles K/V rows; the column
 # kernels (dkdv, dbwd_col) keep BLOCK_N rows resident and loop over BLOCK_M-row Q tiles.
-_GPU_CONFIGS = {
-    ("half", 64): dict(fwd=(128, 64, 8, 3), dkdv=(64, 64, 4, 2), dq=(64, 64, 4, 2), dbwd_row=(64, 32, 4, 1), dbwd_col=(32, 64, 8, 1)),
-    ("half", 128): dict(fwd=(128, 64, 8, 2), dkdv=(64, 64, 8, 1), dq=(64, 64, 8, 1), dbwd_row=(64, 32, 8, 1), dbwd_col=(16, 64, 8, 1)),
-    ("fp32", 64): dict(fwd=(64, 64, 4, 2), dkdv=(32, 64, 4, 1), dq=(64, 64, 8, 1), dbwd_row=(64, 32, 8, 1), dbwd_col=(16, 64, 8, 1)),
-    ("fp32", 128): dict(fwd=(64, 64, 8, 1), dkdv=(16, 64, 8, 1), dq=(64, 32, 8, 1), dbwd_row=(64, 16, 8, 1), dbwd_col=(16, 32, 8, 1)),
-    ("fp64", 64): dict(fwd=(32, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1), dbwd_row=(32, 32, 4, 1), dbwd_col=(32, 32, 4, 1)),
-    ("fp64", 128): dict(fwd=(32, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1), dbwd_row=(16, 16, 4, 1), dbwd_col=(16, 16, 4, 1)),
-}
 KERNELS = ("fwd", "dkdv", "dq", "dbwd_row", "dbwd_col")
+
+
+def _cfg(*per_kernel):
+    return dict(zip(KERNELS, per_kernel))
+
+
+_GPU_CONFIGS = {
+    #                 fwd              dkdv            dq              dbwd_row        dbwd_col
+    ("half", 64): _cfg((128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 1), (32, 64, 8, 1)),
+    ("half", 128): _cfg((128, 64, 8, 2), (64, 64, 8, 1), (64, 64, 8, 1), (64, 32, 8, 1), (16, 64, 8, 1)),
+    ("fp32", 64): _cfg((64, 64, 4, 2), (32, 64, 4, 1), (64, 64, 8, 1), (64, 32, 8, 1), (16, 64, 8, 1)),
+    ("fp32", 128): _cfg((64, 64, 8, 1), (16, 64, 8, 1), (64, 32, 8, 1), (64, 16, 8, 1), (16, 32, 8, 1)),
+    ("fp64", 64): _cfg((32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
+    ("fp64", 128): _cfg((32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1)),
+}
 
 
 def _config(q: Tensor, kernel: str) -> dict:
     """Tile sizes and launch options for ``q`` (see :func:`launch_config`)."""
-    return launch_config(q.dtype, q.shape[-1], kernel, on_gpu=q.is_cuda and not _INTERPRETED)
+    return launch_config(q.dtype, q.shape[-1], kernel, on_gpu=q.is_cuda and not INTERPRETED)
 
 
 def launch_config(dtype: torch.dtype, head_dim: int, kernel: str, on_gpu: bool) -> dict:
@@ -476,7 +487,7 @@ def launch_config(dtype: torch.dtype, head_dim: int, kernel: str, on_gpu: bool) 
 def _interpreter_bf16(q: Tensor) -> bool:
     # Triton's interpreter multiplies bfloat16 tiles as raw 16-bit integers (numpy has no
     # bfloat16), so there the wrappers compute bfloat16 inputs in float32 and cast back.
-    return _INTERPRETED and q.dtype == torch.bfloat16
+    return INTERPRETED and q.dtype == torch.bfloat16
 
 
 def _f32(*ts: Optional[Tensor]):

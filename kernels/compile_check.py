@@ -66,8 +66,9 @@ def compile_one(kernel: str, dtype: torch.dtype, head_dim: int, arch: int) -> di
         options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]),
     )
     ptx = compiled.asm["ptx"]
-    info = dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""), head_dim=head_dim, shared=compiled.metadata.shared,
-                config=cfg, mma="wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma"))
+    mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
+    info = dict(kernel=kernel, dtype=str(dtype), head_dim=head_dim, shared=compiled.metadata.shared,
+                config=cfg, mma=mma)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     suffix = "a" if arch >= 90 else ""
     with tempfile.TemporaryDirectory() as tmp:

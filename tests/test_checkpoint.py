@@ -46,9 +46,11 @@ def test_auto_falls_back_to_previous_with_warning(tmp_path):
     save_checkpoint(_state(4), str(tmp_path))
     save_checkpoint(_state(8), str(tmp_path))
     (tmp_path / LAST).write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(UserWarning) as record:
         state, path = find_resume_checkpoint(str(tmp_path))
     assert path.endswith(PREVIOUS) and state["step"] == 4
+    messages = " | ".join(str(w.message) for w in record)
+    assert "unreadable" in messages and "fallback checkpoint" in messages and LAST in messages
 
 
 def test_auto_with_nothing_usable(tmp_path):

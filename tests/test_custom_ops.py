@@ -16,11 +16,20 @@ def _ref_attention(q, k, v, scale):
     return torch.softmax(s, dim=-1) @ v
 
 
-def _inputs(B, H, Nq, Nk, d, dtype=torch.float64, requires_grad=True):
-    q = torch.randn(B, H, Nq, d, dtype=dtype)
-    k = torch.randn(B, H, Nk, d, dtype=dtype)
+# The Triton kernels run on CUDA tensors when a GPU is present, else in the CPU interpreter
+# (conftest sets TRITON_INTERPRET=1 on machines without an NVIDIA GPU).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def _inputs(B, H, Nq, Nk, d, dtype=torch.float64, requires_grad=True, device="cpu"):
+    q = torch.randn(B, H, Nq, d, dtype=dtype, device=device)
+    k = torch.randn(B, H, Nk, d, dtype=dtype, device=device)
     # v non-contiguous on purpose: outputs (and the fake outputs) must still be contiguous
-    v = torch.randn(B, Nk, H, d, dtype=dtype).transpose(1, 2)
+    v = torch.randn(B, Nk, H, d, dtype=dtype, device=device).transpose(1, 2)
     return [t.requires_grad_(requires_grad) for t in (q, k, v)]
 
 
@@ -33,11 +42,11 @@ BACKENDS = ["math", "triton"]
 def test_opcheck_every_op(backend, dtype):
     B, H, Nq, Nk, d = 2, 3, 5, 7, 16
     scale = 0.31
-    q, k, v = _inputs(B, H, Nq, Nk, d, dtype)
+    q, k, v = _inputs(B, H, Nq, Nk, d, dtype, device=_device(backend))
     torch.library.opcheck(ops.attn_fwd, (q, k, v, scale, backend))
     with torch.no_grad():
         o, lse = ops.attn_fwd(q, k, v, scale, backend)
-    do = torch.randn(B, H, Nq, d, dtype=dtype, requires_grad=True)
+    do = torch.randn(B, H, Nq, d, dtype=dtype, device=q.device, requires_grad=True)
     torch.library.opcheck(ops.attn_bwd, (q, k, v, o, lse, do, scale, backend))
     gq, gk, gv = (torch.randn_like(t) for t in (q, k, v))
     # attn_dbwd has no derivative (third order): checked with inputs that do not require grad
@@ -51,8 +60,8 @@ def test_opcheck_every_op(backend, dtype):
 def test_second_order_through_ops_matches_float64_autograd(backend, shape):
     B, H, Nq, Nk, d = shape
     scale = d ** -0.5 * 1.3
-    q, k, v = _inputs(B, H, Nq, Nk, d)
-    do = torch.randn(B, H, Nq, d, dtype=torch.float64, requires_grad=True)
+    q, k, v = _inputs(B, H, Nq, Nk, d, device=_device(backend))
+    do = torch.randn(B, H, Nq, d, dtype=torch.float64, device=q.device, requires_grad=True)
     cot = [torch.randn_like(t) for t in (q, k, v)]
 
     def second_order(att):

@@ -17,6 +17,8 @@ from fastebm.models import EnergyViT
 from fastebm.ops import attention_custom_ops as custom_ops
 
 DEPTH = 2
+# Triton kernels: CUDA tensors on a GPU machine, else the CPU interpreter (set up by conftest).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def tiny_model(energy="sqnorm", attn_backend="math"):
@@ -38,10 +40,10 @@ def make_objective(engine, steps, grad_mode, dtype=torch.float64, attn_backend="
     return obj.to(dtype)
 
 
-def batch(B=3, dtype=torch.float64):
-    clean = torch.randn(B, 3, 12, 8, dtype=dtype)
+def batch(B=3, dtype=torch.float64, device="cpu"):
+    clean = torch.randn(B, 3, 12, 8, dtype=dtype, device=device)
     corrupted = clean + 0.5 * torch.randn_like(clean)
-    weight = (torch.rand(B, 1, 12, 8, dtype=dtype) > 0.4).to(dtype)
+    weight = (torch.rand(B, 1, 12, 8, dtype=dtype, device=device) > 0.4).to(dtype)
     weight[:, :, 0, 0] = 1.0
     return clean, corrupted, weight
 
@@ -61,7 +63,8 @@ def rel_err(a, b):
 def assert_same_grads(obj, ref, tol, data=None):
     """Runs both objectives (same parameters) and compares loss and every parameter gradient."""
     obj.load_state_dict(ref.state_dict())
-    clean, corrupted, weight = data if data is not None else batch(dtype=next(ref.parameters()).dtype)
+    p0 = next(ref.parameters())
+    clean, corrupted, weight = data if data is not None else batch(dtype=p0.dtype, device=p0.device)
     l_ref, s_ref, g_ref = grads_of(ref, clean, corrupted, weight)
     l_got, s_got, g_got = grads_of(obj, clean, corrupted, weight)
     assert abs(l_got - l_ref) <= tol * abs(l_ref)
@@ -155,10 +158,10 @@ def test_compiled_engine_equals_eager(engine, steps, grad_mode):
 
 def test_compiled_explicit_with_triton_kernels_equals_eager_math():
     # The explicit engine's custom ops backed by the real Triton kernels (CPU interpreter), compiled.
-    ref = make_objective("eager", 2, "exact")
+    ref = make_objective("eager", 2, "exact").to(TRITON_DEVICE)
     perturb_(ref)
     obj = make_objective("explicit", 2, "exact", attn_backend="triton", compile=True, compile_backend="aot_eager")
-    assert_same_grads(obj, ref, 1e-10)
+    assert_same_grads(obj.to(TRITON_DEVICE), ref, 1e-10)
     assert obj.is_compiled
 
 
@@ -171,6 +174,37 @@ def test_inductor_explicit_float32_equals_eager():
     before = custom_ops.CALLS["attn_dbwd"]
     assert_same_grads(obj, ref, 1e-5)
     assert obj.is_compiled and custom_ops.CALLS["attn_dbwd"] > before
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("engine", ["func", "explicit"])
+@pytest.mark.parametrize("steps, grad_mode", [(1, "exact"), (2, "exact"), (2, "truncated")])
+def test_cuda_inductor_engine_equals_eager_float32(engine, steps, grad_mode):
+    # On a GPU: Inductor + (for explicit) the compiled Triton kernels inside the custom ops.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = make_objective("eager", steps, grad_mode, dtype=torch.float32).cuda()
+    perturb_(ref)
+    obj = make_objective(engine, steps, grad_mode, dtype=torch.float32, compile=True,
+                         attn_backend="auto" if engine == "explicit" else "math").cuda()
+    assert_same_grads(obj, ref, 1e-4)
+    assert obj.is_compiled
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("engine", ["eager", "func", "explicit"])
+def test_cuda_bf16_autocast_engine_close_to_fp32_eager(engine):
+    ref = make_objective("eager", 1, "exact", dtype=torch.float32).cuda()
+    perturb_(ref)
+    obj = make_objective(engine, 1, "exact", dtype=torch.float32, compile=engine != "eager",
+                         attn_backend="math" if engine == "func" else "auto").cuda()
+    obj.load_state_dict(ref.state_dict())
+    clean, corrupted, weight = batch(B=4, dtype=torch.float32, device="cuda")
+    _, _, g_ref = grads_of(ref, clean, corrupted, weight)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss, _ = obj(clean, corrupted, weight)
+    loss.backward()
+    err = rel_err(obj.model.blocks[0].attn.qkv.weight.grad, g_ref["model.blocks.0.attn.qkv.weight"])
+    assert err < 5e-2, err
 
 
 # ----------------------------------------------------------------------------- refusals, fallbacks
@@ -187,9 +221,9 @@ def test_func_engine_refuses_fused_attention_chosen_by_environment(monkeypatch):
     with pytest.raises(ValueError, match="silently wrong"):
         obj(clean, corrupted, weight)
     # the explicit engine takes the fused kernels through its custom ops instead
-    explicit = make_objective("explicit", 1, "exact", attn_backend="auto", compile=False)
+    explicit = make_objective("explicit", 1, "exact", attn_backend="auto", compile=False).to(TRITON_DEVICE)
     before = custom_ops.CALLS["attn_fwd"]
-    explicit(clean, corrupted, weight)
+    explicit(*(t.to(TRITON_DEVICE) for t in (clean, corrupted, weight)))
     assert custom_ops.CALLS["attn_fwd"] == before + DEPTH
 
 
@@ -244,3 +278,21 @@ def test_explicit_restore_matches_eager_restore():
         assert not a.requires_grad
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert all(p.grad is None for p in obj.parameters())
+
+
+def test_deepcopy_of_compiled_objective_uses_its_own_parameters():
+    import copy
+
+    obj = make_objective("explicit", 1, "exact", compile=True, compile_backend="aot_eager")
+    twin = copy.deepcopy(obj)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+    data = batch()
+    loss_obj, _ = obj(*data)
+    loss_twin, _ = twin(*data)
+    ref = make_objective("eager", 1, "exact")
+    ref.load_state_dict(twin.state_dict())
+    loss_ref, _ = ref(*data)
+    torch.testing.assert_close(loss_twin, loss_ref, rtol=1e-10, atol=0)
+    assert abs(loss_obj.item() - loss_twin.item()) > 1e-6

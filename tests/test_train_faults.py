@@ -37,6 +37,7 @@ def test_nan_streak_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, 
     assert "3 non-finite losses in a row" in err and "last good checkpoint" in err and "Traceback" not in err
     state = load_checkpoint(os.path.join(out, "last.pt"))
     assert state["step"] == 2
+    assert read_summary(out)["status"] == "diverged"
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 

@@ -7,7 +7,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .folder import UnreadableImage
-from .sampling import BatchPlan, SampleKey
+from .sampling import BatchPlan, SampleKey, generator_for
+
+LOADER_STREAM = 3  # seeds DataLoader's own draws (worker base seed), never the global RNG
 
 # How many following dataset indices to try before giving up on a sample whose file is bad.
 MAX_SUBSTITUTE_TRIES = 64
@@ -72,9 +74,12 @@ class MicroBatchStream:
             stop = epoch_end if end_step is None else min(epoch_end, end_step)
             schedule = [(s, m) for s in range(step, stop) for m in range(self.plan.accum_iter)]
             batches = [self.plan.micro_batch_keys(s, m) for s, m in schedule]
+            # An explicit generator: creating a DataLoader iterator otherwise draws a worker base seed
+            # from the global torch RNG, which would make a resumed run's RNG stream differ.
             loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
                                 collate_fn=collate, pin_memory=self.pin_memory,
-                                prefetch_factor=4 if self.num_workers > 0 else None)
+                                prefetch_factor=4 if self.num_workers > 0 else None,
+                                generator=generator_for(self.plan.seed, LOADER_STREAM, step // spe))
             for (s, m), batch in zip(schedule, loader):
                 batch["step"], batch["micro"] = s, m
                 yield batch

@@ -20,8 +20,6 @@ ImportError when triton is not importable (the registry then keeps the math path
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -29,7 +27,7 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the machine
     raise ImportError(f"triton is not importable ({exc}); the Triton attention backend is unavailable") from exc
 
-from fastebm.kernels.attention import MAX_HEAD_DIM, attn_bwd, attn_dbwd, attn_fwd
+from fastebm.kernels.attention import INTERPRETED, MAX_HEAD_DIM, attn_bwd, attn_dbwd, attn_fwd
 
 from .attention import register_backend
 
@@ -109,8 +107,9 @@ def triton_attention_fn(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
 
 
 def supports(q: Tensor) -> bool:
-    """CUDA tensors; CPU tensors too when the Triton interpreter is on (TRITON_INTERPRET=1)."""
-    on_device = q.is_cuda or (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
+    """CUDA tensors; CPU tensors too when the kernels run in Triton's interpreter (TRITON_INTERPRET=1
+    was set before triton was first imported). Float dtypes, head dims 1..128."""
+    on_device = q.is_cuda or (q.device.type == "cpu" and INTERPRETED)
     return (
         on_device
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -67,9 +67,9 @@ class TrainConfig:
     resume: Optional[str] = _opt(None, "checkpoint to resume from, or 'auto' (OUTPUT_DIR/last.pt if present, else start fresh)")
     seed: int = _opt(0, "seed of initialisation, data order, augmentation and corruption")
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N")
-    log_every: int = _opt(10, "optimiser steps between metric lines")
+    log_every: int = _opt(5, "optimiser steps between metric lines")
     save_every: int = _opt(200, "optimiser steps between checkpoints (0 = only at the end)")
-    grid_every: int = _opt(100, "optimiser steps between restoration-grid refreshes (0 = only at the end)")
+    grid_every: int = _opt(50, "optimiser steps between restoration-grid refreshes (0 = only at the end)")
     max_bad_steps: int = _opt(5, "stop after this many non-finite losses in a row")
     eval: bool = _opt(True, "built-in data only: PSNR gain and linear probe before and after training")
 

@@ -301,7 +301,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         for batch in stream.iterate(run.step, end_step):
             s, micro = batch["step"], batch["micro"]
             if batch["bad"]:
-                run.bad_files.extend(b for b in batch["bad"] if b not in run.bad_files)
+                known = set(run.bad_files)
+                run.bad_files.extend(b for b in dict.fromkeys(batch["bad"]) if b not in known)
                 if cfg.strict_data:
                     raise DataError(f"--strict_data: unreadable image {batch['bad'][0]}")
             if micro == 0:
@@ -350,7 +351,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                     kept = os.path.join(cfg.output_dir, "last.pt")
                     where = f"last good checkpoint kept: {kept} (step {last_saved_step})" if last_saved_step is not None \
                         else "no checkpoint had been written yet"
-                    status = "diverged"
+                    _write_summary(cfg, {"status": "diverged", "step": run.step, "skipped_steps": run.skipped_steps,
+                                         "last_good_checkpoint_step": last_saved_step, "config": cfg.to_dict()})
                     raise TrainingDiverged(f"{bad_streak} non-finite losses in a row (steps {s - bad_streak + 1}..{s}); "
                                            f"stopped; {where}. Lower --blr, raise --clip_grad strictness or check the data")
             else:
@@ -416,15 +418,20 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         _warn(f"skipped {len(run.bad_files)} unreadable image(s), e.g. {run.bad_files[0]} (listed in summary.json)")
     summary["wall_time_s"] = time.time() - t_start
     summary["config"] = cfg.to_dict()
+    _write_summary(cfg, summary)
     if dist.is_main():
-        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
         if "psnr_gain_db" in summary:
             p, l = summary["psnr_gain_db"], summary["linprobe_acc"]
             _say(f"psnr_gain_db: init {_fmt(p['init'])} -> pretrained {_fmt(p['pretrained'])} (held-out images, mean over tasks)")
             _say(f"linprobe_acc: init {_fmt(l['init'])} -> pretrained {_fmt(l['pretrained'])} (held-out digits)")
         _say(f"done: {status} at step {run.step} in {summary['wall_time_s']:.0f} s; outputs in {cfg.output_dir}")
     return summary
+
+
+def _write_summary(cfg: TrainConfig, summary: Dict[str, Any]) -> None:
+    if dist.is_main():
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
 
 
 def _fmt(v) -> str:

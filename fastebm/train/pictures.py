@@ -52,7 +52,7 @@ def restoration_grid(objective, images: torch.Tensor, tasks: Sequence[str], path
     for i, r in enumerate(rows):
         canvas[i * (h + gap): i * (h + gap) + h] = r
     scale = max(1.0, 96.0 / h)  # small images are drawn bigger so the labels stay readable
-    fig_w = w * scale / 100 + 1.8
+    fig_w = w * scale / 100 + 2.4  # room for the row labels
     fig_h = canvas.shape[0] * scale / 100 + 0.5
     fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=100)
     ax.imshow(canvas, interpolation="nearest")

@@ -1,0 +1,54 @@
+"""Console output (tqdm on a terminal, plain lines otherwise) and metrics.jsonl on resume."""
+import io
+import json
+import random
+
+import torch
+
+from fastebm.train.metrics import Console, MetricsLogger, flatten_stats, read_metrics
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_plain_lines_when_not_a_terminal():
+    stream = io.StringIO()
+    console = Console(total_steps=40, start_step=0, stream=stream)
+    assert console.bar is None
+    loss, rate = random.uniform(0.1, 2), random.uniform(5, 500)
+    console.report(10, 0, loss, rate, 1e-3)
+    line = stream.getvalue().strip()
+    assert line.startswith("step 10/40") and f"loss {loss:.4f}" in line and f"{rate:.1f} img/s" in line and "eta" in line
+
+
+def test_progress_bar_on_a_terminal():
+    stream = _Tty()
+    console = Console(total_steps=12, start_step=2, stream=stream)
+    assert console.bar is not None
+    console.step()
+    console.report(3, 0, 0.5, 42.0, 1e-3)
+    console.close()
+    text = stream.getvalue()
+    assert "3/12" in text and "img_s" in text
+
+
+def test_metrics_resume_drops_steps_after_the_checkpoint(tmp_path):
+    log = MetricsLogger(str(tmp_path), tensorboard=False)
+    for step in range(1, 9):
+        log.log({"step": step, "loss": random.random()})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 9, "loss": 0.')  # a line cut by a crash
+    resumed = MetricsLogger(str(tmp_path), resume_step=5, tensorboard=False)
+    resumed.log({"step": 6, "loss": 1.0})
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_flatten_stats():
+    t = torch.rand(3)
+    flat = flatten_stats({"loss_t": t, "lr": 0.5, "energy": torch.tensor(2.0)})
+    assert flat["loss_t/1"] == t[0].item() and flat["loss_t/3"] == t[2].item()
+    assert flat["lr"] == 0.5 and flat["energy"] == 2.0
+    json.dumps(flat)
