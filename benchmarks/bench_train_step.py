@@ -329,32 +329,37 @@ def run(args, save) -> Dict:
                     row["speedup_vs_baseline"] = row["images_per_s"] / base["images_per_s"]
                     if base.get("peak_mem_gib") and row.get("peak_mem_gib"):
                         row["mem_vs_baseline"] = row["peak_mem_gib"] / base["peak_mem_gib"]
-                if engine != "baseline" and (best is None or row["images_per_s"] > best[0]["images_per_s"]):
-                    if args.profile:
-                        best = (row, step_fn)
-                    else:
-                        best = (row, None)
+                if engine != "baseline" and (best is None or row["images_per_s"] > best["images_per_s"]):
+                    best = row
                 del runner, step_fn
             rows.append(row)
             print(_row_line(row), flush=True)
             _free(device)
             save(dict(info=info, results=rows, partial=True))  # a timeout still leaves every finished row
     result = dict(info=info, results=rows, flops_formula=__doc__.split("FLOPs are counted")[1].split("Usage:")[0].strip())
-    if args.profile and best is not None and best[1] is not None:
-        result["profile"] = profile(best[1], device, best[0])
+    if args.profile and best is not None:
+        try:
+            result["profile"] = profile(best, device, args)
+        except Exception as exc:  # noqa: BLE001
+            result["profile"] = f"profiling failed: {type(exc).__name__}: {exc}"
     return result
 
 
-def profile(step_fn, device, row) -> str:
+def profile(row, device, args) -> str:
+    """Rebuilds the fastest engine (nothing else alive on the device; compile caches are warm) and
+    profiles 3 steps."""
     from torch.profiler import ProfilerActivity, profile as _profile
 
+    prof_args = argparse.Namespace(**{**vars(args), "iters": 1, "warmup": 1})
+    res = time_engine(row["engine"], row["model"], row["steps"], row["batch"], device, prof_args)
+    step_fn = res["step_fn"]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with _profile(activities=acts) as prof:
         for _ in range(3):
             step_fn()
         _sync(device)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=20)
+    table = prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=70)
     header = f"Top kernels, engine {row['engine']} ({row['model']}, T={row['steps']}, batch {row['batch']}), 3 steps"
     print("\n" + header + "\n" + table, flush=True)
     return header + "\n" + table

@@ -168,7 +168,18 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: Opt
         # fails, instead of leaving the survivors blocked inside a CUDA kernel.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     kw = {"device_id": dev} if backend == "nccl" else {}
-    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout), **kw)
+    td = datetime.timedelta(seconds=timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ:
+        # torchrun's agent keeps ONE store across --max_restarts attempts, and the process group's
+        # keys (each rank's listening address) are not namespaced by attempt: a restarted rank can
+        # read a dead predecessor's address and fail with "connectFullMesh ... Connection refused"
+        # (seen on torch 2.14 with gloo). A per-attempt prefix keeps every attempt's keys apart.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=td)
+        store = tdist.PrefixStore(f"fastebm/attempt_{attempt}/", base)
+        tdist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=td, **kw)
+    else:
+        tdist.init_process_group(backend=backend, timeout=td, **kw)
     info = DistInfo(rank, world, local_rank, local_world, backend, dev, timeout)
     _start_liveness()
     heartbeat(0)
@@ -360,7 +371,8 @@ def describe_peers(timeout_s: float = 5.0) -> str:
         behind = [r for r, s in known.items() if s < best and r not in silent]
         parts += [f"rank {r} is behind at step {int(known[r])} (others reached {int(best)})" for r in behind]
     if not parts:
-        return "every other rank still looks alive (a network or backend error?)"
+        return ("no other rank looks stopped or behind from here: a peer may have just exited "
+                "(torchrun's summary names the rank that failed first) or the network failed")
     return "; ".join(parts)
 
 

@@ -140,6 +140,7 @@ def test_one_gpu_nccl_ddp_run(tmp_path):
 
 # ======================================================================= fastebm-train under torchrun
 import re  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -301,7 +302,14 @@ def test_cli_two_ranks_equal_one_rank_through_sigterm_kill_and_restart(image_fol
 
 
 def test_cli_killed_rank_fails_fast_naming_it(image_folder, tmp_path):
-    job = Job(torchrun_cmd(2, *train_args(image_folder, str(tmp_path / "k"), 2, "--max_steps", "12")))
+    """SIGKILL to rank 1: the job ends non-zero in bounded time and torchrun's summary names rank 1.
+
+    Launched through the installed console script, as users do (``torchrun $(which fastebm-train)``).
+    """
+    script = shutil.which("fastebm-train")
+    assert script, "the fastebm-train console script is not installed (pip install -e .)"
+    args = train_args(image_folder, str(tmp_path / "k"), 2, "--max_steps", "12")[len(TRAIN):]
+    job = Job(torchrun_cmd(2, script, *args))
     try:
         job.wait_for(r"^step 1/12")
         t0 = time.time()
@@ -330,3 +338,14 @@ def test_cli_hung_rank_times_out_naming_it(image_folder, tmp_path):
     assert code != 0
     assert elapsed < 120, f"took {elapsed:.0f} s"
     assert re.search(r"fastebm-train: error: rank 0 of 2: .*rank 1 has shown no sign of life", job.output), job.output[-3000:]
+
+
+@pytest.mark.cuda
+def test_cli_one_gpu_nccl_run(image_folder, tmp_path):
+    """fastebm-train under torchrun on one GPU: NCCL process group, cuda:0, a few steps, a checkpoint."""
+    out = str(tmp_path / "gpu")
+    args = [a if a != "cpu" else "cuda" for a in train_args(image_folder, out, 2, "--max_steps", "3")]
+    proc = run(torchrun_cmd(1, *args), timeout=600)
+    assert "on cuda:0" in proc.stdout, proc.stdout[-2000:]
+    state = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert state["step"] == 3 and state["world_size"] == 1

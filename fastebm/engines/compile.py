@@ -38,6 +38,22 @@ def _raise_recompile_limit() -> None:
             break
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = [l for l in str(exc).strip().splitlines() if l.strip()]
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def _describe(exc: BaseException) -> str:
+    """The error and its root cause (Dynamo wraps a backend's error in BackendCompilerFailed)."""
+    root = exc
+    for _ in range(10):
+        nxt = getattr(root, "inner_exception", None) or root.__cause__
+        if nxt is None or nxt is root:
+            break
+        root = nxt
+    return _first_line(exc) if root is exc else f"{_first_line(exc)} caused by {_first_line(root)}"
+
+
 class CompiledFunction:
     """Calls ``torch.compile(fn)``; if compiling fails, warns once and calls ``fn`` from then on.
 
@@ -73,8 +89,7 @@ class CompiledFunction:
 
     def _fall_back(self, exc: BaseException) -> None:
         self._compiled = None
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        self.fallback_reason = f"{type(exc).__name__}: {first_line}"
+        self.fallback_reason = _describe(exc)
         warnings.warn(
             f"fastebm: torch.compile failed for the {self.name} ({self.fallback_reason}); running it "
             f"uncompiled instead (same results, slower). Pass compile=False or set "

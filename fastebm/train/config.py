@@ -52,7 +52,7 @@ class TrainConfig:
     accum_iter: int = _opt(1, "micro-steps accumulated per optimiser step")
     epochs: int = _opt(1, "epochs; the learning-rate schedule spans them")
     max_steps: Optional[int] = _opt(None, "stop after this many optimiser steps (does not reshape the schedule); none = run all epochs")
-    blr: float = _opt(0.012, "base learning rate: lr = blr * effective batch / 256")
+    blr: float = _opt(0.024, "base learning rate: lr = blr * effective batch / 256")
     min_lr: float = _opt(1e-5, "learning rate at the end of the cosine schedule")
     warmup_epochs: float = _opt(0.1, "linear warm-up length in epochs")
     weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms, biases, pos_embed, cls_token, step sizes)")
