@@ -80,10 +80,13 @@ class RestorationObjective(nn.Module):
         noise_sigma: standard deviation of optional Langevin noise added after each step (0 = off).
         engine: how ``dE/dx`` with a graph is computed: ``"eager"`` (default),
             ``"func"`` or ``"explicit"`` (see the module docstring). Why ``eager`` is the default:
-            it works with every model and attention backend and has no compile time; on 2 CPU
-            cores the compiled engines were measured slower end to end for small models once
-            compile time counts, and no GPU measurement exists yet (benchmarks/README.md). Pick
-            ``explicit`` on a GPU after checking ``benchmarks/bench_train_step.py`` there.
+            it works with every model and attention backend and has no compile time. Measured on
+            2 shared CPU cores (vit_demo, batch 64, T=1, benchmarks/results/train_step_cpu_*):
+            compiling func/explicit took 20-250 s and no compiled engine was reliably faster than
+            eager in steady state (eager 9.8-38.8 img/s, func 10.2-20.7, explicit 9.2-11.4 over two
+            runs); no GPU measurement exists yet. On a GPU, ``explicit`` (fused attention kernels
+            inside a compiled step) is the candidate fast path: check
+            ``benchmarks/bench_train_step.py`` there before switching.
         compile: for ``func``/``explicit``: ``True``/``False`` forces compilation on/off; ``None``
             (default) compiles unless ``FASTEBM_COMPILE=0``. Ignored by ``eager``.
         compile_backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` builds faster).

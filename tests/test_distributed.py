@@ -299,6 +299,19 @@ def test_cli_two_ranks_equal_one_rank_through_sigterm_kill_and_restart(image_fol
     assert final["step"] == ref_state["step"] == 8
     worst = max(float((params[k] - ref[k]).abs().max()) for k in ref)
     assert worst <= 1e-5, f"2-process run differs from the 1-process run by {worst:.3g}"
+    # Logged metrics are global means (reduced over ranks), so they match the 1-process run's too.
+    ref_loss = {r["step"]: r["loss"] for r in _metrics(ref_dir)}
+    multi_loss = [(r["step"], r["loss"]) for r in _metrics(out)]
+    assert {s for s, _ in multi_loss} == set(range(1, 9)), multi_loss
+    for s, loss in multi_loss:
+        assert abs(loss - ref_loss[s]) <= 1e-5 * max(1.0, abs(loss)), (s, loss, ref_loss[s])
+
+
+def _metrics(folder: str) -> list:
+    import json
+
+    with open(os.path.join(folder, "metrics.jsonl")) as fh:
+        return [r for r in map(json.loads, fh) if "loss" in r]
 
 
 def test_cli_killed_rank_fails_fast_naming_it(image_folder, tmp_path):

@@ -11,7 +11,7 @@ import os
 from typing import List, Tuple
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import DataError
 from .sampling import AUGMENT_STREAM, generator_for
@@ -38,7 +38,13 @@ def scan_image_files(root: str) -> Tuple[List[str], List[int], List[str]]:
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     class_index = {c: i for i, c in enumerate(classes)}
     paths, labels = [], []
+    seen_dirs = set()
     for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen_dirs:  # a symlink cycle (or the same folder linked twice): scan it once
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = os.path.relpath(folder, root)
         label = -1 if rel == "." else class_index.get(rel.split(os.sep)[0], -1)
@@ -57,7 +63,7 @@ def decode_image(path: str) -> Image.Image:
         with Image.open(path) as im:
             im.load()  # forces a full decode so a truncated file fails here, not later
             return to_rgb(im)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # PIL reports damaged files through many exception types (OSError, SyntaxError, struct.error...)
         raise UnreadableImage(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 

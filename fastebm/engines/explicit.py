@@ -27,9 +27,10 @@ def check_explicit_model(model) -> None:
 
 def explicit_op_backend(model, x: Tensor) -> str:
     """The custom ops' kernel family for ``model``'s attention on tensors like ``x``."""
-    head_dim = getattr(model.blocks[0].attn, "head_dim", x.shape[-1]) if hasattr(model, "blocks") else 16
-    backend = getattr(model, "attn_backend", "auto")
-    return resolve_op_backend(x.new_empty((1, 1, 1, head_dim)), backend)
+    # Only the device and dtype of the probe matter to the backend choice (and the head dim to
+    # whether the Triton kernels support it).
+    head_dim = model.blocks[0].attn.head_dim if hasattr(model, "blocks") else x.shape[-1]
+    return resolve_op_backend(x.new_empty((1, 1, 1, head_dim)), getattr(model, "attn_backend", "auto"))
 
 
 def explicit_energy_and_grad(model, x: Tensor, op_backend: str) -> Tuple[Tensor, Tensor]:

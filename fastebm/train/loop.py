@@ -354,7 +354,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                     _write_summary(cfg, {"status": "diverged", "step": run.step, "skipped_steps": run.skipped_steps,
                                          "last_good_checkpoint_step": last_saved_step, "config": cfg.to_dict()})
                     raise TrainingDiverged(f"{bad_streak} non-finite losses in a row (steps {s - bad_streak + 1}..{s}); "
-                                           f"stopped; {where}. Lower --blr, raise --clip_grad strictness or check the data")
+                                           f"stopped; {where}. Lower --blr or --clip_grad, or check the data")
             else:
                 bad_streak = 0
                 for k, v in step_stats.items():
@@ -374,7 +374,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 window, window_images, window_start = {}, 0, time.time()
             if dist.is_main() and cfg.grid_every and run.step % cfg.grid_every == 0 and run.step != end_step:
                 _pictures(cfg, objective, preview, device, run.step)
-            if stop.requested or dist.any_true(stop.requested, device):
+            if dist.any_true(stop.requested, device):  # every rank joins the vote, so all stop together
                 _save(cfg, objective, optimizer, scaler, run, plan, schedule)
                 console.message(f"received {stop.name or 'stop request'}: checkpoint saved at step {run.step} "
                                 f"({os.path.join(cfg.output_dir, 'last.pt')}); resume with --resume auto")
