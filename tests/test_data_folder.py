@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _train_helpers import fast_args, make_image_folder, read_summary
+from test_train_helpers import fast_args, make_image_folder, read_summary
 from fastebm.cli.train import main
 from fastebm.data.errors import DataError
 from fastebm.data.folder import ImageFolderData, scan_image_files

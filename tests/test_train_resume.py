@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from _train_helpers import fast_args, make_image_folder, read_summary
+from test_train_helpers import fast_args, make_image_folder, read_summary
 import fastebm
 from fastebm.cli.train import main
 from fastebm.train.metrics import read_metrics

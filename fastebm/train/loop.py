@@ -26,15 +26,15 @@ import numpy as np
 import torch
 
 from .. import create_model
-from ..models import PRESETS
+from ..corrupt import prepare_batch
 from ..data.builtin import BuiltinDemoData
 from ..data.errors import DataError
 from ..data.folder import ImageFolderData
 from ..data.loader import MicroBatchStream
 from ..data.sampling import BatchPlan
+from ..models import PRESETS
 from ..restore import RestorationObjective
 from . import dist
-from ..corrupt import prepare_batch
 from .checkpoint import (CheckpointError, capture_rng_state, find_resume_checkpoint, load_checkpoint,
                          restore_rng_state, save_checkpoint)
 from .config import TrainConfig, UsageError, save_yaml

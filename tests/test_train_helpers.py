@@ -1,4 +1,4 @@
-"""Shared helpers of the training tests: tiny image folders and fast run settings."""
+"""Shared helpers of the training tests (no tests here): tiny image folders and fast run settings."""
 import json
 import os
 
