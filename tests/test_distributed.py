@@ -123,6 +123,36 @@ def test_bad_distributed_settings_raise_clear_value_errors(kw, needle, monkeypat
         fdist.init_distributed(**kw)
 
 
+def test_optimizer_state_round_trips_between_index_and_name_layouts():
+    """FSDP2 checkpoints are converted to torch's index layout; the conversion must be lossless."""
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    rest = [p for p in net.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}])
+    net[1].weight.requires_grad_(False)  # a parameter without state, like the unused final norm
+    net(torch.randn(4, 5)).square().sum().backward()
+    opt.step()
+    indexed = opt.state_dict()
+    named = fdist.optimizer_state_by_name(indexed, net, opt)
+    assert set(named["state"]) == {"0.weight", "0.bias", "1.bias", "2.weight", "2.bias"}
+    back = fdist.optimizer_state_by_index(named)
+    assert back["param_groups"] == indexed["param_groups"]
+    assert back["state"].keys() == indexed["state"].keys()
+    for i, st in indexed["state"].items():
+        for k, v in st.items():
+            assert torch.equal(back["state"][i][k], v), (i, k)
+
+
+@pytest.mark.parametrize("argv, needle", [(["--dist_timeout", "0"], "--dist_timeout"),
+                                          (["--dist_backend", "mpi"], "--dist_backend")])
+def test_cli_rejects_bad_distributed_flags_with_exit_2(argv, needle, capsys):
+    from fastebm.cli.train import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
 def test_per_block_fsdp_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="per-block.*double backward.*not allocated"):
         fdist.shard_fsdp(torch.nn.Linear(2, 2), torch.device("cpu"), per_block=True)

@@ -1,7 +1,8 @@
 """``fastebm-train``: the pretraining command (also ``python -m fastebm.train``).
 
-Exit codes: 0 finished (or stopped by SIGTERM after saving a checkpoint), 2 bad input (flags,
-config file, data folder, checkpoint), 3 training diverged (too many non-finite losses in a row),
+Exit codes: 0 finished (or stopped by SIGTERM after saving a checkpoint), 1 a peer process of a
+torchrun job died or hung (the message names it), 2 bad input (flags, config file, data folder,
+checkpoint, distributed set-up), 3 training diverged (too many non-finite losses in a row),
 130 stopped by SIGINT after saving a checkpoint.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as exc:
         return (_fail(str(exc), 2))
 
+    from ..distributed import DistributedFailure
     from ..train.faults import TrainingDiverged
     from ..train.loop import train
 
@@ -37,6 +39,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return (_fail(str(exc), 2))
     except TrainingDiverged as exc:
         return (_fail(str(exc), 3))
+    except DistributedFailure as exc:
+        return (_fail(str(exc), 1))
     return (130 if summary.get("status") == "interrupted_sigint" else 0)
 
 

@@ -66,7 +66,12 @@ class TrainConfig:
     output_dir: str = _opt("./fastebm_out", "where checkpoints, metrics, pictures and summary.json go")
     resume: Optional[str] = _opt(None, "checkpoint to resume from, or 'auto' (OUTPUT_DIR/last.pt if present, else start fresh)")
     seed: int = _opt(0, "seed of initialisation, data order, augmentation and corruption")
-    device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N")
+    device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N; under torchrun each process takes cuda:LOCAL_RANK")
+    # multi-process (torchrun); see docs/distributed.md
+    dist_backend: str = _opt("auto", "process-group backend under torchrun: auto (nccl on CUDA, gloo on CPU), nccl, gloo",
+                             choices=("auto", "nccl", "gloo"))
+    dist_timeout: Optional[float] = _opt(None, "seconds a collective waits for a peer before the job fails (default 120 with gloo, 300 with nccl)")
+    fsdp: bool = _opt(False, "shard parameters, gradients and optimiser state with FSDP2 (whole objective as one unit; see docs/distributed.md)")
     log_every: int = _opt(5, "optimiser steps between metric lines")
     save_every: int = _opt(200, "optimiser steps between checkpoints (0 = only at the end)")
     grid_every: int = _opt(50, "optimiser steps between restoration-grid refreshes (0 = only at the end)")
@@ -246,6 +251,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--resume: checkpoint {cfg.resume!r} does not exist (give a file or 'auto')")
     if not cfg.output_dir:
         raise UsageError("--output_dir must not be empty")
+    if cfg.dist_timeout is not None and not (0 < cfg.dist_timeout < float("inf")):
+        raise UsageError(f"--dist_timeout must be a number of seconds > 0 (got {cfg.dist_timeout})")
 
 
 def save_yaml(cfg: TrainConfig, path: str) -> None:

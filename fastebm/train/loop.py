@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import create_model
+from .. import distributed as fdist
 from ..corrupt import prepare_batch
 from ..data.builtin import BuiltinDemoData
 from ..data.errors import DataError
@@ -44,7 +45,7 @@ from .optim import build_optimizer
 from .schedule import lr_at, scaled_lr
 
 # Config keys that may differ between a checkpoint and the run resuming it without changing the run.
-_RESUME_FREE_KEYS = {"max_steps", "resume", "output_dir", "log_every", "save_every", "grid_every", "num_workers",
+_RESUME_FREE_KEYS = {"dist_backend", "dist_timeout", "fsdp", "max_steps", "resume", "output_dir", "log_every", "save_every", "grid_every", "num_workers",
                      "eval", "device", "strict_data", "max_bad_steps", "attn_backend", "data"}
 GRID_FILE = "restoration_grid.png"
 LOSS_FILE = "loss_curve.png"
@@ -175,10 +176,11 @@ def demo_evaluation(objective, source: BuiltinDemoData, cfg: TrainConfig, device
     return {"psnr_gain_db": mean_gain(per_task), "psnr_per_task": per_task, "linprobe_acc": probe["accuracy"]}
 
 
-def _checkpoint_state(cfg, objective, optimizer, scaler, run: RunState, plan: BatchPlan, schedule: Dict) -> Dict:
+def _checkpoint_state(cfg, model_sd, optim_sd, scaler, run: RunState, plan: BatchPlan, schedule: Dict,
+                      rng_per_rank: List[Dict]) -> Dict:
     return {
-        "model": objective.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": model_sd,
+        "optimizer": optim_sd,
         "scaler": scaler.state_dict(),
         "step": run.step,
         "epoch": run.step // plan.steps_per_epoch,
@@ -186,7 +188,8 @@ def _checkpoint_state(cfg, objective, optimizer, scaler, run: RunState, plan: Ba
                           "micro_batch": (run.step % plan.steps_per_epoch) * plan.accum_iter,
                           "num_samples": plan.num_samples},
         "schedule": dict(schedule),
-        "rng": capture_rng_state(),
+        "rng": rng_per_rank[0],
+        "rng_per_rank": rng_per_rank,  # every process's streams, restored per rank on resume
         "config": cfg.to_dict(),
         "bad_files": list(run.bad_files),
         "skipped_steps": list(run.skipped_steps),
@@ -196,13 +199,23 @@ def _checkpoint_state(cfg, objective, optimizer, scaler, run: RunState, plan: Ba
 
 
 def _save(cfg, objective, optimizer, scaler, run, plan, schedule) -> Optional[str]:
-    """Rank 0 writes last.pt; never a checkpoint of non-finite weights."""
+    """Rank 0 writes last.pt, once; never a checkpoint of non-finite weights.
+
+    Collective: every rank calls it at the same step (FSDP2 gathers the sharded state, every rank's
+    RNG state and unreadable-file list are collected), and all pass a barrier after the write.
+    """
+    rng_per_rank = dist.all_gather_object(capture_rng_state())
+    if dist.world_size() > 1:
+        merged = [f for files in dist.all_gather_object(run.bad_files) for f in files]
+        run.bad_files = list(dict.fromkeys(merged))
+    model_sd, optim_sd = fdist.gather_for_checkpoint(objective, optimizer)
+    bad = [n for n, v in model_sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if dist.any_true(bool(bad)):
+        raise TrainingDiverged(f"refusing to checkpoint non-finite parameters ({bad[:3]}...) at step {run.step}")
     path = None
     if dist.is_main():
-        bad = [n for n, p in objective.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise TrainingDiverged(f"refusing to checkpoint non-finite parameters ({bad[:3]}...) at step {run.step}")
-        path = save_checkpoint(_checkpoint_state(cfg, objective, optimizer, scaler, run, plan, schedule), cfg.output_dir)
+        path = save_checkpoint(_checkpoint_state(cfg, model_sd, optim_sd, scaler, run, plan, schedule, rng_per_rank),
+                               cfg.output_dir)
     dist.barrier()
     return path
 
@@ -215,9 +228,34 @@ def _check_resume_config(saved: Dict[str, Any], cfg: TrainConfig, path: str) -> 
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Runs one training job as configured; returns the summary (also written to summary.json)."""
+    """Runs one training job as configured; returns the summary (also written to summary.json).
+
+    Under torchrun every process calls this: it joins the process group (NCCL on CUDA, gloo on
+    CPU), trains its slice of every global batch under DDP (or FSDP2 with ``--fsdp``) and leaves
+    the group at the end. A dead or hung peer raises :class:`fastebm.distributed.DistributedFailure`
+    naming it.
+    """
+    owns_group = not fdist.is_initialized()
+    try:
+        info = fdist.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
+    except fdist.DistributedSetupError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        return _train(cfg, info)
+    except (UsageError, DataError, TrainingDiverged, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if info.distributed and fdist.is_collective_failure(exc):
+            raise fdist.DistributedFailure(fdist.explain_failure(exc)) from exc
+        raise
+    finally:
+        if owns_group:
+            fdist.destroy_distributed()
+
+
+def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
     t_start = time.time()
-    device = resolve_device(cfg.device)
+    device = info.device if info.distributed else resolve_device(cfg.device)
     autocast_dtype = _autocast_dtype(cfg, device)
     if dist.is_main():
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -241,6 +279,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     base_lr = scaled_lr(cfg.blr, cfg.batch_size, cfg.accum_iter, world)
     schedule = {"base_lr": base_lr, "min_lr": cfg.min_lr, "warmup_steps": warmup_steps, "total_steps": total_steps,
                 "steps_per_epoch": plan.steps_per_epoch}
+    if cfg.fsdp and world > 1:
+        _say("fastebm-train: --fsdp: " + fdist.FSDP_SUMMARY)
+        fdist.shard_fsdp(objective, device)
+    elif cfg.fsdp:
+        _warn("--fsdp with a single process: nothing to shard, training unsharded")
     optimizer = build_optimizer(objective, lr=base_lr, weight_decay=cfg.weight_decay, device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
     run = RunState()
@@ -256,9 +299,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             state, resumed_from = load_checkpoint(cfg.resume), cfg.resume
         if state is not None:
             _check_resume_config(state["config"], cfg, resumed_from)
+            if state.get("world_size", world) != world:
+                _warn(f"{resumed_from} was written by {state.get('world_size')} process(es), this job has {world}: "
+                      f"the global batch and learning rate change, and each rank's RNG streams restart from rank 0's")
             try:
-                objective.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
+                fdist.load_from_checkpoint(objective, optimizer, state["model"], state["optimizer"])
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise CheckpointError(f"checkpoint {resumed_from} does not fit this model/optimiser: "
                                       f"{str(exc).splitlines()[0][:200]}") from None
@@ -266,10 +311,19 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 scaler.load_state_dict(state["scaler"])
             run = RunState(step=int(state["step"]), bad_files=list(state.get("bad_files", [])),
                            skipped_steps=list(state.get("skipped_steps", [])), eval_init=dict(state.get("eval_init", {})))
-            restore_rng_state(state["rng"])
+            per_rank = state.get("rng_per_rank") or []
+            restore_rng_state(per_rank[rank] if len(per_rank) == world else state["rng"])
             _say(f"resumed from {resumed_from} at step {run.step}")
             del state
 
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart > 0 and cfg.resume is None:
+        _warn(f"torchrun restarted this job (attempt {restart + 1}) but --resume is not set: training starts from "
+              f"scratch; add --resume auto to continue from {os.path.join(cfg.output_dir, 'last.pt')}")
+    # One forward per backward over the whole objective (all T steps and the loss): DDP wraps it.
+    wrapped = objective
+    if world > 1 and not fdist.is_sharded(objective):
+        wrapped = fdist.wrap_ddp(objective, device)
     end_step = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
     if dist.is_main():
         save_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -281,7 +335,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
          f"{plan.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, lr {base_lr:.3g}, tasks {','.join(cfg.tasks)}, "
          f"T={cfg.steps}; output {cfg.output_dir}")
 
-    if is_demo and cfg.eval and not run.eval_init and run.step == 0:
+    if is_demo and cfg.eval and not run.eval_init and run.step == 0 and dist.is_main():
         run.eval_init = demo_evaluation(objective, source, cfg, device)
         _say(f"initial model: psnr gain {run.eval_init['psnr_gain_db']:+.2f} dB, linear probe {run.eval_init['linprobe_acc']:.3f}")
 
@@ -312,18 +366,23 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 clean, corrupted, weight, _ = prepare_batch(images, cfg.tasks, seed=cfg.seed, offset=s,
                                                             sample_ids=batch["positions"], patch_size=model.patch_size,
                                                             params=cfg.task_params)
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                    loss, stats = objective(clean, corrupted, weight)
-                if s in inject:
-                    loss = loss * float("nan")
-                finite = not dist.any_true(not bool(torch.isfinite(loss).item()), device)
-                if finite:
-                    scaler.scale(loss / cfg.accum_iter).backward()
-                    step_loss += loss.item() / cfg.accum_iter
-                    for k, v in flatten_stats(stats).items():
-                        step_stats[k] = step_stats.get(k, 0.0) + v / cfg.accum_iter
-                else:
-                    step_ok = False
+                # Gradients are all-reduced on the last micro-step only (DDP no_sync before it).
+                with fdist.gradient_sync(wrapped, sync=micro == cfg.accum_iter - 1):
+                    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                        loss, stats = wrapped(clean, corrupted, weight)
+                    if s in inject:
+                        loss = loss * float("nan")
+                    finite = not dist.any_true(not bool(torch.isfinite(loss).item()), device)
+                    if finite:
+                        scaler.scale(loss / cfg.accum_iter).backward()
+                        step_loss += loss.item() / cfg.accum_iter
+                        for k, v in flatten_stats(stats).items():
+                            step_stats[k] = step_stats.get(k, 0.0) + v / cfg.accum_iter
+                    else:
+                        step_ok = False
+                        if wrapped is not objective:
+                            # DDP/FSDP expect the backward of every forward; its gradients are dropped below.
+                            loss.backward()
             if micro < cfg.accum_iter - 1:
                 continue
 
@@ -334,13 +393,15 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf")))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 step_ok = not dist.any_true(not math.isfinite(grad_norm), device) or scaler.is_enabled()
                 if step_ok:
                     scaler.step(optimizer)  # with fp16 the scaler itself skips inf/NaN gradients
                     scaler.update()
             optimizer.zero_grad(set_to_none=True)
             run.step = s + 1
+            fdist.heartbeat(run.step)
             console.step()
             if not step_ok:
                 bad_streak += 1
@@ -368,12 +429,19 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 elapsed = max(time.time() - window_start, 1e-9)
                 record = {"step": run.step, "epoch": s // plan.steps_per_epoch, "lr": lr,
                           "img_per_s": window_images / elapsed, "time": time.time() - t_start}
-                record.update({k: float(np.mean(v)) for k, v in window.items()})
+                means = {k: float(np.mean(v)) for k, v in window.items()}
+                if world > 1:  # every rank logs the same steps, so the windows have the same keys
+                    keys = sorted(means)
+                    reduced = dist.all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64))
+                    means = dict(zip(keys, reduced.tolist()))
+                record.update(means)
                 logger.log(record)
                 console.report(run.step, record["epoch"], record.get("loss", float("nan")), record["img_per_s"], lr)
                 window, window_images, window_start = {}, 0, time.time()
-            if dist.is_main() and cfg.grid_every and run.step % cfg.grid_every == 0 and run.step != end_step:
-                _pictures(cfg, objective, preview, device, run.step)
+            if cfg.grid_every and run.step % cfg.grid_every == 0 and run.step != end_step:
+                plain = _plain_objective(cfg, objective, device)  # collective under FSDP2
+                if dist.is_main():
+                    _pictures(cfg, plain, preview, device, run.step)
             if dist.any_true(stop.requested, device):  # every rank joins the vote, so all stop together
                 _save(cfg, objective, optimizer, scaler, run, plan, schedule)
                 console.message(f"received {stop.name or 'stop request'}: checkpoint saved at step {run.step} "
@@ -401,7 +469,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         summary["final_loss"] = records[-1].get("loss")
         rates = [r["img_per_s"] for r in records if "img_per_s" in r]
         summary["img_per_s"] = float(np.median(rates)) if rates else None
+    if not interrupted:
+        objective = _plain_objective(cfg, objective, device)  # collective under FSDP2
     if not interrupted and dist.is_main():
+        model = objective.model
         _pictures(cfg, objective, preview, device, run.step)
         from ..eval.export import export_backbone
 
@@ -432,6 +503,23 @@ def _write_summary(cfg: TrainConfig, summary: Dict[str, Any]) -> None:
     if dist.is_main():
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
+
+
+def _plain_objective(cfg: TrainConfig, objective, device):
+    """An unsharded objective for rank-0-only work (pictures, export, evaluation).
+
+    Without FSDP2 that is the objective itself. FSDP2 parameters are DTensors whose every use is a
+    collective, so every rank gathers the full weights and rank 0 loads them into a plain copy.
+    """
+    if not fdist.is_sharded(objective):
+        return objective
+    state = fdist.full_state_dict(objective)
+    if not dist.is_main():
+        return objective
+    with _side_rng(device):  # building a model draws initial weights: keep the training RNG streams
+        plain = build_objective(cfg).to(device)
+    plain.load_state_dict(state)
+    return plain
 
 
 def _fmt(v) -> str:
