@@ -72,3 +72,13 @@ def test_subprocess_bad_flag_has_no_traceback():
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("fastebm-train: error: --accum_iter")
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_func_engine_builds_math_attention_and_refuses_triton():
+    from fastebm.train.loop import build_objective
+
+    objective = build_objective(parse_config(["--engine", "func", "--model", "vit_demo"]))
+    assert objective.model.attn_backend == "math"  # "auto" would pick the fused kernel on CUDA
+    assert build_objective(parse_config(["--engine", "eager"])).model.attn_backend == "auto"
+    with pytest.raises(UsageError, match="func"):
+        build_objective(parse_config(["--engine", "func", "--attn_backend", "triton"]))

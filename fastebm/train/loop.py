@@ -103,8 +103,11 @@ def _side_rng(device: torch.device):
 
 
 def build_objective(cfg: TrainConfig) -> RestorationObjective:
+    # The func engine is correct only with math attention (DESIGN.md §4): under it, "auto" means math
+    # rather than the fused kernel that auto picks on CUDA; an explicit "triton" is still refused below.
+    attn_backend = "math" if cfg.engine == "func" and cfg.attn_backend == "auto" else cfg.attn_backend
     try:
-        model = create_model(cfg.model, img_size=cfg.img_size, energy=cfg.energy, attn_backend=cfg.attn_backend)
+        model = create_model(cfg.model, img_size=cfg.img_size, energy=cfg.energy, attn_backend=attn_backend)
     except ValueError as exc:
         raise UsageError(f"--model {cfg.model} / --img_size {cfg.img_size}: {exc}") from None
     if cfg.grad_checkpointing:
