@@ -24,7 +24,6 @@ if "TRITON_INTERPRET" not in os.environ and not (os.path.exists("/dev/nvidia0") 
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -32,6 +31,7 @@ from typing import Callable, Dict, List, Optional  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _report import write_report  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
@@ -287,15 +287,7 @@ def main(argv=None) -> int:
     if args.reps < 1 or args.warmup < 0:
         parser.error("--reps must be >= 1 and --warmup >= 0")
     report = run(args.reps, args.warmup)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "attention_bench" if CUDA else "attention_bench_cpu_smoke")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    md = to_markdown(report)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    print(md)
-    print(f"wrote {stem}.json and {stem}.md")
+    write_report(report, to_markdown(report), args.out, "attention_bench" if CUDA else "attention_bench_cpu_smoke")
     return 0
 
 

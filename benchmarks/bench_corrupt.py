@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import tempfile
@@ -27,6 +26,7 @@ from typing import Callable, Dict
 
 import pytest
 import torch
+from _report import write_report
 
 from fastebm.corrupt import _ext, make_plan, prepare_batch
 from fastebm.corrupt.api import IMAGENET_MEAN, IMAGENET_STD, _prepare_tasks
@@ -232,15 +232,7 @@ def main(argv=None) -> int:
     if args.reps < 1 or args.warmup < 0:
         parser.error("--reps must be >= 1 and --warmup >= 0")
     report = run(args.reps, args.warmup)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "corrupt_bench" if CUDA else "corrupt_bench_cpu_smoke")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    md = to_markdown(report)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    print(md)
-    print(f"wrote {stem}.json and {stem}.md")
+    write_report(report, to_markdown(report), args.out, "corrupt_bench" if CUDA else "corrupt_bench_cpu_smoke")
     return 0
 
 

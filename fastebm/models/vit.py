@@ -12,7 +12,6 @@ from typing import Dict, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..energy import build_energy_head
