@@ -22,16 +22,14 @@ import shutil
 if "TRITON_INTERPRET" not in os.environ and not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
 
-import argparse  # noqa: E402
 import datetime  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Callable, Dict, List, Optional  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from _report import write_report  # noqa: E402
+from _report import kernel_bench_main  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
@@ -277,18 +275,8 @@ def to_markdown(report: Dict[str, object]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # CPU smoke results are not results: by default they go to a temporary folder.
-    default_out = "benchmarks/results" if CUDA else os.path.join(tempfile.gettempdir(), "fastebm_bench")
-    parser.add_argument("--out", default=default_out, help=f"folder for attention_bench.{{json,md}} ({default_out})")
-    parser.add_argument("--reps", type=int, default=10 if CUDA else 2)
-    parser.add_argument("--warmup", type=int, default=3 if CUDA else 0)
-    args = parser.parse_args(argv)
-    if args.reps < 1 or args.warmup < 0:
-        parser.error("--reps must be >= 1 and --warmup >= 0")
-    report = run(args.reps, args.warmup)
-    write_report(report, to_markdown(report), args.out, "attention_bench" if CUDA else "attention_bench_cpu_smoke")
-    return 0
+    return kernel_bench_main(argv, description=__doc__.split("\n\n")[0], stem="attention_bench", run=run,
+                             to_markdown=to_markdown, cuda=CUDA, gpu_reps=10)
 
 
 if __name__ == "__main__":

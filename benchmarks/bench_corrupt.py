@@ -16,17 +16,15 @@ device-to-device copy. Targets (issue 4): fused >= 5x faster than the reference,
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import statistics
-import tempfile
 import time
 from typing import Callable, Dict
 
 import pytest
 import torch
-from _report import write_report
+from _report import kernel_bench_main
 
 from fastebm.corrupt import _ext, make_plan, prepare_batch
 from fastebm.corrupt.api import IMAGENET_MEAN, IMAGENET_STD, _prepare_tasks
@@ -223,17 +221,8 @@ def to_markdown(report: Dict[str, object]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_out = "benchmarks/results" if CUDA else os.path.join(tempfile.gettempdir(), "fastebm_bench")
-    parser.add_argument("--out", default=default_out, help=f"folder for corrupt_bench.{{json,md}} ({default_out})")
-    parser.add_argument("--reps", type=int, default=20 if CUDA else 2)
-    parser.add_argument("--warmup", type=int, default=3 if CUDA else 0)
-    args = parser.parse_args(argv)
-    if args.reps < 1 or args.warmup < 0:
-        parser.error("--reps must be >= 1 and --warmup >= 0")
-    report = run(args.reps, args.warmup)
-    write_report(report, to_markdown(report), args.out, "corrupt_bench" if CUDA else "corrupt_bench_cpu_smoke")
-    return 0
+    return kernel_bench_main(argv, description=__doc__.split("\n\n")[0], stem="corrupt_bench", run=run,
+                             to_markdown=to_markdown, cuda=CUDA, gpu_reps=20)
 
 
 if __name__ == "__main__":
