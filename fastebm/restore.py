@@ -2,8 +2,8 @@
 
 ``x_{t+1} = x_t - alpha_t * dE/dx(x_t) [+ sigma * noise]`` for ``t = 0 .. T-1`` starting from the
 corrupted batch; the loss is the weighted MSE between every ``x_t`` (t >= 1) and the clean batch
-(normalised per sample, averaged over the batch), summed over steps. The whole restoration and the loss are one ``forward`` so that
-``DistributedDataParallel`` can wrap this module (DESIGN.md §8).
+(normalised per sample, averaged over the batch), summed over steps. The whole restoration and the
+loss are one ``forward`` so that ``DistributedDataParallel`` can wrap this module (DESIGN.md §8).
 
 Gradient modes:
 - ``exact``: every step keeps its graph (``create_graph=True``), so the loss is differentiated
@@ -81,12 +81,13 @@ class RestorationObjective(nn.Module):
         engine: how ``dE/dx`` with a graph is computed: ``"eager"`` (default),
             ``"func"`` or ``"explicit"`` (see the module docstring). Why ``eager`` is the default:
             it works with every model and attention backend and has no compile time. Measured on
-            2 shared CPU cores (vit_demo, batch 64, T=1, benchmarks/results/train_step_cpu_*):
-            compiling func/explicit took 20-250 s and no compiled engine was reliably faster than
-            eager in steady state (eager 9.8-38.8 img/s, func 10.2-20.7, explicit 9.2-11.4 over two
-            runs); no GPU measurement exists yet. On a GPU, ``explicit`` (fused attention kernels
-            inside a compiled step) is the candidate fast path: check
-            ``benchmarks/bench_train_step.py`` there before switching.
+            2 quiet CPU cores (vit_demo, batch 64, fp32, same run;
+            benchmarks/results/train_step_cpu_demo_inductor.md): func is 1.59x the baseline's
+            images/s at T=1 and 1.28x at T=2, explicit 1.05x / 1.27x, eager 1.00x / 1.16x, but the
+            first compiled step costs 7 s to 2 min, more than a short run such as the demo gains.
+            No GPU measurement exists yet; on a GPU, ``explicit`` (fused attention kernels inside a
+            compiled step) is the candidate fast path: check ``benchmarks/bench_train_step.py``
+            there before switching.
         compile: for ``func``/``explicit``: ``True``/``False`` forces compilation on/off; ``None``
             (default) compiles unless ``FASTEBM_COMPILE=0``. Ignored by ``eager``.
         compile_backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` builds faster).
