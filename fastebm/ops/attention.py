@@ -85,6 +85,12 @@ def resolve_backend(q: Tensor, backend: str = "auto") -> str:
             f"unknown attention backend {backend!r}; available: {', '.join(sorted(_BACKENDS))} "
             f"(set {ENV_VAR} or pass backend= one of those)"
         )
+    if not _BACKENDS[backend].supports(q):
+        raise ValueError(
+            f"attention backend {backend!r} cannot run on {q.device.type} {q.dtype} tensors with head dim "
+            f"{q.shape[-1]} (the Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU, and head dims "
+            f"up to 128); use backend='math' or 'auto' (and unset {ENV_VAR} if it is set)"
+        )
     key = (backend, q.device.type, q.dtype)
     if key not in _logged_choices:
         _logged_choices.add(key)
