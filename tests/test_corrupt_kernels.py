@@ -238,9 +238,8 @@ CASES = [  # (shape, tasks, patch_size, params): every task alone on 5 x 3 x 197
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_host_core_equals_reference_bitwise(host_core, case, dtype):
+def case_inputs(case, dtype):
+    """Fresh random images (uint8 or float in [0, 1]) and global sample ids for CASES[case]."""
     shape, tasks, ps, params = CASES[case]
     g = torch.Generator().manual_seed(fresh_seed())
     images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
@@ -249,6 +248,13 @@ def test_host_core_equals_reference_bitwise(host_core, case, dtype):
     mean = IMAGENET_MEAN if shape[1] == 3 else None
     std = IMAGENET_STD if shape[1] == 3 else None
     sids = torch.randint(0, 2**32, (shape[0],), generator=g)
+    return tasks, ps, params, images, mean, std, sids, g
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_host_core_equals_reference_bitwise(host_core, case, dtype):
+    tasks, ps, params, images, mean, std, sids, _ = case_inputs(case, dtype)
     (ref, plan, mean_t, std_t) = reference_and_plan(images, tasks, fresh_seed(), int(torch.randint(0, 2**32, ())),
                                                     ps, params, mean, std, sids)
     got = run_host_core(host_core, images, plan, mean_t, std_t)
@@ -359,15 +365,8 @@ def test_auto_backend_on_cpu_uses_reference_and_says_so_once(caplog):
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_cuda_kernel_equals_reference_bitwise(case, dtype):
-    shape, tasks, ps, params = CASES[case]
-    g = torch.Generator().manual_seed(fresh_seed())
-    images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-    if dtype == torch.float32:
-        images = torch.rand(shape, generator=g)
-    mean = IMAGENET_MEAN if shape[1] == 3 else None
-    std = IMAGENET_STD if shape[1] == 3 else None
+    tasks, ps, params, images, mean, std, sids, g = case_inputs(case, dtype)
     seed, offset = fresh_seed(), int(torch.randint(0, 2**32, (), generator=g))
-    sids = torch.randint(0, 2**32, (shape[0],), generator=g)
     kw = dict(seed=seed, offset=offset, sample_ids=sids, patch_size=ps, mean=mean, std=std, params=params)
     cpu = prepare_batch(images, tasks, backend="reference", **kw)
     torch.full((sum(images.shape) * 4096,), float("nan"), device="cuda")  # poison the caching allocator
