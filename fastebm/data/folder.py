@@ -2,8 +2,11 @@
 
 Class sub-folders are optional (pretraining ignores labels): every image file under DIR,
 recursively, is a sample; its label is the index of its first-level sub-folder, or -1 for files
-directly in DIR. Unreadable or corrupt files are not fatal here: ``load`` raises
-``UnreadableImage`` and the loader skips to another sample and counts the file.
+directly in DIR. Hidden files and folders (names starting with ".") are skipped. Images are
+decoded by :func:`fastebm.data.decode.decode_image` (re-exported here), which applies the EXIF
+orientation and maps every pixel mode to 8-bit RGB. Unreadable or corrupt files are not fatal
+here: ``load`` raises ``UnreadableImage`` and the loader skips to another sample and counts the
+file.
 """
 from __future__ import annotations
 
@@ -11,22 +14,15 @@ import os
 from typing import List, Tuple
 
 import torch
-from PIL import Image
 
-from .errors import DataError
+from .decode import decode_image
+from .errors import DataError, UnreadableImage
 from .sampling import AUGMENT_STREAM, generator_for
-from .transforms import crop_flip_resize, to_rgb
+from .transforms import crop_flip_resize
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderData", "UnreadableImage", "decode_image", "scan_image_files"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-
-
-class UnreadableImage(Exception):
-    """A file that PIL cannot decode completely."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def scan_image_files(root: str) -> Tuple[List[str], List[int], List[str]]:
@@ -55,16 +51,6 @@ def scan_image_files(root: str) -> Tuple[List[str], List[int], List[str]]:
     if not paths:
         raise DataError(f"--data: folder {root!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), recursively")
     return paths, labels, classes
-
-
-def decode_image(path: str) -> Image.Image:
-    """Fully decoded RGB image, or UnreadableImage (truncated, corrupt, unsupported)."""
-    try:
-        with Image.open(path) as im:
-            im.load()  # forces a full decode so a truncated file fails here, not later
-            return to_rgb(im)
-    except Exception as exc:  # PIL reports damaged files through many exception types (OSError, SyntaxError, struct.error...)
-        raise UnreadableImage(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
 class ImageFolderData:
