@@ -3,3 +3,15 @@
 
 class DataError(ValueError):
     """The data source cannot be used as given (missing/empty folder, nothing readable, --strict_data)."""
+
+
+class UnreadableImage(Exception):
+    """One file that cannot be decoded to an RGB image (truncated, corrupt, unsupported format or mode).
+
+    Not fatal: the loader replaces the sample and reports ``path`` with ``reason``.
+    """
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason

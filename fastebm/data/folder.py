@@ -2,31 +2,28 @@
 
 Class sub-folders are optional (pretraining ignores labels): every image file under DIR,
 recursively, is a sample; its label is the index of its first-level sub-folder, or -1 for files
-directly in DIR. Unreadable or corrupt files are not fatal here: ``load`` raises
-``UnreadableImage`` and the loader skips to another sample and counts the file.
+directly in DIR. Hidden files and folders (names starting with ".") are skipped. Images are
+decoded by :func:`fastebm.data.decode.decode_image` (re-exported here), which applies the EXIF
+orientation and maps every pixel mode to 8-bit RGB. Unreadable or corrupt files are not fatal
+here: ``load`` raises ``UnreadableImage`` and the loader substitutes another sample and counts
+the file (fastebm/data/loader.py).
 """
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+import warnings
+from typing import List, Optional, Tuple
 
 import torch
-from PIL import Image
 
-from .errors import DataError
-from .sampling import AUGMENT_STREAM, generator_for
-from .transforms import crop_flip_resize, to_rgb
+from .decode import decode_image
+from .errors import DataError, UnreadableImage
+from .sampling import AUGMENT_STREAM, generator_for, spread_order
+from .transforms import crop_flip_resize
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderData", "UnreadableImage", "decode_image", "scan_image_files"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-
-
-class UnreadableImage(Exception):
-    """A file that PIL cannot decode completely."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 def scan_image_files(root: str) -> Tuple[List[str], List[int], List[str]]:
@@ -57,16 +54,6 @@ def scan_image_files(root: str) -> Tuple[List[str], List[int], List[str]]:
     return paths, labels, classes
 
 
-def decode_image(path: str) -> Image.Image:
-    """Fully decoded RGB image, or UnreadableImage (truncated, corrupt, unsupported)."""
-    try:
-        with Image.open(path) as im:
-            im.load()  # forces a full decode so a truncated file fails here, not later
-            return to_rgb(im)
-    except Exception as exc:  # PIL reports damaged files through many exception types (OSError, SyntaxError, struct.error...)
-        raise UnreadableImage(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-
-
 class ImageFolderData:
     """Random-resized-crop (scale 0.2-1) + flip samples of an image tree, as uint8 (3, S, S)."""
 
@@ -83,22 +70,34 @@ class ImageFolderData:
     def describe(self, index: int) -> str:
         return self.paths[index]
 
-    def load(self, index: int, epoch: int) -> Tuple[torch.Tensor, int]:
+    def load(self, index: int, epoch: int, aug_index: Optional[int] = None) -> Tuple[torch.Tensor, int]:
+        """uint8 (3, S, S) crop of file ``index`` and its label; raises UnreadableImage.
+
+        The crop and flip are drawn from (seed, epoch, ``aug_index``), default ``index``: a
+        substitute for an unreadable sample passes the sample's own index, so samples that share
+        a substitute file still get different crops.
+        """
         im = decode_image(self.paths[index])
-        g = generator_for(self.seed, AUGMENT_STREAM, epoch, index)
+        g = generator_for(self.seed, AUGMENT_STREAM, epoch, index if aug_index is None else aug_index)
         return crop_flip_resize(im, self.img_size, g, scale=self.crop_scale), self.labels[index]
 
-    def check_readable(self, limit: int = 1000) -> None:
-        """Fails fast (DataError) when none of the first ``limit`` files decodes."""
-        reasons = []
-        for path in self.paths[:limit]:
+    def check_readable(self, warn_after: int = 1000) -> int:
+        """Index of a readable file, probing the whole list evenly (``spread_order``); DataError if none.
+
+        Stops at the first file that decodes, so a healthy folder costs one decode. Long damaged
+        runs (e.g. a class folder of partial downloads sorted first) do not fool it; a folder with
+        no readable file at all is decoded completely before failing, with a warning after
+        ``warn_after`` failures so a long scan is not silent.
+        """
+        first_error = None
+        for count, index in enumerate(spread_order(len(self.paths)), start=1):
             try:
-                decode_image(path)
-                return
+                decode_image(self.paths[index])
+                return index
             except UnreadableImage as exc:
-                reasons.append(exc)
-        more = "" if len(self.paths) <= limit else f" (checked the first {limit} of {len(self.paths)})"
-        raise DataError(
-            f"--data: no readable image in {self.root!r}{more}: {len(reasons)} file(s) failed to decode, "
-            f"e.g. {reasons[0]}"
-        )
+                first_error = first_error or exc
+            if count == warn_after:
+                warnings.warn(f"--data: the first {count} files probed in {self.root!r} are unreadable "
+                              f"(e.g. {first_error}); checking the other {len(self.paths) - count}", stacklevel=2)
+        raise DataError(f"--data: no readable image in {self.root!r}: all {len(self.paths)} file(s) failed to decode, "
+                        f"e.g. {first_error} (remove or re-download the damaged files)")

@@ -1,48 +1,74 @@
-"""Turns a BatchPlan into micro-batches of uint8 images, skipping (and counting) unreadable files."""
+"""Turns a BatchPlan into micro-batches of uint8 images, replacing (and reporting) unreadable files."""
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Set
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .folder import UnreadableImage
-from .sampling import BatchPlan, SampleKey, generator_for
+from .errors import DataError, UnreadableImage
+from .sampling import BatchPlan, SampleKey, generator_for, substitute_order
 
 LOADER_STREAM = 3  # seeds DataLoader's own draws (worker base seed), never the global RNG
-
-# How many following dataset indices to try before giving up on a sample whose file is bad.
-MAX_SUBSTITUTE_TRIES = 64
 
 
 class KeyedSamples(Dataset):
     """Map-style dataset indexed by SampleKey (epoch matters for augmentation).
 
-    An unreadable file is replaced by the next readable index (deterministically), and the bad
-    path travels with the batch so the main process can count it (and stop under --strict_data).
+    An unreadable file is replaced by the first readable file along
+    :func:`fastebm.data.sampling.substitute_order` (seed, epoch, index): a walk over the whole
+    dataset, so the substitute is a pure function of (seed, epoch, index) and of which files are
+    readable, whatever the worker count, and it exists as long as one file in the dataset decodes.
+    The substitute's crop is drawn for the requested index (``source.load(..., aug_index=)``).
+    Every bad file met travels with the batch in ``"bad"`` ("path (reason)") so the main process
+    can count and list it (and stop under --strict_data). If the walk finds nothing readable
+    (files deleted or damaged after start-up) the item carries ``"fatal"`` and
+    :class:`MicroBatchStream` raises a one-line DataError in the main process (an exception raised
+    in a worker would arrive wrapped in a multi-line traceback).
     """
 
-    def __init__(self, source):
+    def __init__(self, source, seed: int = 0):
         self.source = source
+        self.seed = seed
+        # Indices this process has already seen fail: skipped without decoding again. Only a speed-up:
+        # the walk's answer does not depend on it, and each bad file is still reported once per process.
+        self._known_bad: Set[int] = set()
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, key: SampleKey):
         bad: List[str] = []
-        n = len(self.source)
-        for k in range(min(n, MAX_SUBSTITUTE_TRIES)):
-            index = (key.index + k) % n
-            try:
-                image, label = self.source.load(index, key.epoch)
-                return {"image": image, "label": label, "position": key.position, "bad": bad}
-            except UnreadableImage as exc:
-                bad.append(f"{exc.path} ({exc.reason})")
-        raise RuntimeError(f"{MAX_SUBSTITUTE_TRIES} consecutive unreadable images starting at {self.source.describe(key.index)}: "
-                           + "; ".join(bad[:3]))
+        item = self._try(key.index, key, bad, aug_index=None)
+        if item is None:
+            for index in substitute_order(len(self.source), self.seed, key.epoch, key.index):
+                item = self._try(index, key, bad, aug_index=key.index)
+                if item is not None:
+                    break
+        if item is None:
+            return {"fatal": f"no readable image left in the data set ({len(self.source)} files; "
+                             f"e.g. {bad[0] if bad else self.source.describe(key.index)}): files changed during the run?",
+                    "bad": bad}
+        image, label = item
+        return {"image": image, "label": label, "position": key.position, "bad": bad}
+
+    def _try(self, index: int, key: SampleKey, bad: List[str], aug_index: Optional[int]):
+        if index in self._known_bad:
+            return None
+        try:
+            if aug_index is None:
+                return self.source.load(index, key.epoch)
+            return self.source.load(index, key.epoch, aug_index=aug_index)
+        except UnreadableImage as exc:
+            self._known_bad.add(index)
+            bad.append(f"{exc.path} ({exc.reason})")
+            return None
 
 
 def collate(items: Sequence[Dict]) -> Dict:
+    fatal = [it["fatal"] for it in items if "fatal" in it]
+    if fatal:
+        return {"fatal": fatal[0], "bad": [b for it in items for b in it["bad"]]}
     return {
         "images": torch.stack([it["image"] for it in items]),
         "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
@@ -60,7 +86,7 @@ class MicroBatchStream:
     """
 
     def __init__(self, source, plan: BatchPlan, num_workers: int = 0, pin_memory: bool = False):
-        self.dataset = KeyedSamples(source)
+        self.dataset = KeyedSamples(source, seed=plan.seed)
         self.plan = plan
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -81,6 +107,8 @@ class MicroBatchStream:
                                 prefetch_factor=4 if self.num_workers > 0 else None,
                                 generator=generator_for(self.plan.seed, LOADER_STREAM, step // spe))
             for (s, m), batch in zip(schedule, loader):
+                if "fatal" in batch:
+                    raise DataError(f"--data: {batch['fatal']}")
                 batch["step"], batch["micro"] = s, m
                 yield batch
             step = stop

@@ -10,8 +10,9 @@ its slice of the same global batch).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
-from typing import List, NamedTuple
+from typing import Iterator, List, NamedTuple
 
 import torch
 
@@ -42,6 +43,44 @@ def generator_for(*values: int) -> torch.Generator:
 # Stream tags keep the order and the augmentation draws independent of each other.
 ORDER_STREAM = 1
 AUGMENT_STREAM = 2
+SUBSTITUTE_STREAM = 4  # (3 is the loader's worker seed)
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def _coprime_stride(n: int, r: int) -> int:
+    """A stride in [1, n) near ``r`` (taken mod n) with gcd(stride, n) = 1, so k*stride mod n visits every index."""
+    if n <= 2:
+        return 1
+    s = 1 + r % (n - 1)
+    while math.gcd(s, n) != 1:
+        s = s + 1 if s + 1 < n else 1
+    return s
+
+
+def _affine_walk(n: int, start: int, stride: int) -> Iterator[int]:
+    for k in range(n):
+        yield (start + k * stride) % n
+
+
+def substitute_order(num_samples: int, seed: int, epoch: int, index: int) -> Iterator[int]:
+    """Every dataset index except ``index``, once each: the candidates that replace an unreadable sample.
+
+    A full-period affine walk (start + k * stride) mod n whose start and stride (coprime with n)
+    are drawn from (seed, epoch, index), so the first readable candidate is a pure function of
+    those and of which files are readable (not of worker count, cache state or timing), and a
+    run of bad files next to each other in the sorted list is left after a step or two.
+    """
+    h = mix_seed(seed, SUBSTITUTE_STREAM, epoch, index)
+    start, stride = h % num_samples, _coprime_stride(num_samples, h >> 24)
+    return (c for c in _affine_walk(num_samples, start, stride) if c != index)
+
+
+def spread_order(num_samples: int) -> Iterator[int]:
+    """Every index once, consecutive ones far apart (golden-ratio stride): probes a list evenly from the start.
+
+    Used to find a readable file quickly even when long runs of the sorted list are damaged.
+    """
+    return _affine_walk(num_samples, 0, _coprime_stride(num_samples, round(num_samples * _GOLDEN) - 1))
 
 
 @functools.lru_cache(maxsize=2)  # one epoch in use, one about to start; callers must not mutate

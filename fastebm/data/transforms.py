@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .decode import to_rgb8
+
 
 def random_resized_crop_box(width: int, height: int, g: torch.Generator, scale=(0.2, 1.0),
                             ratio=(3.0 / 4.0, 4.0 / 3.0)) -> Tuple[int, int, int, int]:
@@ -38,13 +40,8 @@ def random_resized_crop_box(width: int, height: int, g: torch.Generator, scale=(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Greyscale, palette (with or without transparency), CMYK, RGBA -> RGB."""
-    if im.mode == "RGB":
-        return im
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    return im.convert("RGB")
+# Kept under its old name: every mode -> 8-bit RGB without clipping wide data (see decode.py).
+to_rgb = to_rgb8
 
 
 def crop_flip_resize(im: Image.Image, size: int, g: torch.Generator, scale=(0.2, 1.0)) -> torch.Tensor:
@@ -58,5 +55,6 @@ def crop_flip_resize(im: Image.Image, size: int, g: torch.Generator, scale=(0.2,
 
 
 def pil_to_uint8(im: Image.Image) -> torch.Tensor:
-    arr = np.asarray(to_rgb(im), dtype=np.uint8)
+    """Any PIL image -> uint8 (3, H, W), via :func:`fastebm.data.decode.to_rgb8`."""
+    arr = np.asarray(to_rgb8(im), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
