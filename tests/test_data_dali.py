@@ -1,7 +1,7 @@
 """The DALI loader (CPU operators) against the torch loader on a generated folder of real files.
 
 These tests need NVIDIA DALI (CI installs ``.[test,dali]``); without it they fail, they do not skip.
-The folder holds JPEG/PNG/BMP/GIF files of random sizes in every colour mode the torch loader
+The folder holds JPEG/PNG/BMP/PPM/GIF files of random sizes in every colour mode the torch loader
 handles (RGB, greyscale, RGBA, LA, 8- and 4-bit palette, palette with transparency, CMYK, 16-bit,
 EXIF-rotated), two unreadable files, and images in class folders and at the top level.
 """
@@ -56,7 +56,7 @@ def _make_folder(root, rng):
     os.makedirs(root / "cat")
     os.makedirs(root / "dog")
     files = {
-        "top1.jpg": rgb(), "top2.png": rgb(),
+        "top1.ppm": rgb(), "top2.png": rgb(),
         "cat/rgb1.jpg": rgb(), "cat/rgb2.jpg": rgb(), "cat/grey.jpg": rgb().convert("L"), "cat/rgb.png": rgb(),
         "cat/grey.png": rgb().convert("L"), "cat/rgba.png": rgb().convert("RGBA"), "cat/la.png": rgb().convert("LA"),
         "dog/rgb3.jpg": rgb(), "dog/cmyk.jpg": rgb().convert("CMYK"), "dog/anim.gif": rgb().convert("P"),
