@@ -12,7 +12,7 @@ from fastebm.cli.train import main
 from fastebm.data.errors import DataError
 from fastebm.data.folder import ImageFolderData, scan_image_files
 from fastebm.data.loader import MicroBatchStream
-from fastebm.data.sampling import BatchPlan, spread_order, substitute_order
+from fastebm.data.sampling import BatchPlan, resolve_sample, spread_order, substitute_order
 
 
 def _seed():
@@ -58,6 +58,22 @@ def test_substitute_and_spread_orders_visit_every_index_once():
     for n in (97, 360, 1001):
         first = list(spread_order(n))[:16]
         assert {4 * p // n for p in first} == {0, 1, 2, 3}  # the first probes reach every quarter of the list
+
+
+def test_resolve_sample_walks_lazily_to_the_first_readable_index():
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    for n in (1, 5, 97, 360):
+        readable = rng.random(n) < 0.15
+        for index in rng.integers(0, n, 6).tolist():
+            calls = []
+            chosen, bad = resolve_sample(n, seed, 3, index, lambda i: calls.append(i) or bool(readable[i]))
+            walk = [index] + list(substitute_order(n, seed, 3, index))  # the rule, written out
+            first = next((k for k, i in enumerate(walk) if readable[i]), None)
+            if first is None:
+                assert chosen is None and bad == walk == calls and sorted(bad) == list(range(n))
+            else:
+                assert chosen == walk[first] and bad == walk[:first] and calls == walk[: first + 1]
 
 
 def test_80_bad_files_sorted_before_8_good_ones_train(tmp_path, capsys):
@@ -124,6 +140,7 @@ def test_substitutes_are_exact_across_worker_counts_and_resume(tmp_path):
             if b is None:
                 continue
             assert a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+            assert a[4] == b[4]  # the same reports too: every bad file the walk passed, per sample
     # bad samples become good files spread over the good set, with their own crops
     labels = torch.cat([r[2] for r in ref])
     assert (labels == 0).sum() == 0  # class 0 is 'a_partial': nothing from it reaches a batch

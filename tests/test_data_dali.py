@@ -3,7 +3,8 @@
 These tests need NVIDIA DALI (CI installs ``.[test,dali]``); without it they fail, they do not skip.
 The folder holds JPEG/PNG/BMP/PPM/GIF files of random sizes in every colour mode the torch loader
 handles (RGB, greyscale, RGBA, LA, 8- and 4-bit palette, palette with transparency, CMYK, 16-bit,
-EXIF-rotated), two unreadable files, and images in class folders and at the top level.
+EXIF-rotated), two unreadable files, and images in class folders and at the top level. Unreadable
+files are also tested in a run of 80 sorted before the good ones, scattered, and with nothing readable.
 """
 import os
 import sys
@@ -20,9 +21,10 @@ from fastebm.data.dali_index import BAD, CONVERTED, NATIVE, build_index, default
 from fastebm.data.errors import DataError
 from fastebm.data.folder import ImageFolderData, decode_image
 from fastebm.data.loader import MicroBatchStream
-from fastebm.data.sampling import BatchPlan, epoch_order, generator_for
+from fastebm.data.sampling import AUGMENT_STREAM, BatchPlan, epoch_order, generator_for, substitute_order
 from fastebm.data.streams import build_stream, resolve_loader
 from fastebm.data.transforms import crop_flip_resize
+from test_data_bad_files import make_damaged_folder
 
 IMG = 24
 
@@ -114,6 +116,48 @@ def _close_to_torch(dali_images, torch_images):
     return d, mirrored
 
 
+def _assert_pixels_match(got, ref):
+    diffs, mirrored = [], []
+    for g, r in zip(got, ref, strict=True):
+        d, m = _close_to_torch(g["images"], r["images"])
+        diffs.append(d)
+        mirrored.append(m)
+    diffs, mirrored = torch.cat(diffs), torch.cat(mirrored)
+    # Same crop and flip; the resize arithmetic differs (PIL fixed point, DALI float): measured about
+    # 0.13 grey levels apart on average, at most 0.31 for one image; the mirror image is ~75 apart.
+    assert diffs.max() < 0.75, diffs
+    assert diffs.mean() < 0.3 and mirrored.mean() > 20 * diffs.mean(), (diffs.mean(), mirrored.mean())
+
+
+def _assert_substitution_rule(source, plan, batches, bad_paths):
+    """Each sample of ``batches`` against the rule written out here from its definition: the first file
+    not in ``bad_paths`` along [index] + substitute_order(n, seed, epoch, index), cropped and flipped
+    with the draw of the requested index; ``bad`` lists the files passed on the way, sample after sample."""
+    n = len(source)
+    for batch in batches:
+        epoch = batch["step"] // plan.steps_per_epoch
+        passed = []
+        for row, pos in enumerate(batch["positions"].tolist()):
+            index = int(epoch_order(n, plan.seed, epoch)[pos])
+            walk = [index] + list(substitute_order(n, plan.seed, epoch, index))
+            k = next(k for k, i in enumerate(walk) if source.paths[i] not in bad_paths)
+            passed += [source.paths[i] for i in walk[:k]]
+            assert batch["labels"][row] == source.labels[walk[k]]
+            expected = crop_flip_resize(decode_image(source.paths[walk[k]]), IMG,
+                                        generator_for(source.seed, AUGMENT_STREAM, epoch, index))
+            assert torch.equal(batch["images"][row], expected)
+        assert [b.split(" (", 1)[0] for b in batch["bad"]] == passed
+
+
+def _dali_equals_torch(source, plan, index, steps):
+    """The DALI stream's and the torch loader's batches of ``steps``; keys, reports and pixels compared."""
+    ref = _batches(MicroBatchStream(source, plan), *steps)
+    got = _batches(build_stream("dali", source, plan, "cpu", 1, index=index), *steps)
+    _assert_same_keys(got, ref)
+    _assert_pixels_match(got, ref)
+    return got, ref
+
+
 def test_index_sorts_files_into_native_converted_and_bad(folder, tmp_path):
     source = _source(folder)
     index = _index(source, tmp_path)
@@ -180,7 +224,6 @@ def test_batches_match_the_torch_loader(dali, folder, tmp_path, accum):
     _assert_same_keys(got, ref)
     assert sum(len(b["bad"]) for b in got) >= 2  # both unreadable files met in two epochs
     class_of = {"cat": 0, "dog": 1}
-    diffs, mirrored = [], []
     for batch in got:
         images = batch["images"]
         assert images.shape == (4, 3, IMG, IMG) and images.dtype == torch.uint8 and images.is_contiguous()
@@ -190,15 +233,55 @@ def test_batches_match_the_torch_loader(dali, folder, tmp_path, accum):
             rel = os.path.relpath(source.paths[index], folder).split(os.sep)
             if source.paths[index] not in " ".join(batch["bad"]):
                 assert label == (class_of[rel[0]] if len(rel) > 1 else -1)
-    for g, r in zip(got, ref):
-        d, m = _close_to_torch(g["images"], r["images"])
-        diffs.append(d)
-        mirrored.append(m)
-    diffs, mirrored = torch.cat(diffs), torch.cat(mirrored)
-    # Same crop and flip; the resize arithmetic differs (PIL fixed point, DALI float): measured about
-    # 0.13 grey levels apart on average, at most 0.31 for one image; the mirror image is ~75 apart.
-    assert diffs.max() < 0.75, diffs
-    assert diffs.mean() < 0.3 and mirrored.mean() > 20 * diffs.mean(), (diffs.mean(), mirrored.mean())
+    _assert_pixels_match(got, ref)
+
+
+def test_a_run_of_80_bad_files_sorted_first_matches_the_torch_loader(dali, tmp_path):
+    """More than 64 unreadable files in a row before the good ones (the old rule's limit): every bad
+    sample walks to the same substitute, with the requested sample's crop, in both loaders."""
+    seed = int(torch.randint(0, 1 << 30, (1,)))
+    bad, _ = make_damaged_folder(tmp_path / "data", 80, 8, seed, good_classes=3)
+    source = ImageFolderData(str(tmp_path / "data"), IMG, seed)
+    plan = BatchPlan(len(source), 4, 2, 1, 0, seed=seed)
+    index = _index(source, tmp_path)
+    assert [p for p, r in zip(index.paths, index.records) if r.kind == BAD] == bad
+    got, ref = _dali_equals_torch(source, plan, index, (0, plan.steps_per_epoch + 2))  # crosses an epoch
+    _assert_substitution_rule(source, plan, ref, set(bad))
+    labels = torch.cat([b["labels"] for b in got])
+    assert (labels == 0).sum() == 0 and len(set(labels.tolist())) == 3  # class 0 is the damaged folder
+    assert sum(len(b["bad"]) for b in got) > 64
+
+
+def test_scattered_bad_files_match_the_torch_loader_on_one_and_two_ranks(dali, folder, tmp_path):
+    whole = (folder / "cat/rgb1.jpg").read_bytes()
+    (folder / "cat/a_bad.jpg").write_bytes(whole[: len(whole) // 3])  # first in its class folder
+    (folder / "top0.png").write_bytes(b"not a PNG at all")  # top level
+    (folder / "dog/zz.bmp").write_bytes(b"BM" + bytes(60))  # last file
+    source = _source(folder, seed=int(torch.randint(0, 1000, (1,))))
+    index = _index(source, tmp_path)
+    bad = {p for p, r in zip(index.paths, index.records) if r.kind == BAD}
+    assert {os.path.relpath(p, folder) for p in bad} == {"cat/a_bad.jpg", "top0.png", "dog/zz.bmp", "dog/trunc.jpg",
+                                                         "dog/junk.png"}
+    plan = BatchPlan(len(source), 3, 2, 1, 0, seed=source.seed)
+    got, ref = _dali_equals_torch(source, plan, index, (0, 2 * plan.steps_per_epoch))
+    _assert_substitution_rule(source, plan, ref, bad)
+    assert {b.split(" (", 1)[0] for batch in got for b in batch["bad"]} == bad  # all met in two epochs
+    for rank in range(2):  # the file list spans both ranks: each rank's substitutes are still the torch loader's
+        _dali_equals_torch(source, BatchPlan(len(source), 3, 1, 2, rank, seed=source.seed), index, (1, 3))
+
+
+def test_no_readable_file_is_the_torch_loaders_one_line_data_error(dali, tmp_path):
+    make_damaged_folder(tmp_path / "data", 7, 0, int(torch.randint(0, 1 << 30, (1,))))
+    source = ImageFolderData(str(tmp_path / "data"), IMG, 4)
+    plan = BatchPlan(len(source), 2, 1, 1, 0, seed=4)
+    stream = build_stream("dali", source, plan, "cpu", 1, index=_index(source, tmp_path))
+    messages = []
+    for loader in (stream, MicroBatchStream(source, plan)):
+        with pytest.raises(DataError) as err:
+            next(iter(loader.iterate(0, 1)))
+        messages.append(str(err.value))
+    assert "\n" not in messages[0] and messages[0].startswith("--data: no readable image left in the data set (7 files")
+    assert messages[0] == messages[1]
 
 
 def test_crop_draws_are_the_torch_loaders(folder):

@@ -25,20 +25,24 @@ Which samples a batch holds, and their crops, are the torch loader's, not DALI's
   on CPU a mean absolute difference of about 0.1 grey levels (a few levels at most); nvJPEG on a
   GPU is not measured here (no GPU with DALI);
 * unreadable files: known from ``dali_index.build_index`` before the first batch and replaced by
-  the next readable file, as the torch loader does. A batch DALI still fails on (a file that changed
-  after indexing) is rebuilt on the host through the torch path, and the pipeline restarts after it.
+  ``sampling.resolve_sample``, the rule the torch loader uses (the first readable file along
+  ``substitute_order(n, seed, epoch, index)``), asked of the index instead of the decoder: the same
+  substitute, its crop and flip drawn for the requested index, the same "path (reason)" reports in
+  walk order, and the same one-line DataError when no file is readable. A batch DALI still fails on
+  (a file that changed after indexing) is rebuilt on the host through the torch path, and the
+  pipeline restarts after it.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .errors import DataError
-from .loader import MAX_SUBSTITUTE_TRIES, KeyedSamples, collate
-from .sampling import AUGMENT_STREAM, BatchPlan, SampleKey, epoch_order, generator_for
+from .errors import DataError, unreadable_entry
+from .loader import KeyedSamples, collate, no_readable_left
+from .sampling import BatchPlan, SampleKey, epoch_order, resolve_sample
 from .transforms import random_resized_crop_box
 from .dali_index import BAD, FileIndex
 
@@ -90,20 +94,6 @@ def crop_arguments(width: int, height: int, size: int, g: torch.Generator, scale
     return (np.array([x0, y0], np.int32), np.array([x1 - x0, y1 - y0], np.int32),
             np.array([top - y0, left - x0], np.float32), np.array([top - y0 + h, left - x0 + w], np.float32),
             np.array(int(flip), np.int32))
-
-
-def _next_readable(index: FileIndex) -> np.ndarray:
-    """For each dataset index, the readable index the torch loader would load instead (-1: none
-    within MAX_SUBSTITUTE_TRIES, which the torch loader treats as an error)."""
-    n = len(index)
-    good = np.array([r.kind != BAD for r in index.records])
-    if not good.any():
-        return np.full(n, -1, dtype=np.int64)
-    good_at = np.flatnonzero(good)
-    ahead = np.searchsorted(good_at, np.arange(n))  # first readable index >= i, cyclically
-    target = np.where(ahead < len(good_at), good_at[np.minimum(ahead, len(good_at) - 1)], good_at[0])
-    distance = (target - np.arange(n)) % n
-    return np.where(distance < min(n, MAX_SUBSTITUTE_TRIES), target, -1)
 
 
 def _build_pipeline(dali, files: List[str], shard_id: int, num_shards: int, batch_size: int, img_size: int,
@@ -164,28 +154,27 @@ class DaliMicroBatchStream:
         self.device_id = None if self.device.type != "cuda" else (
             self.device.index if self.device.index is not None else torch.cuda.current_device())
         self.num_threads = max(1, int(num_threads))
-        self.resolved = _next_readable(index)
+        self.bad = np.array([r.kind == BAD for r in index.records], dtype=bool)
         self.read_paths = [r.read_path for r in index.records]
         self.host_fallbacks = 0  # batches DALI failed on and the torch path rebuilt
 
     # ------------------------------------------------------------------ planning
-    def _resolve(self, indices: np.ndarray) -> np.ndarray:
-        out = self.resolved[indices]
-        if (out < 0).any():
-            first = int(indices[np.flatnonzero(out < 0)[0]])
-            raise DataError(f"{MAX_SUBSTITUTE_TRIES} consecutive unreadable images starting at {self.index.paths[first]}: "
-                            + "; ".join(self._bad_chain(first)[:3]))
-        return out
-
-    def _bad_chain(self, index: int) -> List[str]:
-        """What the torch loader reports for a sample at ``index``: every unreadable file it tried first."""
-        n, chain = len(self.index), []
-        for k in range(min(n, MAX_SUBSTITUTE_TRIES)):
-            rec = self.index.records[(index + k) % n]
-            if rec.kind != BAD:
-                break
-            chain.append(f"{self.index.paths[(index + k) % n]} ({rec.reason})")
-        return chain
+    def _resolve(self, epoch: int, indices: np.ndarray) -> Tuple[np.ndarray, Dict[int, List[str]]]:
+        """The index DALI reads for each of ``indices`` (same shape) and, per unreadable one among them,
+        the "path (reason)" reports the torch loader gives with that sample; DataError if nothing is readable."""
+        n, resolved = len(self.index), indices.copy()
+        substitutes, reports = {}, {}
+        unreadable = self.bad[indices]
+        # A readable index is its own sample (resolve_sample's first step): only bad ones walk. In the
+        # order they are loaded, so a data set with nothing readable names the torch loader's example.
+        for i in dict.fromkeys(indices[unreadable].tolist()):
+            chosen, walked = resolve_sample(n, self.plan.seed, epoch, i, lambda j: not self.bad[j])
+            reports[i] = [unreadable_entry(self.index.paths[j], self.index.records[j].reason) for j in walked]
+            if chosen is None:
+                raise DataError(f"--data: {no_readable_left(n, reports[i][0])}")
+            substitutes[i] = chosen
+        resolved[unreadable] = [substitutes[i] for i in indices[unreadable].tolist()]
+        return resolved, reports
 
     def _positions(self, first_micro: int, count: int) -> np.ndarray:
         """(count, world, B) global positions of micro-batches first_micro.. of the epoch (BatchPlan's layout)."""
@@ -193,17 +182,18 @@ class DaliMicroBatchStream:
         return ((first_micro + np.arange(count))[:, None, None] * p.global_micro_batch
                 + np.arange(p.world_size)[None, :, None] * p.batch_size + np.arange(p.batch_size)[None, None, :])
 
-    def _crops(self, epoch: int, resolved: np.ndarray):
+    def _crops(self, epoch: int, resolved: np.ndarray, requested: np.ndarray):
         """external_source callback: batch ``i`` -> per sample the decoded slice ([x, y], [w, h]), the
-        crop inside it ([y, x] start and end) and the flip."""
+        crop inside it ([y, x] start and end) and the flip: drawn for the requested index, from the
+        size of the file read (a substitute's crop is the requested sample's draw, as in the torch loader)."""
         src, B = self.source, self.plan.batch_size
 
         def crops(info):
-            row = resolved[info.iteration % len(resolved)]  # past the end: the reader's read-ahead, discarded
+            row = info.iteration % len(resolved)  # past the end: the reader's read-ahead, discarded
             columns = [[] for _ in range(5)]
-            for i in row.tolist():
+            for i, want in zip(resolved[row].tolist(), requested[row].tolist()):
                 rec = self.index.records[i]
-                g = generator_for(src.seed, AUGMENT_STREAM, epoch, i)
+                g = src.crop_generator(epoch, want)
                 for column, value in zip(columns, crop_arguments(rec.width, rec.height, src.img_size, g, src.crop_scale)):
                     column.append(value)
             assert len(columns[0]) == B
@@ -232,15 +222,16 @@ class DaliMicroBatchStream:
         while done < len(schedule):
             positions = self._positions(first_micro + done, len(schedule) - done)  # (count, world, B)
             original = order[positions]
-            resolved = self._resolve(original)
+            resolved, reports = self._resolve(epoch, original)
             files = [self.read_paths[i] for i in resolved.transpose(1, 0, 2).reshape(-1).tolist()]
             mine = resolved[:, p.rank]
             pipe = _build_pipeline(self.dali, files, p.rank, p.world_size, p.batch_size, self.source.img_size,
-                                   self._crops(epoch, mine), self.device_id, self.num_threads, p.seed % 2**31)
+                                   self._crops(epoch, mine, original[:, p.rank]), self.device_id, self.num_threads,
+                                   p.seed % 2**31)
             list_start = p.rank * len(mine) * p.batch_size
             for j in range(len(schedule) - done):
                 s, m = schedule[done]
-                bad = [b for i in original[j, p.rank].tolist() for b in self._bad_chain(i)]
+                bad = [b for i in original[j, p.rank].tolist() for b in reports.get(i, ())]
                 labels = [self.source.labels[i] for i in mine[j].tolist()]
                 try:
                     images, where = pipe.run()
@@ -264,7 +255,9 @@ class DaliMicroBatchStream:
         reason = lines[lines.index("encountered:") + 1] if "encountered:" in lines[:-1] else lines[0]
         warnings.warn(f"DALI failed on a batch of step {step} ({reason[:200]}); decoded it with the torch loader "
                       f"instead (a file changed after the index was built? the next run re-checks changed files)")
-        dataset = KeyedSamples(self.source)
+        dataset = KeyedSamples(self.source, seed=self.plan.seed)
         items = [dataset[SampleKey(epoch, int(i), int(q))] for i, q in zip(indices.tolist(), positions.tolist())]
         batch = collate(items)
+        if "fatal" in batch:
+            raise DataError(f"--data: {batch['fatal']}")
         return micro_batch(batch["images"].to(self.device), batch["labels"], batch["positions"], batch["bad"], step, micro)

@@ -15,3 +15,8 @@ class UnreadableImage(Exception):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+def unreadable_entry(path: str, reason: str) -> str:
+    """How an unreadable file is reported in a batch's ``"bad"`` list and in summary.json: "path (reason)"."""
+    return f"{path} ({reason})"

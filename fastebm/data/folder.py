@@ -78,8 +78,12 @@ class ImageFolderData:
         a substitute file still get different crops.
         """
         im = decode_image(self.paths[index])
-        g = generator_for(self.seed, AUGMENT_STREAM, epoch, index if aug_index is None else aug_index)
+        g = self.crop_generator(epoch, index if aug_index is None else aug_index)
         return crop_flip_resize(im, self.img_size, g, scale=self.crop_scale), self.labels[index]
+
+    def crop_generator(self, epoch: int, aug_index: int) -> torch.Generator:
+        """The generator of sample ``aug_index``'s crop and flip in ``epoch`` (also used by the DALI loader)."""
+        return generator_for(self.seed, AUGMENT_STREAM, epoch, aug_index)
 
     def check_readable(self, warn_after: int = 1000) -> int:
         """Index of a readable file, probing the whole list evenly (``spread_order``); DataError if none.

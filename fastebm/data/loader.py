@@ -1,26 +1,33 @@
 """Turns a BatchPlan into micro-batches of uint8 images, replacing (and reporting) unreadable files."""
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Set
+from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DataError, UnreadableImage
-from .sampling import BatchPlan, SampleKey, generator_for, substitute_order
+from .errors import DataError, UnreadableImage, unreadable_entry
+from .sampling import BatchPlan, SampleKey, generator_for, resolve_sample
 
 LOADER_STREAM = 3  # seeds DataLoader's own draws (worker base seed), never the global RNG
+
+
+def no_readable_left(num_files: int, example: str) -> str:
+    """The one-line reason both loaders stop with when no file of the data set decodes (any more)."""
+    return (f"no readable image left in the data set ({num_files} files; e.g. {example}): "
+            "files changed during the run?")
 
 
 class KeyedSamples(Dataset):
     """Map-style dataset indexed by SampleKey (epoch matters for augmentation).
 
-    An unreadable file is replaced by the first readable file along
-    :func:`fastebm.data.sampling.substitute_order` (seed, epoch, index): a walk over the whole
-    dataset, so the substitute is a pure function of (seed, epoch, index) and of which files are
-    readable, whatever the worker count, and it exists as long as one file in the dataset decodes.
-    The substitute's crop is drawn for the requested index (``source.load(..., aug_index=)``).
-    Every bad file met travels with the batch in ``"bad"`` ("path (reason)") so the main process
+    An unreadable file is replaced as :func:`fastebm.data.sampling.resolve_sample` defines (the
+    first readable file along ``substitute_order(n, seed, epoch, index)``, a walk over the whole
+    dataset), decoding candidates as the walk goes: the substitute is a pure function of (seed,
+    epoch, index) and of which files are readable, whatever the worker count, and it exists as long
+    as one file in the dataset decodes. The substitute's crop is drawn for the requested index
+    (``source.load(..., aug_index=)``). Every bad file the walk passes travels with the sample in
+    ``"bad"`` ("path (reason)", in walk order; the train loop de-duplicates) so the main process
     can count and list it (and stop under --strict_data). If the walk finds nothing readable
     (files deleted or damaged after start-up) the item carries ``"fatal"`` and
     :class:`MicroBatchStream` raises a one-line DataError in the main process (an exception raised
@@ -30,39 +37,34 @@ class KeyedSamples(Dataset):
     def __init__(self, source, seed: int = 0):
         self.source = source
         self.seed = seed
-        # Indices this process has already seen fail: skipped without decoding again. Only a speed-up:
-        # the walk's answer does not depend on it, and each bad file is still reported once per process.
-        self._known_bad: Set[int] = set()
+        # Files this process has already seen fail, with their report: skipped without decoding again.
+        # Only a speed-up: neither the substitute nor the report depends on it.
+        self._known_bad: Dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, key: SampleKey):
-        bad: List[str] = []
-        item = self._try(key.index, key, bad, aug_index=None)
-        if item is None:
-            for index in substitute_order(len(self.source), self.seed, key.epoch, key.index):
-                item = self._try(index, key, bad, aug_index=key.index)
-                if item is not None:
-                    break
-        if item is None:
-            return {"fatal": f"no readable image left in the data set ({len(self.source)} files; "
-                             f"e.g. {bad[0] if bad else self.source.describe(key.index)}): files changed during the run?",
-                    "bad": bad}
-        image, label = item
-        return {"image": image, "label": label, "position": key.position, "bad": bad}
+        loaded = []
 
-    def _try(self, index: int, key: SampleKey, bad: List[str], aug_index: Optional[int]):
-        if index in self._known_bad:
-            return None
-        try:
-            if aug_index is None:
-                return self.source.load(index, key.epoch)
-            return self.source.load(index, key.epoch, aug_index=aug_index)
-        except UnreadableImage as exc:
-            self._known_bad.add(index)
-            bad.append(f"{exc.path} ({exc.reason})")
-            return None
+        def readable(index: int) -> bool:
+            if index in self._known_bad:
+                return False
+            try:  # only a substitute passes aug_index: data without bad files need not accept it
+                extra = {} if index == key.index else {"aug_index": key.index}
+                loaded.append(self.source.load(index, key.epoch, **extra))
+                return True
+            except UnreadableImage as exc:
+                self._known_bad[index] = unreadable_entry(exc.path, exc.reason)
+                return False
+
+        chosen, bad_indices = resolve_sample(len(self.source), self.seed, key.epoch, key.index, readable)
+        bad = [self._known_bad[i] for i in bad_indices]
+        if chosen is None:
+            return {"fatal": no_readable_left(len(self.source), bad[0] if bad else self.source.describe(key.index)),
+                    "bad": bad}
+        image, label = loaded[0]
+        return {"image": image, "label": label, "position": key.position, "bad": bad}
 
 
 def collate(items: Sequence[Dict]) -> Dict:

@@ -10,9 +10,10 @@ its slice of the same global batch).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterator, List, NamedTuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -73,6 +74,28 @@ def substitute_order(num_samples: int, seed: int, epoch: int, index: int) -> Ite
     h = mix_seed(seed, SUBSTITUTE_STREAM, epoch, index)
     start, stride = h % num_samples, _coprime_stride(num_samples, h >> 24)
     return (c for c in _affine_walk(num_samples, start, stride) if c != index)
+
+
+def resolve_sample(num_samples: int, seed: int, epoch: int, index: int,
+                   readable: Callable[[int], bool]) -> Tuple[Optional[int], List[int]]:
+    """The dataset index that sample ``index`` of ``epoch`` is loaded from, and the unreadable indices met first.
+
+    The one definition of the substitution rule, shared by the torch loader (``loader.KeyedSamples``,
+    whose ``readable`` decodes as the walk goes) and the DALI loader (``dali.DaliMicroBatchStream``,
+    whose ``readable`` looks the file up in its pre-built index): ``index`` itself if it is
+    readable, else the first readable candidate along :func:`substitute_order` (seed, epoch,
+    index). ``readable`` is called in that order, once per candidate, and not after the first
+    ``True``. Returns ``(chosen, bad)``: ``chosen`` is None when no file of the data set is
+    readable; ``bad`` lists every index that ``readable`` rejected, in walk order (what the loaders
+    report with the sample). The substitute's crop and flip are drawn for ``index``, not ``chosen``
+    (``ImageFolderData.load(aug_index=)``), so samples sharing a substitute still differ.
+    """
+    bad: List[int] = []
+    for candidate in itertools.chain((index,), substitute_order(num_samples, seed, epoch, index)):
+        if readable(candidate):
+            return candidate, bad
+        bad.append(candidate)
+    return None, bad
 
 
 def spread_order(num_samples: int) -> Iterator[int]:
