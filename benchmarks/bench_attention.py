@@ -1,36 +1,49 @@
-"""Fused Triton attention vs the PyTorch SDPA math path: forward, forward+backward, and
-forward+backward+double-backward (the restoration objective's pattern), with peak memory.
+"""Fused Triton attention against honest baselines, measured side by side in one run: forward,
+forward+backward, and forward+backward+double-backward (the restoration objective's pattern),
+with time, TFLOP/s, MFU, peak memory and the error against a float64 reference.
 
-Two ways to run it:
-
+    python benchmarks/bench_attention.py --out benchmarks/results [--rows rows.jsonl]
     pytest benchmarks/bench_attention.py --benchmark-only       # pytest-benchmark table
-    python benchmarks/bench_attention.py --out benchmarks/results  # JSON + Markdown with ratios
 
-On a CUDA machine: bfloat16 at ViT-B shapes (B=64, H=12, N=197, d=64) and long sequences
-(N=1024, N=4096 with smaller batches). Without CUDA: a smoke mode (tiny float32 shapes, Triton
-interpreter) that only checks that the benchmark runs; its timings mean nothing.
+On a CUDA machine: bfloat16 at ViT-B shapes (B=64, H=12, N=197, d=64) and long sequences (N=1024,
+N=4096 with smaller batches). Without CUDA: a smoke mode (tiny float32 shapes, Triton interpreter)
+that only checks that the benchmark runs; its timings mean nothing.
 
-The baseline is ``torch.nn.functional.scaled_dot_product_attention`` restricted to its math
-backend, the only SDPA path with a double backward (the flash and memory-efficient kernels have
-none); it materialises the B*H*N*N attention matrix. Timed callables synchronise the GPU.
+Implementations (rows of the table):
+
+- ``fused``: ``fastebm.ops.attention(backend="triton")``;
+- ``sdpa_math``: ``F.scaled_dot_product_attention`` on its math backend, as PyTorch runs it by
+  default: bf16/fp16 inputs are upcast to fp32 inside (the only SDPA path with a double backward);
+- ``sdpa_math_bf16``: the same with ``torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)``
+  (matmuls and softmax in the input dtype), so "fused vs math" is not a precision change;
+- ``sdpa_default``: SDPA's default dispatch (FlashAttention-2 / memory-efficient / cuDNN): the
+  first-order baseline; it has no double backward;
+- ``xformers``: ``xformers.ops.memory_efficient_attention`` where xformers is installed (first order).
+
+FLOPs are the matmul FLOPs of the math algorithm with Nq = Nk = N: ``fwd`` 4, ``fwd_bwd`` 12,
+``fwd_bwd_dbwd`` 32 times B*H*N^2*d (the same for every implementation; the fused kernels'
+recomputation is not counted); tests/test_bench_helpers.py checks them against
+``torch.utils.flop_counter``. MFU = FLOP/s over the peak measured by ``_bench.measure_peak_flops``.
+
+JSONL rows (``--rows``), one per (shape, stage), written as each finishes: ``shape_name``,
+``shape`` [B, H, N, d], ``stage``, ``flops``, ``impls`` {name: {``ms``, ``tflops``, ``mfu``,
+``peak_mem_bytes``, ``err_vs_fp64`` (double backward only)} or {``error``} or {``na``}}.
 """
 from __future__ import annotations
 
-import os
-import shutil
+import contextlib
+from typing import Callable, Dict, List, Optional
 
-if "TRITON_INTERPRET" not in os.environ and not (os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi")):
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+from _bench import prepare_triton_env
 
-import datetime  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from typing import Callable, Dict, List, Optional  # noqa: E402
+prepare_triton_env()  # before triton is imported (by fastebm.ops)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from _report import kernel_bench_main  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _bench import (RowLog, environment, error_text, is_oom, kernel_bench_main, measure_peak_flops,  # noqa: E402
+                    peak_memory_bytes, time_ms)
+from _tables import attention_markdown  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from fastebm.ops import attention  # noqa: E402
@@ -48,24 +61,62 @@ GPU_SHAPES = {
 CPU_SHAPES = {"cpu_smoke_n37": (1, 2, 37, 16)}
 SHAPES = GPU_SHAPES if CUDA else CPU_SHAPES
 STAGES = ("fwd", "fwd_bwd", "fwd_bwd_dbwd")
-IMPLS = ("fused", "sdpa_math")
+FLOPS_PER_BHN2D = {"fwd": 4, "fwd_bwd": 12, "fwd_bwd_dbwd": 32}
 
 
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
+def stage_flops(shape, stage: str) -> float:
+    B, H, N, D = shape
+    return float(FLOPS_PER_BHN2D[stage] * B * H * N * N * D)
 
 
-def fused_attention(q, k, v):
+@contextlib.contextmanager
+def math_reductions_in_input_dtype(enabled: bool):
+    """Set ``allow_fp16_bf16_reduction_math_sdp`` for the block (restored after)."""
+    before = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(before)
+
+
+def _fused(q, k, v):
     return attention(q, k, v, backend="triton")
 
 
-def sdpa_math_attention(q, k, v):
+def _sdpa_math(q, k, v):
     with sdpa_kernel(SDPBackend.MATH):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-IMPL_FNS = {"fused": fused_attention, "sdpa_math": sdpa_math_attention}
+def _sdpa_default(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _xformers(q, k, v):
+    import xformers.ops as xops  # layout (B, N, H, d)
+
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+# name -> (function, stages it has, math reductions in the input dtype)
+IMPLS = {
+    "fused": (_fused, STAGES, False),
+    "sdpa_math": (_sdpa_math, STAGES, False),
+    "sdpa_math_bf16": (_sdpa_math, STAGES, True),
+    "sdpa_default": (_sdpa_default, STAGES[:2], False),
+    "xformers": (_xformers, STAGES[:2], False),
+}
+
+
+def xformers_unavailable() -> Optional[str]:
+    """Why xformers cannot be measured here (None if it can)."""
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - optional baseline
+        return "not installed" if isinstance(exc, ModuleNotFoundError) else f"unusable: {error_text(exc)}"
+    return None if CUDA else "needs a CUDA GPU"
 
 
 def make_inputs(shape, dtype=DTYPE, device=DEVICE, seed=0):
@@ -81,197 +132,129 @@ def make_inputs(shape, dtype=DTYPE, device=DEVICE, seed=0):
 
 def make_step(impl: str, stage: str, x) -> Callable[[], object]:
     """A callable running one stage of ``impl`` on the inputs ``x`` and synchronising the GPU."""
-    fn = IMPL_FNS[impl]
+    fn, _, low_precision_math = IMPLS[impl]
     q, k, v, do = x["q"], x["k"], x["v"], x["do"]
 
+    def sync():
+        if CUDA:
+            torch.cuda.synchronize()
+
     def fwd():
-        with torch.no_grad():
+        with torch.no_grad(), math_reductions_in_input_dtype(low_precision_math):
             out = fn(q, k, v)
-        _sync()
+        sync()
         return out
 
     def fwd_bwd():
-        grads = torch.autograd.grad(fn(q, k, v), (q, k, v), do)
-        _sync()
+        with math_reductions_in_input_dtype(low_precision_math):
+            grads = torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+        sync()
         return grads
 
     def fwd_bwd_dbwd():
         # The restoration pattern: a gradient with a graph, then a gradient of a function of it.
-        grads = torch.autograd.grad(fn(q, k, v), (q, k, v), do, create_graph=True)
-        inner = sum((g * x[n]).float().sum() for g, n in zip(grads, ("gq", "gk", "gv")))
-        bars = torch.autograd.grad(inner, (q, k, v, do))
-        _sync()
+        with math_reductions_in_input_dtype(low_precision_math):
+            grads = torch.autograd.grad(fn(q, k, v), (q, k, v), do, create_graph=True)
+            inner = sum((g * x[n]).float().sum() for g, n in zip(grads, ("gq", "gk", "gv")))
+            bars = torch.autograd.grad(inner, (q, k, v, do))
+        sync()
         return bars
 
     return {"fwd": fwd, "fwd_bwd": fwd_bwd, "fwd_bwd_dbwd": fwd_bwd_dbwd}[stage]
 
 
-def peak_memory_bytes(step: Callable[[], object]) -> Optional[int]:
-    """Peak GPU memory one call of ``step`` allocates above what is already allocated (None on CPU)."""
-    if not CUDA:
-        return None
-    _sync()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = step()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return int(peak)
+def max_rel_err(outputs, reference) -> float:
+    """Largest norm-relative difference over matching tensors, computed in float64."""
+    return max(((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+               for a, b in zip(outputs, reference))
+
+
+def float64_reference(x):
+    """The double-backward outputs of math attention in float64 on the same (rounded) inputs."""
+    x64 = {n: t.detach().double().requires_grad_(t.requires_grad) for n, t in x.items()}
+    return [t.detach() for t in make_step("sdpa_math", "fwd_bwd_dbwd", x64)()]
+
+
+def measure(impl: str, stage: str, x, shape, reps: int, warmup: int, peak_flops: float, ref) -> Dict[str, object]:
+    step = make_step(impl, stage, x)
+    try:
+        out = step()  # compile / warm up outside the timing
+        res: Dict[str, object] = {}
+        if ref is not None:
+            res["err_vs_fp64"] = max_rel_err(out, ref)
+        del out
+        res["peak_mem_bytes"] = peak_memory_bytes(step)
+        res["ms"] = time_ms(step, reps, warmup)
+    except Exception as exc:  # noqa: BLE001 - one implementation's failure must not stop the others
+        return {"error": "out of memory" if is_oom(exc) else error_text(exc)}
+    finally:
+        if CUDA:
+            torch.cuda.empty_cache()
+    res["tflops"] = stage_flops(shape, stage) / (res["ms"] * 1e-3) / 1e12
+    res["mfu"] = res["tflops"] * 1e12 / peak_flops
+    return res
+
+
+def run(reps: int, warmup: int, rows: Optional[RowLog] = None) -> Dict[str, object]:
+    rows = rows or RowLog(None)
+    env = environment()
+    meta = dict(benchmark="attention", device=env["device"], dtype=str(DTYPE).replace("torch.", ""),
+                torch=env["torch"], triton=env.get("triton"), date=env["date"], reps=reps, warmup=warmup,
+                xformers=env.get("xformers") or xformers_unavailable(), **measure_peak_flops(DEVICE))
+    unavailable = {"xformers": xformers_unavailable()}
+    rows.meta(meta)
+    results: List[Dict[str, object]] = []
+    for name, shape in SHAPES.items():
+        x = make_inputs(shape)
+        try:
+            ref = float64_reference(x)
+        except Exception as exc:  # noqa: BLE001 - the accuracy column is then empty
+            print(f"{name}: no float64 reference ({error_text(exc)})", flush=True)
+            ref = None
+        for stage in STAGES:
+            row = dict(shape_name=name, shape=list(shape), stage=stage, flops=stage_flops(shape, stage), impls={})
+            for impl, (_, stages, _) in IMPLS.items():
+                if stage not in stages:
+                    row["impls"][impl] = {"na": "no double backward"}
+                elif unavailable.get(impl):
+                    row["impls"][impl] = {"na": unavailable[impl]}
+                else:
+                    row["impls"][impl] = measure(impl, stage, x, shape, reps, warmup, meta["peak_flops"],
+                                                 ref if stage == "fwd_bwd_dbwd" else None)
+            rows.write(row)
+            results.append(row)
+            print(f"{name} {stage}: " + ", ".join(f"{k} {v.get('ms', v.get('error') or v.get('na'))}"
+                                                   for k, v in row["impls"].items()), flush=True)
+        del x, ref
+    return dict(meta=meta, results=results)
+
+
+def to_markdown(report: Dict[str, object]) -> str:
+    return attention_markdown(report["meta"], report["results"])
 
 
 # ------------------------------------------------------------------------------ pytest-benchmark
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_attention(benchmark, shape_name, stage, impl):
+    if stage not in IMPLS[impl][1]:
+        pytest.skip(f"{impl} has no double backward")
+    if impl == "xformers" and xformers_unavailable():
+        pytest.skip(f"xformers: {xformers_unavailable()}")
     shape = SHAPES[shape_name]
-    x = make_inputs(shape)
-    step = make_step(impl, stage, x)
-    step()  # compile / warm up outside the timing
+    step = make_step(impl, stage, make_inputs(shape))
+    step()
     try:
         peak = peak_memory_bytes(step)
-    except torch.cuda.OutOfMemoryError:  # the quadratic baseline at long N on a small GPU
+    except torch.cuda.OutOfMemoryError:  # the quadratic baselines at long N on a small GPU
         pytest.skip(f"{impl} {stage} {shape_name}: out of GPU memory")
-    benchmark.extra_info.update(
-        shape=list(shape), dtype=str(DTYPE), device=_device_name(), impl=impl, stage=stage, peak_mem_bytes=peak
-    )
+    benchmark.extra_info.update(shape=list(shape), dtype=str(DTYPE), impl=impl, stage=stage, peak_mem_bytes=peak,
+                                flops=stage_flops(shape, stage))
     rounds, warmup = (10, 2) if CUDA else (2, 0)
     benchmark.pedantic(step, rounds=rounds, warmup_rounds=warmup, iterations=1)
-
-
-# ---------------------------------------------------------------------------------- script mode
-
-
-def _device_name() -> str:
-    if CUDA:
-        return torch.cuda.get_device_name()
-    return "cpu (Triton interpreter; timings not meaningful)"
-
-
-def time_step(step: Callable[[], object], reps: int, warmup: int) -> float:
-    """Median wall time of ``step`` in milliseconds (each call ends with a GPU synchronise)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def max_rel_diff(x) -> float:
-    """Largest norm-relative difference, fused vs SDPA math, over the double-backward outputs."""
-    a = make_step("fused", "fwd_bwd_dbwd", x)()
-    b = make_step("sdpa_math", "fwd_bwd_dbwd", x)()
-    return max(((p.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30)).item() for p, r in zip(a, b))
-
-
-def run(reps: int, warmup: int) -> Dict[str, object]:
-    import triton
-
-    results: List[Dict[str, object]] = []
-    for name, shape in SHAPES.items():
-        x = make_inputs(shape)
-        row_check = None
-        try:
-            row_check = max_rel_diff(x)
-        except torch.cuda.OutOfMemoryError:
-            pass
-        for stage in STAGES:
-            row: Dict[str, object] = dict(shape_name=name, shape=list(shape), stage=stage)
-            for impl in IMPLS:
-                step = make_step(impl, stage, x)
-                try:
-                    step()
-                    row[f"{impl}_peak_mem_bytes"] = peak_memory_bytes(step)
-                    row[f"{impl}_ms"] = time_step(step, reps, warmup)
-                except torch.cuda.OutOfMemoryError:
-                    row[f"{impl}_ms"] = None
-                    row[f"{impl}_peak_mem_bytes"] = "OOM"
-                if CUDA:
-                    torch.cuda.empty_cache()
-            if row["fused_ms"] and row["sdpa_math_ms"]:
-                row["speedup"] = row["sdpa_math_ms"] / row["fused_ms"]
-            row["fused_vs_math_max_rel_diff_dbwd"] = row_check
-            results.append(row)
-    return dict(
-        benchmark="attention: fused Triton vs SDPA math path",
-        device=_device_name(),
-        dtype=str(DTYPE),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        reps=reps,
-        results=results,
-        targets=_targets(results),
-    )
-
-
-def _targets(results) -> Dict[str, object]:
-    """The issue's acceptance numbers: double-backward speedup >= 2x at N=197, >= 5x at N >= 1024,
-    and fused peak memory per token roughly constant in N (linear memory)."""
-    out: Dict[str, object] = {}
-    for row in results:
-        if row["stage"] != "fwd_bwd_dbwd":
-            continue
-        N = row["shape"][2]
-        need = 2.0 if N < 1024 else 5.0
-        got = row.get("speedup")
-        out[f"dbwd_speedup_{row['shape_name']}"] = dict(required=need, measured=got, met=bool(got and got >= need))
-        peak = row.get("fused_peak_mem_bytes")
-        if isinstance(peak, int):
-            B, H, _, _ = row["shape"]
-            out[f"fused_peak_bytes_per_token_{row['shape_name']}"] = peak / (B * H * N)
-    return out
-
-
-def _fmt_ms(v) -> str:
-    return "—" if v is None else f"{v:.3f}"
-
-
-def _fmt_mem(v) -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, str):
-        return v
-    return f"{v / 2**20:.1f}"
-
-
-def to_markdown(report: Dict[str, object]) -> str:
-    lines = [
-        f"# {report['benchmark']}",
-        "",
-        f"- device: {report['device']}",
-        f"- dtype: {report['dtype']}; torch {report['torch']}; triton {report['triton']}",
-        f"- date (UTC): {report['date']}; median of {report['reps']} runs; times in ms, peak memory in MiB",
-        "",
-        "| shape (B,H,N,d) | stage | fused ms | SDPA math ms | speedup | fused peak MiB | math peak MiB |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["results"]:
-        sp = r.get("speedup")
-        lines.append(
-            f"| {r['shape_name']} {tuple(r['shape'])} | {r['stage']} | {_fmt_ms(r['fused_ms'])} | "
-            f"{_fmt_ms(r['sdpa_math_ms'])} | {'—' if sp is None else f'{sp:.2f}x'} | "
-            f"{_fmt_mem(r['fused_peak_mem_bytes'])} | {_fmt_mem(r['sdpa_math_peak_mem_bytes'])} |"
-        )
-    lines += ["", "Targets (issue 7):", ""]
-    for key, val in report["targets"].items():
-        if isinstance(val, dict):
-            m = val["measured"]
-            lines.append(
-                f"- {key}: required >= {val['required']}x, measured {'—' if m is None else f'{m:.2f}x'}: "
-                f"{'met' if val['met'] else 'NOT met'}"
-            )
-        else:
-            lines.append(f"- {key}: {val:.1f} bytes")
-    checks = {r["shape_name"]: r["fused_vs_math_max_rel_diff_dbwd"] for r in report["results"]}
-    lines += ["", "Fused vs math, double-backward outputs, max norm-relative difference: "
-              + ", ".join(f"{k} {'—' if v is None else f'{v:.1e}'}" for k, v in checks.items()), ""]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

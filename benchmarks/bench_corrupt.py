@@ -13,32 +13,32 @@ weight written once) and is compared with the card's copy bandwidth, measured he
 device-to-device copy. Targets (issue 4): fused >= 5x faster than the reference, kernel time
 <= 2x the copy-bandwidth bound. Without CUDA: a smoke mode that runs the reference on a tiny batch
 (its timings mean nothing). Timed callables synchronise the GPU.
+
+JSONL rows (``--rows``), one per task set, written as each finishes: ``tasks``, ``reference_ms``,
+``fused_ms``, ``kernel_ms``, ``speedup_fused_vs_reference``, ``kernel_GBps``,
+``kernel_vs_copy_bound``, ``bitwise_equal_to_reference``, ``{reference,fused}_peak_mem_bytes``.
 """
 from __future__ import annotations
 
-import datetime
-import os
-import statistics
-import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
-import pytest
-import torch
-from _report import kernel_bench_main
+from _bench import prepare_triton_env
 
-from fastebm.corrupt import _ext, make_plan, prepare_batch
-from fastebm.corrupt.api import IMAGENET_MEAN, IMAGENET_STD, _prepare_tasks
+prepare_triton_env()  # before fastebm (which may import triton)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from _bench import RowLog, environment, kernel_bench_main, peak_memory_bytes, sync, time_ms  # noqa: E402
+from _tables import corrupt_markdown  # noqa: E402
+
+from fastebm.corrupt import _ext, make_plan, prepare_batch  # noqa: E402
+from fastebm.corrupt.api import IMAGENET_MEAN, IMAGENET_STD, _prepare_tasks  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 SHAPE = (256, 3, 224, 224) if CUDA else (4, 3, 32, 32)
 PATCH = 16 if CUDA else 8
 TASK_SETS = {"mix": "mix", "mim": "mim", "sort": "sort", "sr": "sr", "denoise": "denoise", "colorize": "colorize"}
-
-
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def make_images(shape=SHAPE, device=DEVICE, seed=0) -> torch.Tensor:
@@ -60,7 +60,7 @@ def make_step(impl: str, images: torch.Tensor, tasks) -> Callable[[], object]:
         def kernel():
             out = torch.ops.fastebm.fused_corrupt(images, task_ids, plan.patch_src, ids, mean, std, plan.noise_scale,
                                                   1, 0, 0, PATCH, plan.sr_factor)
-            _sync()
+            sync()
             return out
 
         return kernel
@@ -68,7 +68,7 @@ def make_step(impl: str, images: torch.Tensor, tasks) -> Callable[[], object]:
 
     def step():
         out = prepare_batch(images, tasks, seed=1, offset=0, patch_size=PATCH, backend=backend)
-        _sync()
+        sync()
         return out
 
     return step
@@ -80,18 +80,6 @@ def bytes_moved(shape=SHAPE, in_bytes=1) -> int:
     return b * c * h * w * in_bytes + 2 * b * c * h * w * 4 + b * h * w * 4
 
 
-def time_step(step: Callable[[], object], reps: int, warmup: int) -> float:
-    """Median wall time of ``step`` in seconds."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
     """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -101,7 +89,7 @@ def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
         dst.copy_(src)
         torch.cuda.synchronize()
 
-    return 2 * nbytes / time_step(copy, reps, 3)
+    return 2 * nbytes / (time_ms(copy, reps, 3) * 1e-3)
 
 
 # ---------------------------------------------------------------------------------- pytest-benchmark
@@ -135,89 +123,52 @@ def test_copy_bandwidth(benchmark):
 # ---------------------------------------------------------------------------------- script mode
 
 
-def _device_name() -> str:
-    if CUDA:
-        return torch.cuda.get_device_name(0)
-    import platform
-
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def run(reps: int, warmup: int) -> Dict[str, object]:
+def run(reps: int, warmup: int, rows: Optional[RowLog] = None) -> Dict[str, object]:
+    rows = rows or RowLog(None)
     images = make_images()
-    report: Dict[str, object] = {
-        "benchmark": "fused corruption kernel vs PyTorch reference (prepare_batch)",
-        "device": _device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "shape": list(SHAPE),
-        "input_dtype": "uint8",
-        "patch_size": PATCH,
-        "bytes_per_call": bytes_moved(),
-        "results": [],
-    }
+    env = environment()
+    meta: Dict[str, object] = dict(benchmark="corrupt", device=env["device"], torch=env["torch"], cuda=env["cuda"],
+                                   date=env["date"], shape=list(SHAPE), input_dtype="uint8", patch_size=PATCH,
+                                   bytes_per_call=bytes_moved(), reps=reps, warmup=warmup)
     have_kernel = CUDA and _ext.load_extension()
     if CUDA and not have_kernel:
-        report["kernel_error"] = _ext.extension_error()
+        meta["kernel_error"] = _ext.extension_error()
     if CUDA:
-        report["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
+        meta["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
+    rows.meta(meta)
+    results = []
     for name, tasks in TASK_SETS.items() if CUDA else [("mix", "mix")]:
-        row: Dict[str, object] = {"tasks": name}
-        row["reference_ms"] = 1e3 * time_step(make_step("reference", images, tasks), reps, warmup)
-        if have_kernel:
-            row["fused_ms"] = 1e3 * time_step(make_step("fused", images, tasks), reps, warmup)
-            row["kernel_ms"] = 1e3 * time_step(make_step("kernel", images, tasks), reps, warmup)
-            row["speedup_fused_vs_reference"] = row["reference_ms"] / row["fused_ms"]
-            row["kernel_GBps"] = bytes_moved() / (row["kernel_ms"] * 1e-3) / 1e9
-            bound_ms = 1e3 * bytes_moved() / (report["copy_bandwidth_GBps"] * 1e9)
-            row["kernel_vs_copy_bound"] = row["kernel_ms"] / bound_ms
-            fused = make_step("fused", images, tasks)()
-            ref = make_step("reference", images, tasks)()
-            row["bitwise_equal_to_reference"] = all(
-                torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
-                            b.view(torch.int32) if b.is_floating_point() else b) for a, b in zip(fused, ref))
-        report["results"].append(row)
-    report["targets"] = _targets(report["results"]) if have_kernel else {}
-    return report
+        row = measure_tasks(name, tasks, images, reps, warmup, have_kernel, meta.get("copy_bandwidth_GBps"))
+        rows.write(row)
+        results.append(row)
+        print(row, flush=True)
+    return dict(meta=meta, results=results)
 
 
-def _targets(rows) -> Dict[str, object]:
-    mix = next(r for r in rows if r["tasks"] == "mix")
-    return {
-        "fused >= 5x faster than reference (mix)": mix["speedup_fused_vs_reference"] >= 5,
-        "kernel <= 2x copy-bandwidth bound (every task)": all(r["kernel_vs_copy_bound"] <= 2 for r in rows),
-        "bitwise equal to reference (every task)": all(r["bitwise_equal_to_reference"] for r in rows),
-    }
-
-
-def _fmt(v, spec=".3f") -> str:
-    return "—" if v is None else format(v, spec)
+def measure_tasks(name, tasks, images, reps, warmup, have_kernel, copy_gbps) -> Dict[str, object]:
+    """One table row: the reference, and where the kernel is available the fused path and the bare kernel."""
+    row: Dict[str, object] = {"tasks": name}
+    reference = make_step("reference", images, tasks)
+    row["reference_ms"] = time_ms(reference, reps, warmup)
+    row["reference_peak_mem_bytes"] = peak_memory_bytes(reference)
+    if not have_kernel:
+        return row
+    fused = make_step("fused", images, tasks)
+    row["fused_ms"] = time_ms(fused, reps, warmup)
+    row["fused_peak_mem_bytes"] = peak_memory_bytes(fused)
+    row["kernel_ms"] = time_ms(make_step("kernel", images, tasks), reps, warmup)
+    row["speedup_fused_vs_reference"] = row["reference_ms"] / row["fused_ms"]
+    row["kernel_GBps"] = bytes_moved() / (row["kernel_ms"] * 1e-3) / 1e9
+    row["kernel_vs_copy_bound"] = row["kernel_ms"] / (1e3 * bytes_moved() / (copy_gbps * 1e9))
+    out, ref = fused(), reference()
+    row["bitwise_equal_to_reference"] = all(
+        torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                    b.view(torch.int32) if b.is_floating_point() else b) for a, b in zip(out, ref))
+    return row
 
 
 def to_markdown(report: Dict[str, object]) -> str:
-    lines = [
-        "# Fused corruption kernel vs PyTorch reference",
-        "",
-        f"- device: {report['device']}; torch {report['torch']}, CUDA {report['cuda']}; {report['date_utc']}",
-        f"- batch {report['shape']} {report['input_dtype']}, patch {report['patch_size']}; "
-        f"{report['bytes_per_call'] / 1e6:.1f} MB moved per call (input read + outputs written once)",
-    ]
-    if "copy_bandwidth_GBps" in report:
-        lines.append(f"- device-to-device copy bandwidth: {report['copy_bandwidth_GBps']:.0f} GB/s")
-    if "kernel_error" in report:
-        lines.append(f"- kernel unavailable: {report['kernel_error']}")
-    lines += ["", "| tasks | reference ms | fused ms | kernel ms | speedup | kernel GB/s | kernel / copy bound | bitwise |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        lines.append(
-            f"| {r['tasks']} | {_fmt(r['reference_ms'])} | {_fmt(r.get('fused_ms'))} | {_fmt(r.get('kernel_ms'))} | "
-            f"{_fmt(r.get('speedup_fused_vs_reference'), '.1f')} | {_fmt(r.get('kernel_GBps'), '.0f')} | "
-            f"{_fmt(r.get('kernel_vs_copy_bound'), '.2f')} | {r.get('bitwise_equal_to_reference', '—')} |")
-    if report["targets"]:
-        lines += ["", "Targets:"] + [f"- {k}: {'met' if v else 'NOT met'}" for k, v in report["targets"].items()]
-    lines.append("")
-    return "\n".join(lines)
+    return corrupt_markdown(report["meta"], report["results"])
 
 
 def main(argv=None) -> int:

@@ -3,9 +3,12 @@
 
 Engines compared side by side in one run, on the same batch size:
 
-  baseline  what a user writes without fastebm: a plain PyTorch ViT (minimal code below), SDPA
-            forced to the math backend (the only SDPA path with a double backward), the energy
-            gradient by ``torch.autograd.grad(create_graph=True)``, then ``loss.backward()``;
+  baseline  what a user writes without fastebm: a plain PyTorch ViT (benchmarks/_plain_vit.py),
+            SDPA forced to the math backend (the only SDPA path with a double backward), the energy
+            gradient by ``torch.autograd.grad(create_graph=True)``, then ``loss.backward()``; under
+            bf16 autocast PyTorch's math SDPA upcasts to fp32 by default;
+  baseline_bf16  the same with ``allow_fp16_bf16_reduction_math_sdp(True)``: attention math in bf16,
+            the plain-PyTorch bf16 number (so fastebm's speed-up is not a precision change);
   eager     fastebm RestorationObjective(engine="eager"), attention "auto" (the fused Triton
             attention on a GPU, math on CPU);
   func      engine="func" (torch.func.grad inside torch.compile; math attention);
@@ -29,6 +32,10 @@ With N tokens (1 + patches), Np patches, D width, L depth, P = C * p * p pixels 
 MFU = (FLOPs per training step) / (step time) / (peak), where the peak is measured by this script with
 a large bf16 matmul on the GPU (fp32 on CPU), not taken from a data sheet.
 
+JSONL rows (``--rows``), one per engine as it finishes (after a ``{"meta": ...}`` line): model, steps,
+engine, batch, images_per_s, step_ms, peak_mem_gib, first_step_s, attn_backend, compiled, tflops, mfu,
+speedup_vs_baseline[_bf16], mem_vs_baseline[_bf16], or ``error``.
+
 Usage:
     python benchmarks/bench_train_step.py --out benchmarks/results            # GPU: ViT-S/B, T=1,2
     python benchmarks/bench_train_step.py --small --out /tmp/x                # CPU smoke test (CI)
@@ -38,29 +45,32 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import contextlib
 import gc
 import json
-import math
 import os
 import platform
 import sys
 import time
 import traceback
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
-    # Without a GPU the Triton kernels can only run in the interpreter (far too slow to benchmark),
-    # but setting it keeps imports working; the CPU modes never use the Triton backend.
-    os.environ["TRITON_INTERPRET"] = "1"
+from _bench import prepare_triton_env
+
+# Without a GPU the Triton kernels can only run in the interpreter (far too slow to benchmark), but
+# choosing it keeps imports working; the CPU modes never use the Triton backend.
+prepare_triton_env()
 
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import fastebm  # noqa: E402
-from fastebm.restore import weighted_mse  # noqa: E402
+from _bench import RowLog, atomic_write, environment, error_text, is_oom, measure_peak_flops, sync  # noqa: E402
+from _plain_vit import BaselineStep, PlainViTEnergy  # noqa: E402
+from _tables import train_step_markdown  # noqa: E402
+
+ENGINES = ("baseline", "baseline_bf16", "eager", "func", "explicit")
+BASELINES = ("baseline", "baseline_bf16")
 
 MODELS = {
     # name: (img, patch, width, depth, heads)
@@ -89,103 +99,13 @@ def flops_per_step(model_name: str, steps: int, batch: int, grad_mode: str = "ex
     return per_image * batch
 
 
-def measure_peak_flops(device: torch.device) -> Dict[str, float]:
-    """Best of a few large matmuls: bf16 on CUDA, fp32 on CPU."""
-    if device.type == "cuda":
-        n, dtype, reps = 8192, torch.bfloat16, 20
-    else:
-        n, dtype, reps = 1024, torch.float32, 5
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = math.inf
-    for _ in range(reps):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return {"peak_flops": 2 * n ** 3 / best, "peak_dtype": str(dtype).replace("torch.", ""), "matmul_n": n}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ------------------------------------------------------------------------------ baseline model
-class PlainBlock(nn.Module):
-    """A textbook pre-norm ViT block with F.scaled_dot_product_attention (no fastebm code)."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.fc1 = nn.Linear(dim, 4 * dim)
-        self.fc2 = nn.Linear(4 * dim, dim)
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)
-        x = x + self.proj(a.transpose(1, 2).reshape(B, N, C))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-class PlainViTEnergy(nn.Module):
-    def __init__(self, img: int, patch: int, dim: int, depth: int, heads: int):
-        super().__init__()
-        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
-        n = (img // patch) ** 2 + 1
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 1e-6)
-        self.pos_embed = nn.Parameter(torch.randn(1, n, dim) * 0.02)
-        self.blocks = nn.ModuleList(PlainBlock(dim, heads) for _ in range(depth))
-
-    def forward(self, x):
-        t = self.patch_embed(x).flatten(2).transpose(1, 2)
-        h = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], 1) + self.pos_embed
-        for blk in self.blocks:
-            h = blk(h)
-        return 0.5 * h.float().pow(2).sum(-1).mean(-1)  # the same pre-norm squared-norm energy
-
-
-class BaselineStep:
-    """``x <- x - alpha_t dE/dx`` with autograd.grad(create_graph=True), SDPA math backend."""
-
-    def __init__(self, model: nn.Module, steps: int):
-        self.model = model
-        self.steps = steps
-        self.alpha_logits = nn.Parameter(torch.zeros(steps, device=next(model.parameters()).device))
-
-    def parameters(self):
-        return list(self.model.parameters()) + [self.alpha_logits]
-
-    def __call__(self, clean, corrupted, weight):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        alphas = F.softplus(self.alpha_logits)
-        x = corrupted.detach().requires_grad_(True)
-        loss = 0.0
-        with sdpa_kernel(SDPBackend.MATH):
-            for t in range(self.steps):
-                energy = self.model(x)
-                (g,) = torch.autograd.grad(energy.sum(), x, create_graph=True)
-                x = x - alphas[t] * g
-                loss = loss + weighted_mse(x, clean, weight)
-        return loss, {}
-
-
 # ------------------------------------------------------------------------------ one measurement
 def build(engine: str, model_name: str, steps: int, device, compile_backend: str):
     img, patch, dim, depth, heads = MODELS[model_name]
-    if engine == "baseline":
+    if engine in BASELINES:
         model = PlainViTEnergy(img, patch, dim, depth, heads).to(device)
-        runner = BaselineStep(model, steps)
-        return runner, runner.parameters(), "sdpa-math", False
+        runner = BaselineStep(model, steps, bf16_math=engine == "baseline_bf16")
+        return runner, runner.parameters(), "sdpa-math-bf16" if runner.bf16_math else "sdpa-math", False
     attn = "math" if engine == "func" else "auto"
     model = fastebm.EnergyViT(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
                               attn_backend=attn)
@@ -209,7 +129,7 @@ def time_engine(engine: str, model_name: str, steps: int, batch: int, device, ar
     runner, params, attn, compiled = build(engine, model_name, steps, device, args.compile_backend)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     clean, corrupted, weight = make_batch(batch, img, device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def train_step():
         with amp:
@@ -221,17 +141,17 @@ def time_engine(engine: str, model_name: str, steps: int, batch: int, device, ar
 
     t0 = time.perf_counter()
     train_step()  # first call: compilation (compiled engines), autotuning, allocator warm-up
-    _sync(device)
+    sync(device)
     first_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         train_step()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(args.iters):
         loss = train_step()
-    _sync(device)
+    sync(device)
     dt = (time.perf_counter() - t0) / args.iters
     if not torch.isfinite(loss.detach()).all():
         raise RuntimeError(f"{engine}: non-finite loss {loss.item()}")
@@ -241,107 +161,109 @@ def time_engine(engine: str, model_name: str, steps: int, batch: int, device, ar
                 attn_backend=attn, compiled=bool(still_compiled), runner=runner, step_fn=train_step)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _free(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 # ------------------------------------------------------------------------------ driver
-def run(args, save) -> Dict:
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.small and args.config != "demo" else "cpu")
+def plan(args, device):
+    """``(configs, engines, first batch)`` of the mode; fills in the iteration defaults."""
     if args.small:
-        configs, engines, batch0 = [("tiny", 1)], args.engines or ["baseline", "eager", "func", "explicit"], args.batch or 8
-        args.iters = args.iters or 2
-        args.warmup = 0 if args.warmup is None else args.warmup
+        configs, batch0 = [("tiny", 1)], args.batch or 8
+        args.iters, args.warmup = args.iters or 2, 0 if args.warmup is None else args.warmup
     elif args.config == "demo":
-        configs, engines, batch0 = [("vit_demo", s) for s in args.steps], args.engines or ["baseline", "eager", "func", "explicit"], args.batch or 64
-        args.iters = args.iters or 3
-        args.warmup = 1 if args.warmup is None else args.warmup
+        configs, batch0 = [("vit_demo", s) for s in args.steps], args.batch or 64
+        args.iters, args.warmup = args.iters or 3, 1 if args.warmup is None else args.warmup
     else:
         if device.type != "cuda":
             raise SystemExit("the full benchmark needs a CUDA GPU; use --small or --config demo on CPU")
         # ViT-B T=1 first: the acceptance configuration, measured even when the time budget runs out
         configs = [(m, s) for s in args.steps for m in args.models]
         configs.sort(key=lambda c: (c[1], c[0] != "vit_base_patch16"))
-        engines, batch0 = args.engines or ["baseline", "eager", "explicit", "func"], args.batch or 128
-        args.iters = args.iters or 10
-        args.warmup = 3 if args.warmup is None else args.warmup
+        batch0 = args.batch or 128
+        args.iters, args.warmup = args.iters or 10, 3 if args.warmup is None else args.warmup
+    engines = args.engines or (["baseline", "baseline_bf16", "eager", "explicit", "func"] if device.type == "cuda"
+                               else ["baseline", "baseline_bf16", "eager", "func", "explicit"])
+    return configs, engines, batch0
 
+
+def measure_engine(engine, model_name, steps, batch, device, args):
+    """``(result dict or None, row)``; a baseline that runs out of memory halves the batch and retries."""
+    row = dict(model=model_name, steps=steps, engine=engine, batch=batch)
+    while True:
+        try:
+            return time_engine(engine, model_name, steps, row["batch"], device, args), row
+        except Exception as exc:  # noqa: BLE001 - one engine's failure must not stop the rest
+            _free(device)
+            if is_oom(exc) and engine == "baseline" and row["batch"] > 1:
+                row["batch"] //= 2  # the largest batch that fits the baseline is used for every engine
+                continue
+            row["error"] = error_text(exc)
+            if args.verbose:
+                traceback.print_exc()
+            return None, row
+
+
+def add_ratios(row: Dict, bases: Dict[str, Dict]) -> None:
+    for name, base in bases.items():
+        if base is row:
+            continue
+        suffix = "" if name == "baseline" else "_bf16"
+        row[f"speedup_vs_baseline{suffix}"] = row["images_per_s"] / base["images_per_s"]
+        if base.get("peak_mem_gib") and row.get("peak_mem_gib"):
+            row[f"mem_vs_baseline{suffix}"] = row["peak_mem_gib"] / base["peak_mem_gib"]
+
+
+def run(args, rows_log: RowLog, save) -> Dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.small and args.config != "demo" else "cpu")
+    configs, engines, batch0 = plan(args, device)
+    env = environment()
     info = dict(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
-        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        device=env["device"] if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        torch=env["torch"], triton=env.get("triton"), python=env["python"], date=env["date"],
         dtype="bf16 autocast" if device.type == "cuda" else "fp32", compile_backend=args.compile_backend,
-        iters=args.iters, warmup=args.warmup, grad_mode="exact",
+        iters=args.iters, warmup=args.warmup, grad_mode="exact", **measure_peak_flops(device),
     )
-    info.update(measure_peak_flops(device))
+    rows_log.meta(info)
     print(f"# {info['device']} | torch {info['torch']} | triton {info['triton']} | peak "
           f"{info['peak_flops'] / 1e12:.3g} TFLOP/s ({info['peak_dtype']})", flush=True)
     start = time.perf_counter()
     rows: List[Dict] = []
     best = None
     for model_name, steps in configs:
-        batch = batch0
-        base = None
+        batch, bases = batch0, {}
         for engine in engines:
-            row = dict(model=model_name, steps=steps, engine=engine, batch=batch)
             if time.perf_counter() - start > args.budget_s:
-                row["error"] = "skipped: time budget exhausted"
-                rows.append(row)
-                print(f"{model_name} T={steps} {engine}: skipped (budget)", flush=True)
-                continue
-            while True:
-                try:
-                    res = time_engine(engine, model_name, steps, batch, device, args)
-                    break
-                except Exception as exc:  # noqa: BLE001 - one engine's failure must not stop the rest
-                    _free(device)
-                    if _is_oom(exc) and engine == "baseline" and batch > 1:
-                        batch //= 2  # the largest batch that fits the baseline is used for every engine
-                        row["batch"] = batch
-                        continue
-                    res = None
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                    if args.verbose:
-                        traceback.print_exc()
-                    break
+                res, row = None, dict(model=model_name, steps=steps, engine=engine, batch=batch,
+                                      error="skipped: time budget exhausted")
+            else:
+                res, row = measure_engine(engine, model_name, steps, batch, device, args)
+                batch = row["batch"]
             if res is not None:
-                runner, step_fn = res.pop("runner"), res.pop("step_fn")
+                res.pop("runner"), res.pop("step_fn")
                 row.update(res)
-                row["tflops"] = flops_per_step(model_name, steps, batch) / (res["step_ms"] / 1e3) / 1e12
+                row["tflops"] = flops_per_step(model_name, steps, row["batch"]) / (res["step_ms"] / 1e3) / 1e12
                 row["mfu"] = row["tflops"] * 1e12 / info["peak_flops"]
-                if engine == "baseline":
-                    base = row
-                if base is not None and engine != "baseline":
-                    row["speedup_vs_baseline"] = row["images_per_s"] / base["images_per_s"]
-                    if base.get("peak_mem_gib") and row.get("peak_mem_gib"):
-                        row["mem_vs_baseline"] = row["peak_mem_gib"] / base["peak_mem_gib"]
-                if engine != "baseline" and (best is None or row["images_per_s"] > best["images_per_s"]):
+                if engine in BASELINES:
+                    bases[engine] = row
+                add_ratios(row, bases)
+                if engine not in BASELINES and (best is None or row["images_per_s"] > best["images_per_s"]):
                     best = row
-                del runner, step_fn
             rows.append(row)
+            rows_log.write(row)
             print(_row_line(row), flush=True)
             _free(device)
             save(dict(info=info, results=rows, partial=True))  # a timeout still leaves every finished row
-    result = dict(info=info, results=rows, flops_formula=__doc__.split("FLOPs are counted")[1].split("Usage:")[0].strip())
-    if args.profile and best is not None:
+    result = dict(info=info, results=rows, flops_formula=__doc__.split("FLOPs are counted")[1].split("JSONL rows")[0].strip())
+    if args.profile and best is not None and time.perf_counter() - start > args.budget_s:
+        result["profile"] = "not profiled: time budget exhausted"
+    elif args.profile and best is not None:
         try:
             result["profile"] = profile(best, device, args)
         except Exception as exc:  # noqa: BLE001
-            result["profile"] = f"profiling failed: {type(exc).__name__}: {exc}"
+            result["profile"] = f"profiling failed: {error_text(exc)}"
     return result
 
 
@@ -357,21 +279,12 @@ def profile(row, device, args) -> str:
     with _profile(activities=acts) as prof:
         for _ in range(3):
             step_fn()
-        _sync(device)
+        sync(device)
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=70)
     header = f"Top kernels, engine {row['engine']} ({row['model']}, T={row['steps']}, batch {row['batch']}), 3 steps"
     print("\n" + header + "\n" + table, flush=True)
     return header + "\n" + table
-
-
-def _triton_version() -> Optional[str]:
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _fmt(v, spec):
@@ -380,53 +293,28 @@ def _fmt(v, spec):
 
 def _row_line(row: Dict) -> str:
     if "error" in row:
-        return f"{row['model']} T={row['steps']} {row['engine']:>8}: {row['error']}"
-    return (f"{row['model']} T={row['steps']} b={row['batch']} {row['engine']:>8}: {row['images_per_s']:9.1f} img/s  "
+        return f"{row['model']} T={row['steps']} {row['engine']:>13}: {row['error']}"
+    return (f"{row['model']} T={row['steps']} b={row['batch']} {row['engine']:>13}: {row['images_per_s']:9.1f} img/s  "
             f"{row['step_ms']:8.1f} ms  mem {_fmt(row.get('peak_mem_gib'), '.2f')} GiB  MFU {100 * row['mfu']:.1f}%  "
-            f"x{_fmt(row.get('speedup_vs_baseline'), '.2f')}  first step {row['first_step_s']:.1f}s  "
-            f"attn={row['attn_backend']} compiled={row['compiled']}")
+            f"x{_fmt(row.get('speedup_vs_baseline'), '.2f')} (bf16 base x{_fmt(row.get('speedup_vs_baseline_bf16'), '.2f')})  "
+            f"first step {row['first_step_s']:.1f}s  attn={row['attn_backend']} compiled={row['compiled']}")
 
 
 def markdown(result: Dict) -> str:
-    info = result["info"]
-    lines = [
-        "# Training-step benchmark (bench_train_step.py)",
-        "",
-        f"- device: {info['device']}",
-        f"- torch {info['torch']}, triton {info['triton']}, python {info['python']}",
-        f"- date: {info['date']}",
-        f"- precision: {info['dtype']}; grad mode {info['grad_mode']}; {info['iters']} timed steps after "
-        f"{info['warmup']} warm-up steps (+ the first, compiling, step); compile backend {info['compile_backend']}",
-        f"- measured peak ({info['peak_dtype']} {info['matmul_n']}^3 matmul): {info['peak_flops'] / 1e12:.3g} TFLOP/s",
-        "",
-        "| model | T | batch | engine | attention | compiled | images/s | step ms | peak mem GiB | MFU | speed-up vs baseline | memory vs baseline | first step s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["results"]:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['steps']} | {r['batch']} | {r['engine']} | | | {r['error']} | | | | | | |")
-            continue
-        lines.append(
-            f"| {r['model']} | {r['steps']} | {r['batch']} | {r['engine']} | {r['attn_backend']} | {r['compiled']} | "
-            f"{r['images_per_s']:.1f} | {r['step_ms']:.1f} | {_fmt(r.get('peak_mem_gib'), '.2f')} | {100 * r['mfu']:.1f}% | "
-            f"{_fmt(r.get('speedup_vs_baseline'), '.2f')} | {_fmt(r.get('mem_vs_baseline'), '.2f')} | {r['first_step_s']:.1f} |"
-        )
-    if result.get("profile"):
-        lines += ["", "```", result["profile"], "```"]
-    return "\n".join(lines) + "\n"
+    return train_step_markdown(result["info"], result["results"], result.get("profile"))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="output folder for train_step_<tag>.json and .md")
+    p.add_argument("--rows", default=None, help="also append every row, as it finishes, to this JSONL file")
     p.add_argument("--small", action="store_true", help="CPU smoke test: tiny model, fp32, 2 timed steps")
     p.add_argument("--config", choices=["full", "demo"], default="full",
                    help="full: ViT-S/16 and ViT-B/16 at 224 px (GPU); demo: vit_demo on CPU")
     p.add_argument("--models", type=lambda s: s.split(","), default=["vit_small_patch16", "vit_base_patch16"])
     p.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2], help="T values")
-    p.add_argument("--engines", type=lambda s: s.split(","), default=None,
-                   help="subset of baseline,eager,func,explicit")
+    p.add_argument("--engines", type=lambda s: s.split(","), default=None, help=f"subset of {','.join(ENGINES)}")
     p.add_argument("--batch", type=int, default=None, help="batch size (halved while the baseline runs out of memory)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
@@ -437,8 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     for e in args.engines or []:
-        if e not in ("baseline", "eager", "func", "explicit"):
-            p.error(f"unknown engine {e!r}; choose from baseline,eager,func,explicit")
+        if e not in ENGINES:
+            p.error(f"unknown engine {e!r}; choose from {','.join(ENGINES)}")
     for m in args.models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
@@ -449,12 +337,10 @@ def main(argv=None) -> int:
         tag = args.tag or ("cpu_small" if args.small else "cpu_demo" if args.config == "demo" else
                            "".join(c if c.isalnum() else "_" for c in result["info"]["device"]).strip("_").lower())
         base = paths["base"] = os.path.join(args.out, f"train_step_{tag}")
-        with open(base + ".json", "w") as f:
-            json.dump(result, f, indent=2)
-        with open(base + ".md", "w") as f:
-            f.write(markdown(result))
+        atomic_write(base + ".json", json.dumps(result, indent=2))
+        atomic_write(base + ".md", markdown(result))
 
-    result = run(args, save)
+    result = run(args, RowLog(args.rows), save)
     save(result)
     print(f"\nwrote {paths['base']}.json and {paths['base']}.md")
     return 0 if any("error" not in r for r in result["results"]) else 1
