@@ -41,7 +41,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import write_report  # noqa: E402
+from _bench import write_report  # noqa: E402
 
 from fastebm.data.folder import ImageFolderData  # noqa: E402
 from fastebm.data.sampling import BatchPlan  # noqa: E402
