@@ -37,6 +37,8 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 
+from .errors import DistributedSetupError
+
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 BACKENDS = ("auto", "nccl", "gloo")
 # Collective timeouts. Long enough for rank 0 to write a large checkpoint while the others wait
@@ -63,14 +65,6 @@ FSDP_STATUS = (
     "(~12 bytes/parameter with fp32 AdamW, divided by the world size) but not the activation or "
     "gathered-weight memory of the step."
 )
-
-
-class DistributedSetupError(ValueError):
-    """Bad distributed configuration (environment, device, backend); the CLI exits with code 2."""
-
-
-class DistributedFailure(RuntimeError):
-    """A peer died, hung or became unreachable; the message names it. The CLI exits with code 1."""
 
 
 @dataclass(frozen=True)

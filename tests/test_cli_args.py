@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from fastebm.cli.train import main
-from fastebm.train.config import TrainConfig, UsageError, build_parser, parse_config
+from fastebm.errors import UsageError
+from fastebm.train.config import TrainConfig, build_parser, parse_config
 
 
 def test_help_lists_every_flag_with_default(capsys):

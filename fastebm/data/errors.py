@@ -1,5 +1,4 @@
-"""Errors of the data layer."""
+"""Errors of the data layer: :class:`DataError` (defined in :mod:`fastebm.errors` with the others)."""
+from ..errors import DataError
 
-
-class DataError(ValueError):
-    """The data source cannot be used as given (missing/empty folder, nothing readable, --strict_data)."""
+__all__ = ["DataError"]

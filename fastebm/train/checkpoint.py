@@ -19,17 +19,13 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from .config import UsageError
+from ..errors import CheckpointError
 
 FORMAT = "fastebm-train-checkpoint"
 VERSION = 1
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"
 REQUIRED_KEYS = ("format", "model", "optimizer", "step", "config", "rng")
-
-
-class CheckpointError(UsageError):
-    """A checkpoint file that cannot be used (truncated, corrupt, not ours)."""
 
 
 def _fsync_dir(path: str) -> None:

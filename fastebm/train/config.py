@@ -15,14 +15,12 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from ..errors import UsageError
+
 KNOWN_TASKS = ("mim", "sort", "sr", "denoise", "colorize")
 GRAD_MODES = ("exact", "truncated")
 ENERGIES = ("sqnorm", "sqnorm_post", "linear")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-class UsageError(ValueError):
-    """Bad user input (flags, config file, data folder): the CLI prints it and exits with code 2."""
 
 
 def _opt(default, help, **kw):

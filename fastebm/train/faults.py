@@ -8,10 +8,6 @@ from typing import Optional, Set
 INJECT_ENV = "FASTEBM_INJECT_NAN_AT_STEP"
 
 
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite losses in a row; the CLI exits with code 3."""
-
-
 class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits.
 

@@ -29,7 +29,7 @@ from .. import create_model
 from .. import distributed as fdist
 from ..corrupt import prepare_batch
 from ..data.builtin import BuiltinDemoData
-from ..data.errors import DataError
+from ..errors import DataError, DistributedFailure, FastEBMError, TrainingDiverged
 from ..data.folder import ImageFolderData
 from ..data.loader import MicroBatchStream
 from ..data.sampling import BatchPlan
@@ -39,7 +39,7 @@ from . import dist
 from .checkpoint import (CheckpointError, capture_rng_state, find_resume_checkpoint, load_checkpoint,
                          restore_rng_state, save_checkpoint)
 from .config import TrainConfig, UsageError, save_yaml
-from .faults import StopRequest, TrainingDiverged, injected_nan_steps
+from .faults import StopRequest, injected_nan_steps
 from .metrics import Console, MetricsLogger, flatten_stats, read_metrics
 from .optim import build_optimizer
 from .schedule import lr_at, scaled_lr
@@ -239,17 +239,14 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     naming it.
     """
     owns_group = not fdist.is_initialized()
-    try:
-        info = fdist.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
-    except fdist.DistributedSetupError as exc:
-        raise UsageError(str(exc)) from None
+    info = fdist.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
     try:
         return _train(cfg, info)
-    except (UsageError, DataError, TrainingDiverged, KeyboardInterrupt):
+    except (FastEBMError, KeyboardInterrupt):
         raise
     except Exception as exc:
         if info.distributed and fdist.is_collective_failure(exc):
-            raise fdist.DistributedFailure(fdist.explain_failure(exc)) from exc
+            raise DistributedFailure(fdist.explain_failure(exc)) from exc
         raise
     finally:
         if owns_group:
