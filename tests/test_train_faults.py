@@ -9,7 +9,7 @@ import torch
 
 from test_train_helpers import fast_args, make_image_folder, read_summary
 from fastebm.cli.train import main
-from fastebm.train.checkpoint import load_checkpoint
+from fastebm.checkpoint import load_checkpoint
 from fastebm.train.faults import INJECT_ENV
 
 

@@ -13,11 +13,9 @@ forward).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -29,19 +27,19 @@ from .. import create_model
 from .. import distributed as fdist
 from ..corrupt import prepare_batch
 from ..data.builtin import BuiltinDemoData
-from ..errors import DataError, DistributedFailure, FastEBMError, TrainingDiverged
+from ..errors import CheckpointError, DataError, DistributedFailure, FastEBMError, TrainingDiverged
 from ..data.folder import ImageFolderData
 from ..data.loader import MicroBatchStream
 from ..data.sampling import BatchPlan
 from ..models import PRESETS
 from ..restore import RestorationObjective
 from . import dist
-from .checkpoint import (CheckpointError, capture_rng_state, find_resume_checkpoint, load_checkpoint,
-                         restore_rng_state, save_checkpoint)
+from ..checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError, save_yaml
 from .faults import StopRequest, injected_nan_steps
 from .metrics import Console, MetricsLogger, flatten_stats, read_metrics
 from .optim import build_optimizer
+from .rng import capture_rng_state, restore_rng_state, seed_everything, side_rng
 from .schedule import lr_at, scaled_lr
 
 # Config keys that may differ between a checkpoint and the run resuming it without changing the run.
@@ -83,23 +81,6 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dt
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def _side_rng(device: torch.device):
-    """Runs pictures/evaluation without moving the training RNG streams (resume stays exact)."""
-    devices = [device] if device.type == "cuda" else []
-    py, npy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=devices):
-        yield
-    random.setstate(py)
-    np.random.set_state(npy)
 
 
 def build_objective(cfg: TrainConfig) -> RestorationObjective:
@@ -171,7 +152,7 @@ def demo_evaluation(objective, source: BuiltinDemoData, cfg: TrainConfig, device
     from ..eval.psnr import mean_gain, psnr_gain
 
     model = objective.model
-    with _side_rng(device):
+    with side_rng(device):
         per_task = psnr_gain(objective, source.held_out.restoration_images(), cfg.tasks, patch_size=model.patch_size,
                              params=cfg.task_params, device=device)
         probe = linear_probe_accuracy(model, source.train_digits, source.train_digit_labels,
@@ -516,7 +497,7 @@ def _plain_objective(cfg: TrainConfig, objective, device):
     state = fdist.full_state_dict(objective)
     if not dist.is_main():
         return objective
-    with _side_rng(device):  # building a model draws initial weights: keep the training RNG streams
+    with side_rng(device):  # building a model draws initial weights: keep the training RNG streams
         plain = build_objective(cfg).to(device)
     plain.load_state_dict(state)
     return plain
@@ -537,7 +518,7 @@ def _num_workers(cfg: TrainConfig, source) -> int:
 def _pictures(cfg, objective, preview, device, step: int) -> None:
     from .pictures import loss_curve, restoration_grid
 
-    with _side_rng(device):
+    with side_rng(device):
         restoration_grid(objective, preview, cfg.tasks, os.path.join(cfg.output_dir, GRID_FILE),
                          patch_size=objective.model.patch_size, params=cfg.task_params,
                          title=f"{cfg.model}, step {step}: rows clean / corrupted / after each restoration step")

@@ -1,8 +1,11 @@
-"""Training checkpoints: plain dicts, written atomically, loaded with ``weights_only=True``.
+"""Checkpoint files: atomic writes, the training-checkpoint format, ``weights_only`` loading, resume discovery.
+
+Used by training (writing ``last.pt``, ``--resume``) and by evaluation (exporting a backbone from a
+checkpoint); it depends on neither. The format is docs/design.md §9.
 
 Layout of ``OUTPUT_DIR``: ``last.pt`` is always the newest *complete* checkpoint; the one it
 replaced is kept as ``last.prev.pt`` so that a damaged ``last.pt`` (disk full, node lost while
-copying) still leaves a run to resume. A write goes to a temporary file in the same folder, is
+copying) still leaves a run to resume. Every write goes to a temporary file in the same folder, is
 flushed and fsync'ed, and only then renamed over the old name (``os.replace`` is atomic on POSIX).
 
 A checkpoint holds only tensors, numbers, strings, bools, None, lists and dicts, so loading it
@@ -11,15 +14,16 @@ never runs pickled code.
 from __future__ import annotations
 
 import os
-import random
 import tempfile
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple
 
-import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from .errors import CheckpointError
+
+__all__ = ["FORMAT", "VERSION", "LAST", "PREVIOUS", "REQUIRED_KEYS", "atomic_write", "atomic_torch_save",
+           "save_checkpoint", "load_checkpoint", "find_resume_checkpoint"]
 
 FORMAT = "fastebm-train-checkpoint"
 VERSION = 1
@@ -29,6 +33,7 @@ REQUIRED_KEYS = ("format", "model", "optimizer", "step", "config", "rng")
 
 
 def _fsync_dir(path: str) -> None:
+    """Makes the renames in ``path`` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -41,45 +46,42 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file beside ``path``, fsync, then rename over ``path``."""
+def atomic_write(path: str, write: Callable[[BinaryIO], None], *, keep_previous: Optional[str] = None) -> str:
+    """Writes a file so that ``path`` is never seen half-written, even if the process dies.
+
+    ``write(fh)`` fills a temporary file beside ``path`` (binary mode), which is flushed, fsync'ed
+    and renamed over ``path``. With ``keep_previous``, an existing ``path`` is first renamed to it:
+    if the process dies between the two renames, ``keep_previous`` is complete. On any exception the
+    temporary file is removed and ``path`` is left as it was. Returns ``path``.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if keep_previous is not None and os.path.exists(path):
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_dir(folder)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str) -> str:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def save_checkpoint(state: Dict[str, Any], output_dir: str) -> str:
-    """Writes ``state`` as OUTPUT_DIR/last.pt, keeping the previous one as last.prev.pt."""
+    """Writes ``state`` (plus the format marker) as OUTPUT_DIR/last.pt, keeping the previous one as last.prev.pt."""
     state = dict(state, format=FORMAT, version=VERSION)
-    last = os.path.join(output_dir, LAST)
-    folder = os.path.abspath(output_dir)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # The old last.pt becomes last.prev.pt, then the new one takes its name. If the process
-        # dies between the two renames, last.prev.pt is complete and `--resume auto` uses it.
-        if os.path.exists(last):
-            os.replace(last, os.path.join(output_dir, PREVIOUS))
-        os.replace(tmp, last)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-    return last
+    return atomic_write(os.path.join(output_dir, LAST), lambda fh: torch.save(state, fh),
+                        keep_previous=os.path.join(output_dir, PREVIOUS))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
@@ -125,32 +127,3 @@ def find_resume_checkpoint(output_dir: str) -> Tuple[Optional[Dict[str, Any]], O
     if errors:
         raise CheckpointError("no usable checkpoint in " + output_dir + ": " + " | ".join(errors))
     return None, None
-
-
-# ----------------------------------------------------------------------------- RNG streams
-
-def capture_rng_state() -> Dict[str, Any]:
-    """torch (CPU and every CUDA device), numpy and python RNG states as plain data."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    out = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def restore_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].to(torch.uint8))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
