@@ -7,7 +7,7 @@
        on SIGTERM/SIGINT save and stop
     -> final checkpoint, pictures, [demo] evaluation, summary.json
 
-Process-dependent decisions go through ``dist`` (rank-0 writes everything); the module that a
+Process-dependent decisions go through ``fastebm.distributed`` (rank-0 writes everything); the module that a
 distributed wrapper would wrap is the ``RestorationObjective`` (all T steps and the loss in one
 forward).
 """
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import create_model
-from .. import distributed as fdist
+from .. import distributed
 from ..corrupt import prepare_batch
 from ..data.builtin import BuiltinDemoData
 from ..errors import CheckpointError, DataError, DistributedFailure, FastEBMError, TrainingDiverged
@@ -33,7 +33,6 @@ from ..data.loader import MicroBatchStream
 from ..data.sampling import BatchPlan
 from ..models import PRESETS
 from ..restore import RestorationObjective
-from . import dist
 from ..checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError, save_yaml
 from .faults import StopRequest, injected_nan_steps
@@ -51,29 +50,15 @@ PREVIEW_IMAGES = 8
 
 
 def _say(text: str) -> None:
-    if dist.is_main():
+    if distributed.is_main():
         print(text, flush=True)
 
 
 def _warn(text: str) -> None:
-    if dist.is_main():
+    if distributed.is_main():
         import sys
 
         print(f"fastebm-train: warning: {text}", file=sys.stderr, flush=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu (or auto)")
-        if ":" not in name:
-            name = f"cuda:{dist.local_rank()}"
-        if torch.device(name).index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
-        torch.cuda.set_device(torch.device(name))
-    return torch.device(name)
 
 
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -188,19 +173,19 @@ def _save(cfg, objective, optimizer, scaler, run, plan, schedule) -> Optional[st
     Collective: every rank calls it at the same step (FSDP2 gathers the sharded state, every rank's
     RNG state and unreadable-file list are collected), and all pass a barrier after the write.
     """
-    rng_per_rank = dist.all_gather_object(capture_rng_state())
-    if dist.world_size() > 1:
-        merged = [f for files in dist.all_gather_object(run.bad_files) for f in files]
+    rng_per_rank = distributed.all_gather_object(capture_rng_state())
+    if distributed.world_size() > 1:
+        merged = [f for files in distributed.all_gather_object(run.bad_files) for f in files]
         run.bad_files = list(dict.fromkeys(merged))
-    model_sd, optim_sd = fdist.gather_for_checkpoint(objective, optimizer)
+    model_sd, optim_sd = distributed.gather_for_checkpoint(objective, optimizer)
     bad = [n for n, v in model_sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
-    if dist.any_true(bool(bad)):
+    if distributed.any_rank(bool(bad)):
         raise TrainingDiverged(f"refusing to checkpoint non-finite parameters ({bad[:3]}...) at step {run.step}")
     path = None
-    if dist.is_main():
+    if distributed.is_main():
         path = save_checkpoint(_checkpoint_state(cfg, model_sd, optim_sd, scaler, run, plan, schedule, rng_per_rank),
                                cfg.output_dir)
-    dist.barrier()
+    distributed.barrier()
     return path
 
 
@@ -219,28 +204,28 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     the group at the end. A dead or hung peer raises :class:`fastebm.distributed.DistributedFailure`
     naming it.
     """
-    owns_group = not fdist.is_initialized()
-    info = fdist.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
+    owns_group = not distributed.is_initialized()
+    info = distributed.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
     try:
         return _train(cfg, info)
     except (FastEBMError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        if info.distributed and fdist.is_collective_failure(exc):
-            raise DistributedFailure(fdist.explain_failure(exc)) from exc
+        if info.distributed and distributed.is_collective_failure(exc):
+            raise DistributedFailure(distributed.explain_failure(exc)) from exc
         raise
     finally:
         if owns_group:
-            fdist.destroy_distributed()
+            distributed.destroy_distributed()
 
 
-def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
+def _train(cfg: TrainConfig, info: "distributed.DistInfo") -> Dict[str, Any]:
     t_start = time.time()
-    device = info.device if info.distributed else resolve_device(cfg.device)
+    device = info.device
     autocast_dtype = _autocast_dtype(cfg, device)
-    if dist.is_main():
+    if distributed.is_main():
         os.makedirs(cfg.output_dir, exist_ok=True)
-    rank, world = dist.rank(), dist.world_size()
+    rank, world = distributed.rank(), distributed.world_size()
 
     # ---------------------------------------------------------------- model, data, optimiser
     # data first: a bad folder fails before any model is built
@@ -261,8 +246,8 @@ def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
     schedule = {"base_lr": base_lr, "min_lr": cfg.min_lr, "warmup_steps": warmup_steps, "total_steps": total_steps,
                 "steps_per_epoch": plan.steps_per_epoch}
     if cfg.fsdp and world > 1:
-        _say("fastebm-train: --fsdp: " + fdist.FSDP_SUMMARY)
-        fdist.shard_fsdp(objective, device)
+        _say("fastebm-train: --fsdp: " + distributed.FSDP_SUMMARY)
+        distributed.shard_fsdp(objective, device)
     elif cfg.fsdp:
         _warn("--fsdp with a single process: nothing to shard, training unsharded")
     optimizer = build_optimizer(objective, lr=base_lr, weight_decay=cfg.weight_decay, device=device)
@@ -284,7 +269,7 @@ def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
                 _warn(f"{resumed_from} was written by {state.get('world_size')} process(es), this job has {world}: "
                       f"the global batch and learning rate change, and each rank's RNG streams restart from rank 0's")
             try:
-                fdist.load_from_checkpoint(objective, optimizer, state["model"], state["optimizer"])
+                distributed.load_from_checkpoint(objective, optimizer, state["model"], state["optimizer"])
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise CheckpointError(f"checkpoint {resumed_from} does not fit this model/optimiser: "
                                       f"{str(exc).splitlines()[0][:200]}") from None
@@ -303,12 +288,12 @@ def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
               f"scratch; add --resume auto to continue from {os.path.join(cfg.output_dir, 'last.pt')}")
     # One forward per backward over the whole objective (all T steps and the loss): DDP wraps it.
     wrapped = objective
-    if world > 1 and not fdist.is_sharded(objective):
-        wrapped = fdist.wrap_ddp(objective, device)
+    if world > 1 and not distributed.is_sharded(objective):
+        wrapped = distributed.wrap_ddp(objective, device)
     end_step = total_steps if cfg.max_steps is None else min(cfg.max_steps, total_steps)
-    if dist.is_main():
+    if distributed.is_main():
         save_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    logger = MetricsLogger(cfg.output_dir, enabled=dist.is_main(), resume_step=run.step if resumed_from else None)
+    logger = MetricsLogger(cfg.output_dir, enabled=distributed.is_main(), resume_step=run.step if resumed_from else None)
     preview = preview_images(source)
     is_demo = isinstance(source, BuiltinDemoData)
     _say(f"fastebm-train: {cfg.model} ({img_size} px, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params) "
@@ -316,14 +301,14 @@ def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
          f"{plan.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, lr {base_lr:.3g}, tasks {','.join(cfg.tasks)}, "
          f"T={cfg.steps}; output {cfg.output_dir}")
 
-    if is_demo and cfg.eval and not run.eval_init and run.step == 0 and dist.is_main():
+    if is_demo and cfg.eval and not run.eval_init and run.step == 0 and distributed.is_main():
         run.eval_init = demo_evaluation(objective, source, cfg, device)
         _say(f"initial model: psnr gain {run.eval_init['psnr_gain_db']:+.2f} dB, linear probe {run.eval_init['linprobe_acc']:.3f}")
 
     # ---------------------------------------------------------------- the loop
     stream = MicroBatchStream(source, plan, num_workers=_num_workers(cfg, source), pin_memory=device.type == "cuda")
     stop = StopRequest().install()
-    console = Console(end_step, run.step, enabled=dist.is_main())
+    console = Console(end_step, run.step, enabled=distributed.is_main())
     inject = injected_nan_steps()
     params = [p for p in objective.parameters() if p.requires_grad]
     bad_streak, status = 0, "completed" if end_step == total_steps else "stopped_at_max_steps"
@@ -348,12 +333,12 @@ def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
                                                             sample_ids=batch["positions"], patch_size=model.patch_size,
                                                             params=cfg.task_params)
                 # Gradients are all-reduced on the last micro-step only (DDP no_sync before it).
-                with fdist.gradient_sync(wrapped, sync=micro == cfg.accum_iter - 1):
+                with distributed.gradient_sync(wrapped, sync=micro == cfg.accum_iter - 1):
                     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                         loss, stats = wrapped(clean, corrupted, weight)
                     if s in inject:
                         loss = loss * float("nan")
-                    finite = not dist.any_true(not bool(torch.isfinite(loss).item()), device)
+                    finite = not distributed.any_rank(not bool(torch.isfinite(loss).item()))
                     if finite:
                         scaler.scale(loss / cfg.accum_iter).backward()
                         step_loss += loss.item() / cfg.accum_iter
@@ -376,13 +361,13 @@ def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
                 grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                step_ok = not dist.any_true(not math.isfinite(grad_norm), device) or scaler.is_enabled()
+                step_ok = not distributed.any_rank(not math.isfinite(grad_norm)) or scaler.is_enabled()
                 if step_ok:
                     scaler.step(optimizer)  # with fp16 the scaler itself skips inf/NaN gradients
                     scaler.update()
             optimizer.zero_grad(set_to_none=True)
             run.step = s + 1
-            fdist.heartbeat(run.step)
+            distributed.heartbeat(run.step)
             console.step()
             if not step_ok:
                 bad_streak += 1
@@ -413,7 +398,7 @@ def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
                 means = {k: float(np.mean(v)) for k, v in window.items()}
                 if world > 1:  # every rank logs the same steps, so the windows have the same keys
                     keys = sorted(means)
-                    reduced = dist.all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64))
+                    reduced = distributed.all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64))
                     means = dict(zip(keys, reduced.tolist()))
                 record.update(means)
                 logger.log(record)
@@ -421,9 +406,9 @@ def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
                 window, window_images, window_start = {}, 0, time.time()
             if cfg.grid_every and run.step % cfg.grid_every == 0 and run.step != end_step:
                 plain = _plain_objective(cfg, objective, device)  # collective under FSDP2
-                if dist.is_main():
+                if distributed.is_main():
                     _pictures(cfg, plain, preview, device, run.step)
-            if dist.any_true(stop.requested, device):  # every rank joins the vote, so all stop together
+            if distributed.any_rank(stop.requested):  # every rank joins the vote, so all stop together
                 _save(cfg, objective, optimizer, scaler, run, plan, schedule)
                 console.message(f"received {stop.name or 'stop request'}: checkpoint saved at step {run.step} "
                                 f"({os.path.join(cfg.output_dir, 'last.pt')}); resume with --resume auto")
@@ -445,14 +430,14 @@ def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
                                "epoch": run.step / plan.steps_per_epoch, "device": str(device),
                                "skipped_files": {"count": len(run.bad_files), "files": run.bad_files[:100]},
                                "skipped_steps": run.skipped_steps, "checkpoint": os.path.join(cfg.output_dir, "last.pt")}
-    records = read_metrics(cfg.output_dir) if dist.is_main() else []
+    records = read_metrics(cfg.output_dir) if distributed.is_main() else []
     if records:
         summary["final_loss"] = records[-1].get("loss")
         rates = [r["img_per_s"] for r in records if "img_per_s" in r]
         summary["img_per_s"] = float(np.median(rates)) if rates else None
     if not interrupted:
         objective = _plain_objective(cfg, objective, device)  # collective under FSDP2
-    if not interrupted and dist.is_main():
+    if not interrupted and distributed.is_main():
         model = objective.model
         _pictures(cfg, objective, preview, device, run.step)
         from ..eval.export import export_backbone
@@ -471,7 +456,7 @@ def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
     summary["wall_time_s"] = time.time() - t_start
     summary["config"] = cfg.to_dict()
     _write_summary(cfg, summary)
-    if dist.is_main():
+    if distributed.is_main():
         if "psnr_gain_db" in summary:
             p, l = summary["psnr_gain_db"], summary["linprobe_acc"]
             _say(f"psnr_gain_db: init {_fmt(p['init'])} -> pretrained {_fmt(p['pretrained'])} (held-out images, mean over tasks)")
@@ -481,7 +466,7 @@ def _train(cfg: TrainConfig, info: "fdist.DistInfo") -> Dict[str, Any]:
 
 
 def _write_summary(cfg: TrainConfig, summary: Dict[str, Any]) -> None:
-    if dist.is_main():
+    if distributed.is_main():
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
 
@@ -492,10 +477,10 @@ def _plain_objective(cfg: TrainConfig, objective, device):
     Without FSDP2 that is the objective itself. FSDP2 parameters are DTensors whose every use is a
     collective, so every rank gathers the full weights and rank 0 loads them into a plain copy.
     """
-    if not fdist.is_sharded(objective):
+    if not distributed.is_sharded(objective):
         return objective
-    state = fdist.full_state_dict(objective)
-    if not dist.is_main():
+    state = distributed.full_state_dict(objective)
+    if not distributed.is_main():
         return objective
     with side_rng(device):  # building a model draws initial weights: keep the training RNG streams
         plain = build_objective(cfg).to(device)
