@@ -83,3 +83,27 @@ def test_func_engine_builds_math_attention_and_refuses_triton():
     assert build_objective(parse_config(["--engine", "eager"])).model.attn_backend == "auto"
     with pytest.raises(UsageError, match="func"):
         build_objective(parse_config(["--engine", "func", "--attn_backend", "triton"]))
+
+
+def test_flag_types_follow_the_annotations():
+    cfg = parse_config(["--img_size", "24", "--clip_grad", "0.5", "--eval", "false", "--max_steps", "none",
+                        "--alpha_init", "0.25", "--data", "none"])
+    assert cfg.img_size == 24 and type(cfg.img_size) is int
+    assert cfg.clip_grad == 0.5 and type(cfg.clip_grad) is float
+    assert cfg.eval is False and cfg.max_steps is None and cfg.data is None and cfg.alpha_init == 0.25
+    assert parse_config(["--fsdp"]).fsdp is True  # a bare boolean flag means true
+    with pytest.raises(UsageError, match="--img_size"):
+        parse_config(["--img_size", "2.5"])
+
+
+@pytest.mark.parametrize("flag, registry", [("--engine", "engines"), ("--attn_backend", "ops")])
+def test_engine_and_attention_choices_come_from_their_registries(flag, registry, capsys):
+    from fastebm.engines import ENGINES
+    from fastebm.ops import available_backends
+
+    names = list(ENGINES) if registry == "engines" else ["auto", *available_backends()]
+    action = next(a for a in build_parser()._actions if flag in a.option_strings)
+    assert list(action.choices) == names
+    assert main([flag, "no_such_thing"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_thing" in err and all(n in err for n in names)
