@@ -68,7 +68,7 @@ def test_bad_yaml_is_a_usage_error(tmp_path, text, needle):
 
 
 def test_subprocess_bad_flag_has_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "fastebm.train", "--accum_iter", "-3"],
+    proc = subprocess.run([sys.executable, "-m", "fastebm", "train", "--accum_iter", "-3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("fastebm-train: error: --accum_iter")
@@ -76,13 +76,30 @@ def test_subprocess_bad_flag_has_no_traceback():
 
 
 def test_func_engine_builds_math_attention_and_refuses_triton():
-    from fastebm.train.loop import build_objective
+    from fastebm.train.build import build_objective
 
     objective = build_objective(parse_config(["--engine", "func", "--model", "vit_demo"]))
     assert objective.model.attn_backend == "math"  # "auto" would pick the fused kernel on CUDA
     assert build_objective(parse_config(["--engine", "eager"])).model.attn_backend == "auto"
     with pytest.raises(UsageError, match="func"):
         build_objective(parse_config(["--engine", "func", "--attn_backend", "triton"]))
+
+
+@pytest.mark.parametrize("argv, needle", [([], "no command given"), (["tran"], "unknown command 'tran'")])
+def test_python_m_fastebm_without_a_known_command_exits_2(argv, needle, capsys):
+    from fastebm.__main__ import main as fastebm_main
+
+    assert fastebm_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastebm: error:") and needle in err[0] and "train" in err[0]
+
+
+def test_python_m_fastebm_train_dispatches_to_the_train_command(capsys):
+    from fastebm.__main__ import main as fastebm_main
+
+    assert fastebm_main(["train", "--steps", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastebm-train: error: --steps")
 
 
 def test_flag_types_follow_the_annotations():
@@ -107,3 +124,21 @@ def test_engine_and_attention_choices_come_from_their_registries(flag, registry,
     assert main([flag, "no_such_thing"]) == 2
     err = capsys.readouterr().err
     assert "no_such_thing" in err and all(n in err for n in names)
+
+
+def test_log_messages_info_and_warnings_on_rank_0_only_errors_everywhere(monkeypatch, capsys):
+    import logging
+
+    import fastebm.log
+
+    fastebm.log.setup_logging("prog-x")
+    log = logging.getLogger("fastebm.some.module")
+    for main_process in (False, True):
+        monkeypatch.setattr(fastebm.log, "is_main", lambda: main_process)
+        log.info("info line %d", 7)
+        log.warning("warn line")
+        log.error("error line")
+        out, err = capsys.readouterr()
+        assert ("info line 7" in out) == main_process and "warn" not in out and "error" not in out
+        assert ("prog-x: warning: warn line" in err) == main_process
+        assert "prog-x: error: error line" in err

@@ -1,4 +1,4 @@
-"""``fastebm-train``: the pretraining command (also ``python -m fastebm.train``).
+"""``fastebm-train``: the pretraining command (also ``python -m fastebm train``).
 
 This module alone turns errors into exit codes:
 
@@ -15,27 +15,30 @@ Each error is printed as one line, ``fastebm-train: error: <message>``, without 
 """
 from __future__ import annotations
 
+import logging
 import sys
-import warnings
 from typing import List, Optional
 
 from ..errors import CheckpointError, DataError, DistributedFailure, DistributedSetupError, TrainingDiverged, UsageError
+from ..log import setup_logging
 
 PROG = "fastebm-train"
 
+log = logging.getLogger(__name__)
+
 
 def _fail(exc: Exception, code: int) -> int:
-    print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+    log.error(str(exc))  # printed on every rank: each reports its own failure
     return code
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    warnings.formatwarning = lambda msg, category, *a, **k: f"{PROG}: warning: {msg}\n"
+    setup_logging(PROG)
     from ..train.config import parse_config
 
     try:
         cfg = parse_config(argv)
-        from ..train.loop import train
+        from ..train.trainer import train
 
         summary = train(cfg)
     except (UsageError, DataError, CheckpointError, DistributedSetupError) as exc:
