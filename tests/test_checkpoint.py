@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastebm.train.checkpoint import (LAST, PREVIOUS, CheckpointError, capture_rng_state, find_resume_checkpoint,
-                                      load_checkpoint, restore_rng_state, save_checkpoint)
+from fastebm.checkpoint import LAST, PREVIOUS, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from fastebm.errors import CheckpointError
+from fastebm.train.rng import capture_rng_state, restore_rng_state
 
 
 def _state(step):

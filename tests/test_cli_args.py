@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from fastebm.cli.train import main
-from fastebm.train.config import TrainConfig, UsageError, build_parser, parse_config
+from fastebm.errors import UsageError
+from fastebm.train.config import TrainConfig, build_parser, parse_config
 
 
 def test_help_lists_every_flag_with_default(capsys):
@@ -67,7 +68,7 @@ def test_bad_yaml_is_a_usage_error(tmp_path, text, needle):
 
 
 def test_subprocess_bad_flag_has_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "fastebm.train", "--accum_iter", "-3"],
+    proc = subprocess.run([sys.executable, "-m", "fastebm", "train", "--accum_iter", "-3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("fastebm-train: error: --accum_iter")
@@ -75,10 +76,69 @@ def test_subprocess_bad_flag_has_no_traceback():
 
 
 def test_func_engine_builds_math_attention_and_refuses_triton():
-    from fastebm.train.loop import build_objective
+    from fastebm.train.build import build_objective
 
     objective = build_objective(parse_config(["--engine", "func", "--model", "vit_demo"]))
     assert objective.model.attn_backend == "math"  # "auto" would pick the fused kernel on CUDA
     assert build_objective(parse_config(["--engine", "eager"])).model.attn_backend == "auto"
     with pytest.raises(UsageError, match="func"):
         build_objective(parse_config(["--engine", "func", "--attn_backend", "triton"]))
+
+
+@pytest.mark.parametrize("argv, needle", [([], "no command given"), (["tran"], "unknown command 'tran'")])
+def test_python_m_fastebm_without_a_known_command_exits_2(argv, needle, capsys):
+    from fastebm.__main__ import main as fastebm_main
+
+    assert fastebm_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastebm: error:") and needle in err[0] and "train" in err[0]
+
+
+def test_python_m_fastebm_train_dispatches_to_the_train_command(capsys):
+    from fastebm.__main__ import main as fastebm_main
+
+    assert fastebm_main(["train", "--steps", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastebm-train: error: --steps")
+
+
+def test_flag_types_follow_the_annotations():
+    cfg = parse_config(["--img_size", "24", "--clip_grad", "0.5", "--eval", "false", "--max_steps", "none",
+                        "--alpha_init", "0.25", "--data", "none"])
+    assert cfg.img_size == 24 and type(cfg.img_size) is int
+    assert cfg.clip_grad == 0.5 and type(cfg.clip_grad) is float
+    assert cfg.eval is False and cfg.max_steps is None and cfg.data is None and cfg.alpha_init == 0.25
+    assert parse_config(["--fsdp"]).fsdp is True  # a bare boolean flag means true
+    with pytest.raises(UsageError, match="--img_size"):
+        parse_config(["--img_size", "2.5"])
+
+
+@pytest.mark.parametrize("flag, registry", [("--engine", "engines"), ("--attn_backend", "ops")])
+def test_engine_and_attention_choices_come_from_their_registries(flag, registry, capsys):
+    from fastebm.engines import ENGINES
+    from fastebm.ops import available_backends
+
+    names = list(ENGINES) if registry == "engines" else ["auto", *available_backends()]
+    action = next(a for a in build_parser()._actions if flag in a.option_strings)
+    assert list(action.choices) == names
+    assert main([flag, "no_such_thing"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_thing" in err and all(n in err for n in names)
+
+
+def test_log_messages_info_and_warnings_on_rank_0_only_errors_everywhere(monkeypatch, capsys):
+    import logging
+
+    import fastebm.log
+
+    fastebm.log.setup_logging("prog-x")
+    log = logging.getLogger("fastebm.some.module")
+    for main_process in (False, True):
+        monkeypatch.setattr(fastebm.log, "is_main", lambda: main_process)
+        log.info("info line %d", 7)
+        log.warning("warn line")
+        log.error("error line")
+        out, err = capsys.readouterr()
+        assert ("info line 7" in out) == main_process and "warn" not in out and "error" not in out
+        assert ("prog-x: warning: warn line" in err) == main_process
+        assert "prog-x: error: error line" in err

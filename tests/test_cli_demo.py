@@ -17,7 +17,7 @@ import torch
 def test_demo_learns_to_restore_within_five_minutes(tmp_path):
     out = tmp_path / "demo"
     exe = os.path.join(os.path.dirname(sys.executable), "fastebm-train")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "fastebm.train"]
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "fastebm", "train"]
     start = time.time()
     proc = subprocess.run(cmd + ["--output_dir", str(out)], capture_output=True, text=True, timeout=900)
     wall = time.time() - start

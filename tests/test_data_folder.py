@@ -102,7 +102,7 @@ def test_bad_data_folder_exits_2_without_traceback(tmp_path, kind):
         (target / "readme.txt").write_text("no images here")
     elif kind == "file":
         target.write_text("x")
-    proc = subprocess.run([sys.executable, "-m", "fastebm.train", "--data", str(target), "--output_dir", str(tmp_path / "o")],
+    proc = subprocess.run([sys.executable, "-m", "fastebm", "train", "--data", str(target), "--output_dir", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

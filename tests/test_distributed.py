@@ -175,7 +175,7 @@ import signal  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
-TRAIN = ["-m", "fastebm.train"]
+TRAIN = ["-m", "fastebm", "train"]
 
 
 def train_args(data: str, out: str, batch: int, *extra: str) -> list:

@@ -9,7 +9,7 @@ import torch
 
 from test_train_helpers import fast_args, make_image_folder, read_summary
 from fastebm.cli.train import main
-from fastebm.train.checkpoint import load_checkpoint
+from fastebm.checkpoint import load_checkpoint
 from fastebm.train.faults import INJECT_ENV
 
 
@@ -45,7 +45,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     data = str(tmp_path / "data")
     make_image_folder(data, n=12)
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "fastebm.train"] + fast_args(out, data, epochs=500)
+    cmd = [sys.executable, "-m", "fastebm", "train"] + fast_args(out, data, epochs=500)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -8,7 +8,7 @@ from test_train_helpers import fast_args, make_image_folder, read_summary
 import fastebm
 from fastebm.cli.train import main
 from fastebm.train.metrics import read_metrics
-from fastebm.train.checkpoint import load_checkpoint
+from fastebm.checkpoint import load_checkpoint
 
 
 def _params(out):

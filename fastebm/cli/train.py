@@ -1,47 +1,53 @@
-"""``fastebm-train``: the pretraining command (also ``python -m fastebm.train``).
+"""``fastebm-train``: the pretraining command (also ``python -m fastebm train``).
 
-Exit codes: 0 finished (or stopped by SIGTERM after saving a checkpoint), 1 a peer process of a
-torchrun job died or hung (the message names it), 2 bad input (flags, config file, data folder,
-checkpoint, distributed set-up), 3 training diverged (too many non-finite losses in a row),
-130 stopped by SIGINT after saving a checkpoint.
+This module alone turns errors into exit codes:
+
+====  =====================================================================================
+0     finished, or stopped by SIGTERM after saving a checkpoint
+1     a peer process of a torchrun job died or hung (DistributedFailure; the message names it)
+2     bad input: flags, config file, data folder, checkpoint, distributed set-up (UsageError,
+      DataError, CheckpointError, DistributedSetupError)
+3     training diverged: too many non-finite losses in a row (TrainingDiverged)
+130   stopped by SIGINT after saving a checkpoint
+====  =====================================================================================
+
+Each error is printed as one line, ``fastebm-train: error: <message>``, without a traceback.
 """
 from __future__ import annotations
 
+import logging
 import sys
-import warnings
 from typing import List, Optional
+
+from ..errors import CheckpointError, DataError, DistributedFailure, DistributedSetupError, TrainingDiverged, UsageError
+from ..log import setup_logging
 
 PROG = "fastebm-train"
 
+log = logging.getLogger(__name__)
 
-def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+def _fail(exc: Exception, code: int) -> int:
+    log.error(str(exc))  # printed on every rank: each reports its own failure
     return code
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..data.errors import DataError
-    from ..train.config import UsageError, parse_config
+    setup_logging(PROG)
+    from ..train.config import parse_config
 
-    warnings.formatwarning = lambda msg, category, *a, **k: f"{PROG}: warning: {msg}\n"
     try:
         cfg = parse_config(argv)
-    except UsageError as exc:
-        return (_fail(str(exc), 2))
+        from ..train.trainer import train
 
-    from ..distributed import DistributedFailure
-    from ..train.faults import TrainingDiverged
-    from ..train.loop import train
-
-    try:
         summary = train(cfg)
-    except (UsageError, DataError) as exc:
-        return (_fail(str(exc), 2))
+    except (UsageError, DataError, CheckpointError, DistributedSetupError) as exc:
+        return _fail(exc, 2)
     except TrainingDiverged as exc:
-        return (_fail(str(exc), 3))
+        return _fail(exc, 3)
     except DistributedFailure as exc:
-        return (_fail(str(exc), 1))
-    return (130 if summary.get("status") == "interrupted_sigint" else 0)
+        return _fail(exc, 1)
+    return 130 if summary.get("status") == "interrupted_sigint" else 0
 
 
 if __name__ == "__main__":

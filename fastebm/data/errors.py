@@ -1,8 +1,8 @@
-"""Errors of the data layer."""
+"""Errors of the data layer: :class:`DataError` (defined in :mod:`fastebm.errors` with the others) and
+:class:`UnreadableImage`, which never leaves the data layer as a failure (the loaders replace the file)."""
+from ..errors import DataError
 
-
-class DataError(ValueError):
-    """The data source cannot be used as given (missing/empty folder, nothing readable, --strict_data)."""
+__all__ = ["DataError", "UnreadableImage", "unreadable_entry"]
 
 
 class UnreadableImage(Exception):

@@ -5,7 +5,7 @@ from typing import Dict
 
 import torch
 
-from ..train.checkpoint import atomic_torch_save, load_checkpoint
+from ..checkpoint import atomic_torch_save, load_checkpoint
 
 
 def backbone_from_objective_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

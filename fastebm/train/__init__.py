@@ -1,11 +1,12 @@
-"""Training core of ``fastebm-train``: config, loop, optimiser/schedule, checkpoints, logging, faults."""
-from .config import TrainConfig, UsageError, parse_config
+"""Training core of ``fastebm-train``: config, the :class:`~fastebm.train.trainer.Trainer`, optimiser and
+schedule, checkpoint contents, metrics, pictures, faults. The command line is :mod:`fastebm.cli.train`."""
+from .config import TrainConfig, parse_config
 
-__all__ = ["TrainConfig", "UsageError", "parse_config", "train"]
+__all__ = ["TrainConfig", "parse_config", "train"]
 
 
 def train(cfg: TrainConfig):
-    """Runs a training job (see :func:`fastebm.train.loop.train`)."""
-    from .loop import train as _train
+    """Runs a training job (see :func:`fastebm.train.trainer.train`)."""
+    from .trainer import train as _train
 
     return _train(cfg)

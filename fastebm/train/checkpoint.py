@@ -1,160 +1,85 @@
-"""Training checkpoints: plain dicts, written atomically, loaded with ``weights_only=True``.
+"""A training run's checkpoint: its contents, the collective save, the resume check.
 
-Layout of ``OUTPUT_DIR``: ``last.pt`` is always the newest *complete* checkpoint; the one it
-replaced is kept as ``last.prev.pt`` so that a damaged ``last.pt`` (disk full, node lost while
-copying) still leaves a run to resume. A write goes to a temporary file in the same folder, is
-flushed and fsync'ed, and only then renamed over the old name (``os.replace`` is atomic on POSIX).
-
-A checkpoint holds only tensors, numbers, strings, bools, None, lists and dicts, so loading it
-never runs pickled code.
+The file I/O (atomic write, format marker, loading, ``--resume auto``) is :mod:`fastebm.checkpoint`.
 """
 from __future__ import annotations
 
-import os
-import random
-import tempfile
-import warnings
-from typing import Any, Dict, Optional, Tuple
+import logging
+from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 
-from .config import UsageError
+from .. import distributed
+from ..checkpoint import save_checkpoint
+from ..data.sampling import BatchPlan
+from ..errors import TrainingDiverged
+from .config import TrainConfig
+from .rng import capture_rng_state
+from .state import LoopState
 
-FORMAT = "fastebm-train-checkpoint"
-VERSION = 1
-LAST = "last.pt"
-PREVIOUS = "last.prev.pt"
-REQUIRED_KEYS = ("format", "model", "optimizer", "step", "config", "rng")
+log = logging.getLogger(__name__)
 
-
-class CheckpointError(UsageError):
-    """A checkpoint file that cannot be used (truncated, corrupt, not ours)."""
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# Config keys that may differ between a checkpoint and the run resuming it without changing the run.
+RESUME_FREE_KEYS = {"dist_backend", "dist_timeout", "fsdp", "max_steps", "resume", "output_dir", "log_every",
+                    "save_every", "grid_every", "num_workers", "eval", "device", "strict_data", "max_bad_steps",
+                    "attn_backend", "data"}
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file beside ``path``, fsync, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-
-
-def save_checkpoint(state: Dict[str, Any], output_dir: str) -> str:
-    """Writes ``state`` as OUTPUT_DIR/last.pt, keeping the previous one as last.prev.pt."""
-    state = dict(state, format=FORMAT, version=VERSION)
-    last = os.path.join(output_dir, LAST)
-    folder = os.path.abspath(output_dir)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # The old last.pt becomes last.prev.pt, then the new one takes its name. If the process
-        # dies between the two renames, last.prev.pt is complete and `--resume auto` uses it.
-        if os.path.exists(last):
-            os.replace(last, os.path.join(output_dir, PREVIOUS))
-        os.replace(tmp, last)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-    return last
-
-
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Loads and sanity-checks a training checkpoint; CheckpointError names the file and the problem."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, bad magic, unpickling refused ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated or corrupt: {reason[:160]}); "
-            f"use an earlier checkpoint such as {PREVIOUS}"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a fastebm training checkpoint (no '{FORMAT}' marker)")
-    missing = [k for k in REQUIRED_KEYS if k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}; it is incomplete")
-    return state
-
-
-def find_resume_checkpoint(output_dir: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """For ``--resume auto``: the newest loadable checkpoint of OUTPUT_DIR, or (None, None).
-
-    Falls back from last.pt to last.prev.pt with a warning when last.pt is damaged; raises
-    CheckpointError when checkpoints exist but none loads.
-    """
-    errors = []
-    for name in (LAST, PREVIOUS):
-        path = os.path.join(output_dir, name)
-        if not os.path.exists(path):
-            continue
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as exc:
-            errors.append(str(exc))
-            warnings.warn(f"{exc}; trying the previous checkpoint", stacklevel=2)
-            continue
-        if errors:
-            warnings.warn(f"resuming from the fallback checkpoint {path} (step {state['step']})", stacklevel=2)
-        return state, path
-    if errors:
-        raise CheckpointError("no usable checkpoint in " + output_dir + ": " + " | ".join(errors))
-    return None, None
-
-
-# ----------------------------------------------------------------------------- RNG streams
-
-def capture_rng_state() -> Dict[str, Any]:
-    """torch (CPU and every CUDA device), numpy and python RNG states as plain data."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    out = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+def checkpoint_state(cfg: TrainConfig, model_sd: Dict, optim_sd: Dict, scaler_sd: Dict, state: LoopState,
+                     plan: BatchPlan, schedule: Dict, rng_per_rank: List[Dict]) -> Dict[str, Any]:
+    """The plain dict saved as ``last.pt`` (format: docs/design.md §9 and docs/training.md)."""
+    epoch = state.step // plan.steps_per_epoch
+    return {
+        "model": model_sd,
+        "optimizer": optim_sd,
+        "scaler": scaler_sd,
+        "step": state.step,
+        "epoch": epoch,
+        "data_position": {"epoch": epoch,
+                          "micro_batch": (state.step % plan.steps_per_epoch) * plan.accum_iter,
+                          "num_samples": plan.num_samples},
+        "schedule": dict(schedule),
+        "rng": rng_per_rank[0],
+        "rng_per_rank": rng_per_rank,  # every process's streams, restored per rank on resume
+        "config": cfg.to_dict(),
+        "bad_files": list(state.bad_files),
+        "skipped_steps": list(state.skipped_steps),
+        "eval_init": state.eval_init,
+        "world_size": plan.world_size,
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
 
 
-def restore_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].to(torch.uint8))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+def check_resume_config(ckpt: Dict[str, Any], cfg: TrainConfig, path: str, world_size: int) -> None:
+    """Warns when the resuming run changes settings (or the process count) that make it a different run."""
+    saved = ckpt["config"]
+    changed = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS and saved.get(k) != v}
+    if changed:
+        pretty = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        log.warning(f"resuming {path} with changed settings ({pretty}); the run is no longer the same run")
+    if ckpt.get("world_size", world_size) != world_size:
+        log.warning(f"{path} was written by {ckpt.get('world_size')} process(es), this job has {world_size}: "
+                    f"the global batch and learning rate change, and each rank's RNG streams restart from rank 0's")
+
+
+def save_collective(cfg: TrainConfig, objective, optimizer, scaler, state: LoopState, plan: BatchPlan,
+                    schedule: Dict) -> Optional[str]:
+    """Rank 0 writes last.pt, once; never a checkpoint of non-finite weights. Returns its path on rank 0.
+
+    Collective: every rank calls it at the same step (FSDP2 gathers the sharded state, every rank's
+    RNG state and unreadable-file list are collected into ``state``), and all pass a barrier after
+    the write. Raises TrainingDiverged (on every rank) when any parameter is non-finite.
+    """
+    rng_per_rank = distributed.all_gather_object(capture_rng_state())
+    if distributed.world_size() > 1:
+        merged = [f for files in distributed.all_gather_object(state.bad_files) for f in files]
+        state.bad_files = list(dict.fromkeys(merged))
+    model_sd, optim_sd = distributed.gather_for_checkpoint(objective, optimizer)
+    bad = [n for n, v in model_sd.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if distributed.any_rank(bool(bad)):
+        raise TrainingDiverged(f"refusing to checkpoint non-finite parameters ({bad[:3]}...) at step {state.step}")
+    path = None
+    if distributed.is_main():
+        path = save_checkpoint(checkpoint_state(cfg, model_sd, optim_sd, scaler.state_dict(), state, plan, schedule,
+                                                rng_per_rank), cfg.output_dir)
+    distributed.barrier()
+    return path

@@ -9,20 +9,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import yaml
 
-KNOWN_TASKS = ("mim", "sort", "sr", "denoise", "colorize")
-GRAD_MODES = ("exact", "truncated")
-ENERGIES = ("sqnorm", "sqnorm_post", "linear")
+from .. import distributed
+from ..corrupt import SAMPLE_TASKS
+from ..energy import ENERGIES
+from ..engines import ENGINES
+from ..errors import UsageError
+from ..restore import GRAD_MODES
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-class UsageError(ValueError):
-    """Bad user input (flags, config file, data folder): the CLI prints it and exits with code 2."""
+def attn_backend_choices() -> List[str]:
+    """``auto`` plus the attention backends registered in :mod:`fastebm.ops` (importable here)."""
+    from ..ops import available_backends
+
+    return ["auto", *available_backends()]
 
 
 def _opt(default, help, **kw):
@@ -41,11 +51,12 @@ class TrainConfig:
     grad_mode: str = _opt("exact", "gradient through the steps: exact (all steps) or truncated (last step)", choices=GRAD_MODES)
     alpha_init: Optional[float] = _opt(None, "initial restoration step size alpha_t; none = the objective's default")
     noise_sigma: float = _opt(0.0, "Langevin noise per restoration step (0 = off)")
-    engine: str = _opt("eager", "how dE/dx is differentiated: eager (others as the objective supports)")
-    attn_backend: str = _opt("auto", "attention backend: auto, math, triton")
+    engine: str = _opt("eager", "how dE/dx with a graph is computed (docs/design.md §4): %(choices)s", choices=ENGINES)
+    attn_backend: str = _opt("auto", "attention backend: %(choices)s (auto: triton on CUDA when available, else math)",
+                             choices=attn_backend_choices)
     grad_checkpointing: bool = _opt(False, "activation checkpointing in the ViT blocks (less memory, more compute)")
     # pretext tasks
-    tasks: List[str] = _opt(("mim", "sr", "denoise", "colorize"), "pretext tasks, mixed per sample (comma or space separated): " + ", ".join(KNOWN_TASKS) + "; mix = all")
+    tasks: List[str] = _opt(("mim", "sr", "denoise", "colorize"), "pretext tasks, mixed per sample (comma or space separated): " + ", ".join(SAMPLE_TASKS) + "; mix = all")
     mask_ratio: float = _opt(0.6, "fraction of patches masked by the mim task")
     # optimisation
     batch_size: int = _opt(32, "images per process per micro-step")
@@ -69,7 +80,7 @@ class TrainConfig:
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N; under torchrun each process takes cuda:LOCAL_RANK")
     # multi-process (torchrun); see docs/distributed.md
     dist_backend: str = _opt("auto", "process-group backend under torchrun: auto (nccl on CUDA, gloo on CPU), nccl, gloo",
-                             choices=("auto", "nccl", "gloo"))
+                             choices=distributed.BACKENDS)
     dist_timeout: Optional[float] = _opt(None, "seconds a collective waits for a peer before the job fails (default 120 with gloo, 300 with nccl)")
     fsdp: bool = _opt(False, "shard parameters, gradients and optimiser state with FSDP2 (whole objective as one unit; see docs/distributed.md)")
     log_every: int = _opt(5, "optimiser steps between metric lines")
@@ -108,12 +119,42 @@ def _optional(conv):
     return parse
 
 
-def _field_type(f: dataclasses.Field):
-    hint = str(f.type)
-    base = int if "int" in hint else float if "float" in hint else bool if "bool" in hint else str
+@functools.lru_cache(maxsize=None)
+def _type_hints() -> Dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)  # the annotations evaluated (they are strings here)
+
+
+def _base_type(f: dataclasses.Field):
+    """(type without ``Optional``, whether None is allowed) of a field, from its annotation."""
+    hint = _type_hints()[f.name]
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and len(args) == 2:
+            return rest[0], True
+    return hint, False
+
+
+def _is_list(f: dataclasses.Field) -> bool:
+    return typing.get_origin(_base_type(f)[0]) is list
+
+
+def _field_type(f: dataclasses.Field) -> Callable[[Any], Any]:
+    """The converter of one flag value (a list field: of one item), derived from the field's annotation."""
+    base, optional = _base_type(f)
+    if typing.get_origin(base) is list:
+        (base,) = typing.get_args(base)
+    if base not in (int, float, str, bool):
+        raise TypeError(f"TrainConfig.{f.name}: unsupported annotation {base!r}")
     if base is bool:
         return _parse_bool
-    return _optional(base) if hint.startswith("Optional") else base
+    return _optional(base) if optional else base
+
+
+def _choices(f: dataclasses.Field) -> Optional[Sequence[str]]:
+    """The allowed values of a field (a callable in the metadata is asked now: registries fill late)."""
+    choices = f.metadata.get("choices")
+    return list(choices()) if callable(choices) else choices
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,14 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML file whose keys are flag names; command-line flags override it")
     for f in dataclasses.fields(TrainConfig):
         kw = dict(default=f.default if f.default is not dataclasses.MISSING else f.default_factory(), help=f.metadata["help"])
-        if f.name == "tasks":
-            kw.update(nargs="+", type=str)
-        elif "bool" in str(f.type):
+        if _is_list(f):
+            kw.update(nargs="+", type=_field_type(f))
+        elif _base_type(f)[0] is bool:
             kw.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
         else:
             kw["type"] = _field_type(f)
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
+        if _choices(f) is not None:
+            kw["choices"] = _choices(f)
         parser.add_argument(f"--{f.name}", **kw)
     return parser
 
@@ -164,8 +205,9 @@ def _load_yaml(path: str) -> Dict[str, Any]:
 
 def _coerce_yaml_value(f: dataclasses.Field, value: Any) -> Any:
     """Applies the flag's own converter so that a YAML value is checked like a typed flag."""
-    if f.name == "tasks":
-        return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    if _is_list(f):
+        item = _field_type(f)
+        return [item(v) for v in value] if isinstance(value, (list, tuple)) else [item(value)]
     if value is None:
         return None
     try:
@@ -182,8 +224,9 @@ def parse_config(argv: Optional[List[str]] = None) -> TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
         from_file = {k: _coerce_yaml_value(fields[k], v) for k, v in _load_yaml(pre.config).items()}
         for k, v in from_file.items():
-            if "choices" in fields[k].metadata and v not in fields[k].metadata["choices"]:
-                raise UsageError(f"config key {k}: {v!r} is not one of {list(fields[k].metadata['choices'])}")
+            choices = _choices(fields[k])
+            if choices is not None and v not in choices:
+                raise UsageError(f"config key {k}: {v!r} is not one of {list(choices)}")
         parser.set_defaults(**from_file)
     ns = parser.parse_args(argv)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
@@ -207,12 +250,12 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--model: unknown preset {cfg.model!r}; choose from {', '.join(sorted(PRESETS))}")
     cfg.tasks = split_tasks(cfg.tasks)
     if "mix" in cfg.tasks:  # 'mix' = every task, as in fastebm.corrupt
-        cfg.tasks = list(KNOWN_TASKS)
+        cfg.tasks = list(SAMPLE_TASKS)
     if not cfg.tasks:
-        raise UsageError("--tasks is empty; give one or more of " + ", ".join(KNOWN_TASKS))
-    bad = [t for t in cfg.tasks if t not in KNOWN_TASKS]
+        raise UsageError("--tasks is empty; give one or more of " + ", ".join(SAMPLE_TASKS))
+    bad = [t for t in cfg.tasks if t not in SAMPLE_TASKS]
     if bad:
-        raise UsageError(f"--tasks: unknown task(s) {bad}; choose from " + ", ".join(KNOWN_TASKS))
+        raise UsageError(f"--tasks: unknown task(s) {bad}; choose from " + ", ".join(SAMPLE_TASKS))
     positive = ["batch_size", "accum_iter", "epochs", "steps", "log_every", "max_bad_steps"]
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -256,5 +299,8 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def save_yaml(cfg: TrainConfig, path: str) -> None:
-    with open(path, "w") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+    """The resolved configuration as YAML (flag names as keys), written atomically."""
+    from ..checkpoint import atomic_write
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(path, lambda fh: fh.write(text.encode()))

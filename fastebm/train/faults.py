@@ -1,4 +1,8 @@
-"""Fault handling: stop requests from signals, non-finite losses, and a NaN-injection test hook."""
+"""Fault handling: stop requests from signals and a NaN-injection test hook.
+
+Non-finite losses are handled by the loop (:class:`fastebm.train.trainer.Trainer`), which raises
+:class:`fastebm.errors.TrainingDiverged` after ``--max_bad_steps`` of them in a row.
+"""
 from __future__ import annotations
 
 import os
@@ -6,10 +10,6 @@ import signal
 from typing import Optional, Set
 
 INJECT_ENV = "FASTEBM_INJECT_NAN_AT_STEP"
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many non-finite losses in a row; the CLI exits with code 3."""
 
 
 class StopRequest:

@@ -1,10 +1,11 @@
 """Run logging: metrics.jsonl, TensorBoard events, and the console (tqdm bar or plain lines).
 
-Only the main process writes (the caller passes ``enabled=dist.is_main()``).
+Only the main process writes (the caller passes ``enabled=distributed.is_main()``).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -12,6 +13,8 @@ import time
 from typing import Any, Dict, List, Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -71,7 +74,7 @@ class MetricsLogger:
 
                 self._tb = SummaryWriter(log_dir=os.path.join(output_dir, "tb"), purge_step=resume_step)
             except Exception as exc:  # tensorboard missing or broken: metrics.jsonl still has everything
-                print(f"fastebm-train: warning: TensorBoard logging off ({exc})", file=sys.stderr)
+                log.warning(f"TensorBoard logging off ({exc})")
 
     def log(self, record: Dict[str, Any]) -> None:
         if not self.enabled:

@@ -11,10 +11,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ..eval.psnr import to_unit_range  # noqa: E402
 from ..corrupt import prepare_batch  # noqa: E402
+from ..eval.psnr import to_unit_range  # noqa: E402
+from .metrics import read_metrics  # noqa: E402
+from .rng import side_rng  # noqa: E402
 
 GRID_SEED = 4321
+GRID_FILE = "restoration_grid.png"
+LOSS_FILE = "loss_curve.png"
+
+
+def draw_pictures(cfg, objective, preview: torch.Tensor, device: torch.device, step: int) -> None:
+    """Refreshes OUTPUT_DIR's restoration grid (preview images) and loss curve (metrics.jsonl so far).
+
+    Runs under :func:`~fastebm.train.rng.side_rng`, so drawing never moves the training RNG streams.
+    """
+    with side_rng(device):
+        restoration_grid(objective, preview, cfg.tasks, os.path.join(cfg.output_dir, GRID_FILE),
+                         patch_size=objective.model.patch_size, params=cfg.task_params,
+                         title=f"{cfg.model}, step {step}: rows clean / corrupted / after each restoration step")
+    loss_curve(read_metrics(cfg.output_dir), os.path.join(cfg.output_dir, LOSS_FILE), title=f"{cfg.model} training loss")
 
 
 def _row(images01: torch.Tensor, pad: int = 2) -> np.ndarray:

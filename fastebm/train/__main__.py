@@ -1,6 +1,0 @@
-"""``python -m fastebm.train`` == ``fastebm-train``."""
-import sys
-
-from ..cli.train import main
-
-sys.exit(main())

@@ -1,0 +1,48 @@
+"""``summary.json`` (the outcome of a run) and the closing console lines."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict
+
+import numpy as np
+
+from .. import distributed
+from ..checkpoint import atomic_write
+from .metrics import read_metrics
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+
+def write_summary(output_dir: str, summary: Dict[str, Any]) -> None:
+    """Rank 0 writes OUTPUT_DIR/summary.json atomically (other ranks: nothing)."""
+    if distributed.is_main():
+        text = json.dumps(summary, indent=2)
+        atomic_write(os.path.join(output_dir, SUMMARY_FILE), lambda fh: fh.write(text.encode()))
+
+
+def metrics_summary(output_dir: str) -> Dict[str, Any]:
+    """``final_loss`` and the median ``img_per_s`` of the run's metrics.jsonl (rank 0; elsewhere empty)."""
+    records = read_metrics(output_dir) if distributed.is_main() else []
+    if not records:
+        return {}
+    rates = [r["img_per_s"] for r in records if "img_per_s" in r]
+    return {"final_loss": records[-1].get("loss"), "img_per_s": float(np.median(rates)) if rates else None}
+
+
+def log_results(summary: Dict[str, Any], output_dir: str) -> None:
+    """The closing lines: [demo] evaluation before/after, then status, step, wall time and where outputs are."""
+    if "psnr_gain_db" in summary:
+        p, acc = summary["psnr_gain_db"], summary["linprobe_acc"]
+        log.info(f"psnr_gain_db: init {_fmt(p['init'])} -> pretrained {_fmt(p['pretrained'])} "
+                 f"(held-out images, mean over tasks)")
+        log.info(f"linprobe_acc: init {_fmt(acc['init'])} -> pretrained {_fmt(acc['pretrained'])} (held-out digits)")
+    log.info(f"done: {summary['status']} at step {summary['step']} in {summary['wall_time_s']:.0f} s; "
+             f"outputs in {output_dir}")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

@@ -1,0 +1,352 @@
+"""The training loop of ``fastebm-train``: a :class:`Trainer` whose phases read top to bottom.
+
+    Trainer(cfg, info)     set-up: data, model + objective, batch plan, lr schedule, optimiser
+    .run()
+        .resume()          --resume: weights, optimiser, RNG streams, loop state from a checkpoint
+        .start()           DDP wrapping, config.yaml, metrics, banner, [demo] initial evaluation
+        for each optimiser step:
+            .micro_step()      accum_iter x (prepare_batch -> objective -> backward), NaN vote
+            .optimizer_step()  scheduled lr, clip, AdamW step (skipped when non-finite)
+            .after_step()      metrics line, pictures, stop request (SIGTERM/SIGINT), checkpoint
+        .finish()          final checkpoint, pictures, backbone, [demo] evaluation, summary.json
+
+Loop-carried values live in one :class:`~fastebm.train.state.LoopState`. Every decision that
+depends on the process goes through :mod:`fastebm.distributed` (rank 0 writes files; verdicts are
+agreed across ranks); the module a distributed wrapper wraps is the ``RestorationObjective`` (all T
+steps and the loss in one forward; docs/design.md §8).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from .. import distributed
+from ..checkpoint import LAST, find_resume_checkpoint, load_checkpoint
+from ..corrupt import prepare_batch
+from ..data.builtin import BuiltinDemoData
+from ..data.loader import MicroBatchStream
+from ..errors import CheckpointError, DataError, DistributedFailure, FastEBMError, TrainingDiverged
+from ..models import PRESETS
+from .build import (autocast_dtype, batch_plan, build_data, build_objective, check_corruption, num_workers,
+                    plain_objective, preview_images)
+from .checkpoint import check_resume_config, save_collective
+from .config import TrainConfig, save_yaml
+from .evaluation import compare_evaluations, demo_evaluation
+from .faults import StopRequest, injected_nan_steps
+from .metrics import Console, MetricsLogger, flatten_stats
+from .optim import build_optimizer
+from .rng import restore_rng_state, seed_everything
+from .schedule import lr_at, scaled_lr
+from .state import LoopState
+from .summary import log_results, metrics_summary, write_summary
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """One training job as configured (every process of a torchrun job builds one)."""
+
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo):
+        """Set-up: data first (a bad folder fails before any model is built), then model, plan, optimiser."""
+        self.cfg, self.t_start = cfg, time.time()
+        self.device = info.device
+        self.autocast_dtype = autocast_dtype(cfg, self.device)
+        if distributed.is_main():
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.source = build_data(cfg, cfg.img_size or PRESETS[cfg.model]["img_size"])
+        self.is_demo = isinstance(self.source, BuiltinDemoData)
+        seed_everything(cfg.seed)
+        self.objective = build_objective(cfg).to(self.device)
+        self.model = self.objective.model
+        check_corruption(cfg, self.model.img_size[0], self.model.patch_size)
+        self.plan = batch_plan(cfg, len(self.source), self.world, self.rank)
+        steps_per_epoch = self.plan.steps_per_epoch
+        self.schedule = {"base_lr": scaled_lr(cfg.blr, cfg.batch_size, cfg.accum_iter, self.world),
+                         "min_lr": cfg.min_lr, "warmup_steps": int(round(cfg.warmup_epochs * steps_per_epoch)),
+                         "total_steps": cfg.epochs * steps_per_epoch, "steps_per_epoch": steps_per_epoch}
+        self.total_steps = self.schedule["total_steps"]
+        self.end_step = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
+        if cfg.fsdp and self.world > 1:
+            log.info("fastebm-train: --fsdp: " + distributed.FSDP_SUMMARY)
+            distributed.shard_fsdp(self.objective, self.device)
+        elif cfg.fsdp:
+            log.warning("--fsdp with a single process: nothing to shard, training unsharded")
+        self.optimizer = build_optimizer(self.objective, lr=self.schedule["base_lr"], weight_decay=cfg.weight_decay,
+                                         device=self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        self.wrapped = self.objective  # what the loop calls; DDP around the objective under torchrun (start)
+        self.state = LoopState()
+        self.resumed_from: Optional[str] = None
+        self.last_path = os.path.join(cfg.output_dir, LAST)
+
+    def run(self) -> Dict[str, Any]:
+        """Trains from the current state to ``end_step`` (or a stop request); returns the summary."""
+        self.resume()
+        self.start()
+        self.loop()
+        return self.finish()
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> None:
+        """Loads ``--resume`` (a path, or ``auto``: OUTPUT_DIR's newest loadable checkpoint) into this run."""
+        cfg = self.cfg
+        if cfg.resume is None:
+            return
+        if cfg.resume == "auto":
+            ckpt, path = find_resume_checkpoint(cfg.output_dir)
+            if ckpt is None:
+                log.info(f"--resume auto: no checkpoint in {cfg.output_dir}; starting from scratch")
+                return
+        else:
+            ckpt, path = load_checkpoint(cfg.resume), cfg.resume
+        check_resume_config(ckpt, cfg, path, self.world)
+        try:
+            distributed.load_from_checkpoint(self.objective, self.optimizer, ckpt["model"], ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimiser: "
+                                  f"{str(exc).splitlines()[0][:200]}") from None
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = LoopState.from_checkpoint(ckpt)
+        per_rank = ckpt.get("rng_per_rank") or []
+        restore_rng_state(per_rank[self.rank] if len(per_rank) == self.world else ckpt["rng"])
+        self.resumed_from = path
+        log.info(f"resumed from {path} at step {self.state.step}")
+
+    # ------------------------------------------------------------------ before the first step
+    def start(self) -> None:
+        """DDP wrapping, config.yaml, the metrics log, the banner and the demo's initial evaluation."""
+        cfg, st = self.cfg, self.state
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if restart > 0 and cfg.resume is None:
+            log.warning(f"torchrun restarted this job (attempt {restart + 1}) but --resume is not set: training starts "
+                        f"from scratch; add --resume auto to continue from {self.last_path}")
+        # One forward per backward over the whole objective (all T steps and the loss): DDP wraps it.
+        if self.world > 1 and not distributed.is_sharded(self.objective):
+            self.wrapped = distributed.wrap_ddp(self.objective, self.device)
+        st.status = "completed" if self.end_step == self.total_steps else "stopped_at_max_steps"
+        if distributed.is_main():
+            save_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        self.metrics = MetricsLogger(cfg.output_dir, enabled=distributed.is_main(),
+                                     resume_step=st.step if self.resumed_from else None)
+        self.preview = preview_images(self.source)
+        n_params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        log.info(f"fastebm-train: {cfg.model} ({self.model.img_size[0]} px, {n_params:.2f} M params) on {self.device}, "
+                 f"{'built-in demo data' if self.is_demo else cfg.data} ({len(self.source)} samples), "
+                 f"{self.plan.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, lr {self.schedule['base_lr']:.3g}, "
+                 f"tasks {','.join(cfg.tasks)}, T={cfg.steps}; output {cfg.output_dir}")
+        if self.is_demo and cfg.eval and not st.eval_init and st.step == 0 and distributed.is_main():
+            st.eval_init = demo_evaluation(self.objective, self.source, cfg, self.device)
+            log.info(f"initial model: psnr gain {st.eval_init['psnr_gain_db']:+.2f} dB, "
+                     f"linear probe {st.eval_init['linprobe_acc']:.3f}")
+
+    # ------------------------------------------------------------------ the loop
+    def loop(self) -> None:
+        """Every micro-batch from the current step to ``end_step``; stops early on a stop request."""
+        cfg, st = self.cfg, self.state
+        stream = MicroBatchStream(self.source, self.plan, num_workers=num_workers(cfg, self.source),
+                                  pin_memory=self.device.type == "cuda")
+        self.inject = injected_nan_steps()
+        self.params = [p for p in self.objective.parameters() if p.requires_grad]
+        self.stop = StopRequest().install()
+        self.console = Console(self.end_step, st.step, enabled=distributed.is_main())
+        st.reset_window()
+        try:
+            for batch in stream.iterate(st.step, self.end_step):
+                self.micro_step(batch)
+                if batch["micro"] < cfg.accum_iter - 1:
+                    continue
+                lr = self.optimizer_step(batch["step"])
+                if self.after_step(batch["step"], lr):
+                    break
+        finally:
+            self.console.close()
+            self.stop.uninstall()
+            self.metrics.close()
+
+    def micro_step(self, batch: Dict[str, Any]) -> None:
+        """One micro-batch of optimiser step ``batch["step"]``: corrupt, restore, backward (if finite on every rank)."""
+        cfg, st = self.cfg, self.state
+        s, micro = batch["step"], batch["micro"]
+        if batch["bad"]:
+            st.add_bad_files(batch["bad"])
+            if cfg.strict_data:
+                raise DataError(f"--strict_data: unreadable image {batch['bad'][0]}")
+        if micro == 0:
+            st.start_step()
+        if not st.step_ok:
+            return
+        images = batch["images"].to(self.device, non_blocking=True)
+        clean, corrupted, weight, _ = prepare_batch(images, cfg.tasks, seed=cfg.seed, offset=s,
+                                                    sample_ids=batch["positions"], patch_size=self.model.patch_size,
+                                                    params=cfg.task_params)
+        # Gradients are all-reduced on the last micro-step only (DDP no_sync before it).
+        with distributed.gradient_sync(self.wrapped, sync=micro == cfg.accum_iter - 1):
+            dtype = self.autocast_dtype
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss, stats = self.wrapped(clean, corrupted, weight)
+            if s in self.inject:
+                loss = loss * float("nan")
+            if distributed.any_rank(not bool(torch.isfinite(loss).item())):
+                st.step_ok = False
+                if self.wrapped is not self.objective:
+                    loss.backward()  # DDP/FSDP expect the backward of every forward; its gradients are dropped
+                return
+            self.scaler.scale(loss / cfg.accum_iter).backward()
+            st.add_micro_step(loss.item(), flatten_stats(stats), cfg.accum_iter)
+
+    def optimizer_step(self, s: int) -> float:
+        """Optimiser step ``s`` once all its micro-batches are in; returns its learning rate."""
+        cfg, st, sch = self.cfg, self.state, self.schedule
+        lr = lr_at(s, base_lr=sch["base_lr"], min_lr=sch["min_lr"], warmup_steps=sch["warmup_steps"],
+                   total_steps=sch["total_steps"])
+        grad_norm = float("nan")
+        if st.step_ok:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad or float("inf"))
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            st.step_ok = not distributed.any_rank(not math.isfinite(grad_norm)) or self.scaler.is_enabled()
+            if st.step_ok:
+                self.scaler.step(self.optimizer)  # with fp16 the scaler itself skips inf/NaN gradients
+                self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        st.step = s + 1
+        distributed.heartbeat(st.step)
+        self.console.step()
+        if st.step_ok:
+            st.record_good_step(grad_norm)
+        else:
+            self._skip_step(s)
+        st.window_images += cfg.batch_size * cfg.accum_iter * self.world
+        return lr
+
+    def _skip_step(self, s: int) -> None:
+        """A non-finite step left the weights alone; too many in a row end the run (TrainingDiverged)."""
+        cfg, st = self.cfg, self.state
+        st.bad_streak += 1
+        st.skipped_steps.append(s)
+        log.warning(f"non-finite loss or gradient at step {s}: step skipped ({st.bad_streak} in a row, "
+                    f"limit --max_bad_steps {cfg.max_bad_steps})")
+        if st.bad_streak < cfg.max_bad_steps:
+            return
+        where = (f"last good checkpoint kept: {self.last_path} (step {st.last_saved_step})"
+                 if st.last_saved_step is not None else "no checkpoint had been written yet")
+        write_summary(cfg.output_dir, {"status": "diverged", "step": st.step, "skipped_steps": st.skipped_steps,
+                                       "last_good_checkpoint_step": st.last_saved_step, "config": cfg.to_dict()})
+        raise TrainingDiverged(f"{st.bad_streak} non-finite losses in a row (steps {s - st.bad_streak + 1}..{s}); "
+                               f"stopped; {where}. Lower --blr or --clip_grad, or check the data")
+
+    def after_step(self, s: int, lr: float) -> bool:
+        """Logging, pictures, the stop vote and periodic checkpoints at a step boundary; True: stop now."""
+        cfg, st = self.cfg, self.state
+        if st.step % cfg.log_every == 0 or st.step == self.end_step:
+            self._log_metrics(s, lr)
+        if cfg.grid_every and st.step % cfg.grid_every == 0 and st.step != self.end_step:
+            plain = plain_objective(cfg, self.objective, self.device)  # collective under FSDP2
+            if distributed.is_main():
+                self._draw_pictures(plain)
+        if distributed.any_rank(self.stop.requested):  # every rank joins the vote, so all stop together
+            self.save()
+            self.console.message(f"received {self.stop.name or 'stop request'}: checkpoint saved at step {st.step} "
+                                 f"({self.last_path}); resume with --resume auto")
+            st.status, st.interrupted = f"interrupted_{self.stop.name or 'signal'}".lower(), True
+            return True
+        # No periodic checkpoint during a run of non-finite steps: the last one before it stays the fallback.
+        if cfg.save_every and st.step % cfg.save_every == 0 and st.step != self.end_step and st.bad_streak == 0:
+            self.save()
+            st.last_saved_step = st.step
+        return False
+
+    def _log_metrics(self, s: int, lr: float) -> None:
+        """One metrics record: window means (averaged over ranks), lr, throughput; then a new window."""
+        st = self.state
+        elapsed = max(time.time() - st.window_start, 1e-9)
+        record = {"step": st.step, "epoch": s // self.plan.steps_per_epoch, "lr": lr,
+                  "img_per_s": st.window_images / elapsed, "time": time.time() - self.t_start}
+        means = {k: float(np.mean(v)) for k, v in st.window.items()}
+        if self.world > 1:  # every rank logs the same steps, so the windows have the same keys
+            keys = sorted(means)
+            reduced = distributed.all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64))
+            means = dict(zip(keys, reduced.tolist()))
+        record.update(means)
+        self.metrics.log(record)
+        self.console.report(st.step, record["epoch"], record.get("loss", float("nan")), record["img_per_s"], lr)
+        st.reset_window()
+
+    def save(self) -> Optional[str]:
+        """Writes last.pt (rank 0); collective, see :func:`fastebm.train.checkpoint.save_collective`."""
+        return save_collective(self.cfg, self.objective, self.optimizer, self.scaler, self.state, self.plan,
+                               self.schedule)
+
+    # ------------------------------------------------------------------ the end
+    def finish(self) -> Dict[str, Any]:
+        """Final checkpoint, pictures, backbone and [demo] evaluation (not after a stop request); the summary."""
+        cfg, st = self.cfg, self.state
+        if not st.interrupted:
+            self.save()
+        summary: Dict[str, Any] = {
+            "status": st.status, "step": st.step, "total_steps": self.total_steps,
+            "epoch": st.step / self.plan.steps_per_epoch, "device": str(self.device),
+            "skipped_files": {"count": len(st.bad_files), "files": st.bad_files[:100]},
+            "skipped_steps": st.skipped_steps, "checkpoint": self.last_path}
+        summary.update(metrics_summary(cfg.output_dir))
+        if not st.interrupted:
+            self._final_outputs(summary)
+        if st.bad_files:
+            log.warning(f"skipped {len(st.bad_files)} unreadable image(s), e.g. {st.bad_files[0]} (listed in summary.json)")
+        summary["wall_time_s"] = time.time() - self.t_start
+        summary["config"] = cfg.to_dict()
+        write_summary(cfg.output_dir, summary)
+        log_results(summary, cfg.output_dir)
+        return summary
+
+    def _final_outputs(self, summary: Dict[str, Any]) -> None:
+        """Rank 0 draws the pictures, exports backbone.pth and evaluates the demo model (into ``summary``)."""
+        from ..eval.export import export_backbone
+
+        objective = plain_objective(self.cfg, self.objective, self.device)  # collective under FSDP2
+        if not distributed.is_main():
+            return
+        self._draw_pictures(objective)
+        summary["backbone"] = export_backbone(objective.model, os.path.join(self.cfg.output_dir, "backbone.pth"))
+        if self.is_demo and self.cfg.eval:
+            final = demo_evaluation(objective, self.source, self.cfg, self.device)
+            summary.update(compare_evaluations(self.state.eval_init, final))
+
+    def _draw_pictures(self, objective) -> None:
+        from .pictures import draw_pictures  # matplotlib: imported only when a picture is due
+
+        draw_pictures(self.cfg, objective, self.preview, self.device, self.state.step)
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Runs one training job as configured; returns the summary (also written to summary.json).
+
+    Under torchrun every process calls this: it joins the process group (NCCL on CUDA, gloo on
+    CPU), trains its slice of every global batch under DDP (or FSDP2 with ``--fsdp``) and leaves
+    the group at the end. Raises the errors of :mod:`fastebm.errors`: UsageError, DataError,
+    CheckpointError, TrainingDiverged, DistributedSetupError, and DistributedFailure naming the
+    peer that died or hung.
+    """
+    owns_group = not distributed.is_initialized()
+    info = distributed.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
+    try:
+        return Trainer(cfg, info).run()
+    except (FastEBMError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if info.distributed and distributed.is_collective_failure(exc):
+            raise DistributedFailure(distributed.explain_failure(exc)) from exc
+        raise
+    finally:
+        if owns_group:
+            distributed.destroy_distributed()
