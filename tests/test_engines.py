@@ -14,7 +14,6 @@ import torch
 
 import fastebm
 from fastebm.models import EnergyViT
-from fastebm.ops import attention_custom_ops as custom_ops
 
 DEPTH = 2
 # Triton kernels: CUDA tensors on a GPU machine, else the CPU interpreter (set up by conftest).
@@ -135,16 +134,15 @@ COMPILED_CASES = [(1, "exact"), (1, "truncated"), (2, "exact"), (2, "truncated")
 
 @pytest.mark.parametrize("steps, grad_mode", COMPILED_CASES)
 @pytest.mark.parametrize("engine", ["func", "explicit"])
-def test_compiled_engine_equals_eager(engine, steps, grad_mode):
+def test_compiled_engine_equals_eager(engine, steps, grad_mode, stage_calls):
     ref = make_objective("eager", steps, grad_mode)
     perturb_(ref)
     obj = make_objective(engine, steps, grad_mode, compile=True, compile_backend="aot_eager")
-    before = dict(custom_ops.CALLS)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a compile fallback would warn: fail instead
         assert_same_grads(obj, ref, 1e-10)
     assert obj.is_compiled
-    calls = {k: custom_ops.CALLS[k] - before.get(k, 0) for k in ("attn_fwd", "attn_bwd", "attn_dbwd")}
+    calls = {k: stage_calls[k] for k in ("attn_fwd", "attn_bwd", "attn_dbwd")}
     if engine == "explicit":
         # the custom ops really ran inside the compiled step: every step's forward + hand-written
         # backward (attn_fwd, attn_bwd), and the loss backward through the steps that keep a graph
@@ -166,14 +164,14 @@ def test_compiled_explicit_with_triton_kernels_equals_eager_math():
 
 
 @pytest.mark.slow
-def test_inductor_explicit_float32_equals_eager():
+def test_inductor_explicit_float32_equals_eager(stage_calls):
     # Inductor's CPU build takes minutes on 2 cores: marked slow (gpu_check.sh runs it on a GPU).
     ref = make_objective("eager", 1, "exact", dtype=torch.float32)
     perturb_(ref)
     obj = make_objective("explicit", 1, "exact", dtype=torch.float32, compile=True)
-    before = custom_ops.CALLS["attn_dbwd"]
+    before = stage_calls["attn_dbwd"]
     assert_same_grads(obj, ref, 1e-5)
-    assert obj.is_compiled and custom_ops.CALLS["attn_dbwd"] > before
+    assert obj.is_compiled and stage_calls["attn_dbwd"] > before
 
 
 @pytest.mark.cuda
@@ -213,7 +211,7 @@ def test_func_engine_refuses_fused_attention():
         fastebm.RestorationObjective(tiny_model(attn_backend="triton"), engine="func")
 
 
-def test_func_engine_refuses_fused_attention_chosen_by_environment(monkeypatch):
+def test_func_engine_refuses_fused_attention_chosen_by_environment(monkeypatch, stage_calls):
     obj = make_objective("func", 1, "exact", attn_backend="auto", compile=False)
     clean, corrupted, weight = batch()
     obj(clean, corrupted, weight)  # auto -> math on CPU: allowed
@@ -222,9 +220,9 @@ def test_func_engine_refuses_fused_attention_chosen_by_environment(monkeypatch):
         obj(clean, corrupted, weight)
     # the explicit engine takes the fused kernels through its custom ops instead
     explicit = make_objective("explicit", 1, "exact", attn_backend="auto", compile=False).to(TRITON_DEVICE)
-    before = custom_ops.CALLS["attn_fwd"]
+    before = stage_calls["attn_fwd"]
     explicit(*(t.to(TRITON_DEVICE) for t in (clean, corrupted, weight)))
-    assert custom_ops.CALLS["attn_fwd"] == before + DEPTH
+    assert stage_calls["attn_fwd"] == before + DEPTH
 
 
 def test_explicit_engine_needs_a_hand_written_gradient():
