@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastebm
+from fastebm.engines import CompiledFunction
 from fastebm.models import EnergyViT
 
 DEPTH = 2
@@ -255,6 +256,66 @@ def test_genuine_errors_are_not_mistaken_for_compile_failures():
     clean, corrupted, weight = batch()
     with pytest.raises(ValueError, match="12x8 images"):
         obj(clean[..., :4], corrupted[..., :4], weight[..., :4])
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+    RuntimeError("an illegal memory access was encountered (simulated kernel error)"),
+    ValueError("bad input found while the step runs (simulated)"),
+], ids=["oom", "kernel-error", "value-error"])
+def test_run_time_errors_of_a_compiled_step_propagate(error):
+    # Raised while the compiled code runs (not while compiling): no fallback, no re-run, no warning,
+    # even when running the step again would succeed (a transient OOM).
+    runs = []
+
+    @torch._dynamo.disable  # runs eagerly between the compiled graphs, i.e. at run time
+    def fails_once(x):
+        runs.append(1)
+        if len(runs) == 1:
+            raise error
+        return x
+
+    def step(x):
+        return fails_once(x * 2) + 1
+
+    fn = CompiledFunction(step, name="test step", backend="aot_eager")
+    x = torch.randn(5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(type(error)) as info:
+            fn(x)
+        assert info.value is error and len(runs) == 1
+        assert fn.is_compiled and fn.fallback_reason is None
+        torch.testing.assert_close(fn(x), 2 * x + 1, rtol=0, atol=0)  # still the compiled path
+    assert len(runs) == 2
+
+
+def test_compilation_failure_of_a_step_falls_back_with_one_warning():
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("Inductor could not find a C++ compiler (simulated)")
+
+    fn = CompiledFunction(lambda x: x.sin() * 3, name="test step", backend=broken_backend)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="running it uncompiled") as record:
+        out = fn(x)
+    assert len(record) == 1 and "C++ compiler" in str(record[0].message)
+    torch.testing.assert_close(out, x.sin() * 3, rtol=0, atol=0)
+    assert not fn.is_compiled and "BackendCompilerFailed" in fn.fallback_reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(fn(x), x.sin() * 3, rtol=0, atol=0)
+
+
+def test_an_error_found_while_tracing_is_raised_as_the_step_own_error():
+    # A shape bug surfaces first as Dynamo's TorchRuntimeError (a compile-time error type); the
+    # uncompiled re-run then raises the step's own error, which is what the caller sees.
+    fn = CompiledFunction(lambda x: x @ torch.ones(5, 2), name="test step", backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="cannot be multiplied") as info:
+            fn(torch.randn(3, 4))
+    assert not isinstance(info.value, torch._dynamo.exc.TorchDynamoException)
+    assert fn.is_compiled
 
 
 def test_compile_opt_out(monkeypatch):
