@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random inputs every run (DESIGN.md §10); a failing test's report shows the seed, and
+    # Fresh random inputs every run (docs/design.md §10); a failing test's report shows the seed, and
     # FASTEBM_TEST_SEED=<seed> replays it.
     seed = int(os.environ.get("FASTEBM_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)

@@ -3,7 +3,7 @@
 The reference is the eager engine with math attention (``autograd.grad(create_graph=True)``), itself
 checked against finite differences and an independent torch.func reference in test_restore.py.
 Compiled runs use ``torch.compile`` with the ``aot_eager`` backend: Dynamo + AOTAutograd (where the
-constructions of DESIGN.md section 4 go right or silently wrong, and where the custom ops' fake
+constructions of docs/design.md §4 go right or silently wrong, and where the custom ops' fake
 implementations are exercised) without Inductor's C++ build, which takes minutes on 2 CPU cores.
 One Inductor run is marked ``slow``; benchmarks/gpu_check.sh runs the engines with Inductor on a GPU.
 """

@@ -1,4 +1,4 @@
-"""How the restoration step gets ``dE/dx`` with a graph (DESIGN.md section 4).
+"""How the restoration step gets ``dE/dx`` with a graph (docs/design.md §4).
 
 - ``eager``: ``torch.autograd.grad(create_graph=True)``; any attention backend (the Triton
   ``autograd.Function`` included); never compiled (``torch.compile`` refuses double backward).
