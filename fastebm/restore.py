@@ -3,7 +3,7 @@
 ``x_{t+1} = x_t - alpha_t * dE/dx(x_t) [+ sigma * noise]`` for ``t = 0 .. T-1`` starting from the
 corrupted batch; the loss is the weighted MSE between every ``x_t`` (t >= 1) and the clean batch
 (normalised per sample, averaged over the batch), summed over steps. The whole restoration and the
-loss are one ``forward`` so that ``DistributedDataParallel`` can wrap this module (DESIGN.md §8).
+loss are one ``forward`` so that ``DistributedDataParallel`` can wrap this module (docs/design.md §8).
 
 Gradient modes:
 - ``exact``: every step keeps its graph (``create_graph=True``), so the loss is differentiated
@@ -12,7 +12,7 @@ Gradient modes:
   without a graph); only the last step is differentiated through. Step sizes still get gradients
   from every step.
 
-Engines (how ``dE/dx`` with a graph is obtained; DESIGN.md section 4, ``fastebm.engines``):
+Engines (how ``dE/dx`` with a graph is obtained; docs/design.md §4, ``fastebm.engines``):
 - ``eager`` (default): ``torch.autograd.grad(create_graph=True)`` then a double backward. Works with
   every attention backend, the fused Triton ``autograd.Function`` included. Never compiled.
 - ``func``: ``torch.func.grad`` of the energy; the whole forward (all steps + loss) runs under

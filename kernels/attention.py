@@ -16,13 +16,14 @@ for float64 inputs). float32 matmuls use 3xTF32 on tensor cores (about fp32 accu
 head dimension (1..128) is padded to a power of two >= 16 with masking; ragged last tiles along Nq
 and Nk are masked.
 
-The specification of each stage is the PyTorch reference in ``fastebm/ops/attention_math.py``
-(imported below as ``attn_fwd_ref``, ``attn_bwd_ref``, ``attn_dbwd_ref``); the math is DESIGN.md
-section 5. No kernel or wrapper allocates anything of size B*H*Nq*Nk: probabilities are recomputed
-per tile from q, k and the saved row log-sum-exp.
+The specification of each stage is the PyTorch reference beside these kernels,
+``fastebm.kernels.attention_ref`` (re-exported here as ``attn_fwd_ref``, ``attn_bwd_ref``,
+``attn_dbwd_ref``); the math is docs/design.md §5. No kernel or wrapper allocates anything of size
+B*H*Nq*Nk: probabilities are recomputed per tile from q, k and the saved row log-sum-exp.
 
 On a machine without a GPU the kernels run in Triton's interpreter; ``TRITON_INTERPRET=1`` must be
-in the environment before triton is first imported.
+in the environment before triton is first imported. This package imports nothing from the rest of
+fastebm.
 """
 from __future__ import annotations
 
@@ -34,12 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-# The references these kernels implement (kept importable from here so they sit beside the kernels).
-from fastebm.ops.attention_math import attn_bwd_ref, attn_dbwd_ref, attn_fwd_ref  # noqa: F401
+from .attention_common import MAX_HEAD_DIM, SUPPORTED_DTYPES, acc_dtype, check_qkv_shapes
+from .attention_ref import attn_bwd_ref, attn_dbwd_ref, attn_fwd_ref
 
 Tensor = torch.Tensor
 
-__all__ = ["attn_fwd", "attn_bwd", "attn_dbwd", "attn_fwd_ref", "attn_bwd_ref", "attn_dbwd_ref"]
+__all__ = ["attn_fwd", "attn_bwd", "attn_dbwd", "attn_fwd_ref", "attn_bwd_ref", "attn_dbwd_ref", "MAX_HEAD_DIM"]
 
 # Triton picks the interpreter when a kernel is decorated, from the environment at import time:
 # True when these kernels run in the interpreter (CPU tensors allowed, nothing compiled).
@@ -47,15 +48,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tile size used in the interpreter. Its cost is Python overhead per tile operation, so large tiles
 # are fastest; tests lower it (monkeypatch) to exercise multi-tile loops with ragged last tiles.
 INTERPRETER_BLOCK = 64
-MAX_HEAD_DIM = 128  # larger heads would not fit the tiles in shared memory
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # Sequence lengths are not specialised (do_not_specialize): Triton would otherwise compile a
 # kernel per "N divisible by 16 / N == 1 / other", and they only enter masks and loop bounds.
 
 # --------------------------------------------------------------------------------------------
-# Shared device helpers
+# Shared device helpers (inlined by Triton)
 # --------------------------------------------------------------------------------------------
 
 
@@ -77,6 +76,64 @@ def _load_row(base, offs_row, N):
     return tl.load(base + offs_row, mask=offs_row < N, other=0.0)
 
 
+@triton.jit
+def _program_tile(BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # This program's batch*head index, its BLOCK rows (tile program_id(1)) and the head-dim columns.
+    return tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def _scale(scale_hi, scale_lo, ACC: tl.constexpr):
+    # The scale arrives as two float32 halves (see _scale_parts), summed in the accumulation dtype.
+    return tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)
+
+
+@triton.jit
+def _dot_t(a, b, DOT_PREC: tl.constexpr):
+    # a b^T
+    return tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
+
+
+@triton.jit
+def _probs(q, k, lse, valid, scale, DOT_PREC: tl.constexpr):
+    # P = exp(s q k^T - lse), 0 outside the valid (row, key) pairs.
+    return tl.where(valid, tl.exp(scale * _dot_t(q, k, DOT_PREC) - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _load_q_tiles(Q, DO, GQ, bh, offs_m, offs_d, NQ, D):
+    # The double backward's query-side tiles of rows offs_m: q, the upstream gradient G, gQ.
+    off = bh * NQ * D
+    return (_load_tile(Q + off, offs_m, offs_d, NQ, D), _load_tile(DO + off, offs_m, offs_d, NQ, D),
+            _load_tile(GQ + off, offs_m, offs_d, NQ, D))
+
+
+@triton.jit
+def _load_kv_tiles(K, V, GK, GV, bh, offs_n, offs_d, NK, D):
+    # The double backward's key-side tiles of keys offs_n: k, v, gK, gV.
+    off = bh * NK * D
+    return (_load_tile(K + off, offs_n, offs_d, NK, D), _load_tile(V + off, offs_n, offs_d, NK, D),
+            _load_tile(GK + off, offs_n, offs_d, NK, D), _load_tile(GV + off, offs_n, offs_d, NK, D))
+
+
+@triton.jit
+def _dbwd_tile(q, g, gq, k, v, gk, gv, lse, valid, scale, DOT_PREC: tl.constexpr):
+    # Double backward of one tile pair: P, U = s (gQ K^T + Q gK^T), dP = G V^T, W = G gV^T.
+    p = _probs(q, k, lse, valid, scale, DOT_PREC)
+    u = scale * (_dot_t(gq, k, DOT_PREC) + _dot_t(q, gk, DOT_PREC))
+    return p, u, _dot_t(g, v, DOT_PREC), _dot_t(g, gv, DOT_PREC)
+
+
+@triton.jit
+def _dbwd_terms(p, u, dp, w, delta, r, c):
+    # dS, Sbar and Dd of one tile pair once the row statistics r and c are known.
+    dp_c = dp - delta[:, None]
+    ds = p * dp_c
+    sbar = p * (w + u * dp_c - r[:, None] * dp - c[:, None])
+    dd = p * (u - r[:, None])
+    return ds, sbar, dd
+
+
 # --------------------------------------------------------------------------------------------
 # Forward.  Reference: attn_fwd_ref.
 # One program per (batch*head, BLOCK_M rows of Q). The Q tile stays resident; loop over K/V tiles
@@ -87,16 +144,11 @@ def _load_row(base, offs_row, N):
 
 @triton.jit(do_not_specialize=["NQ", "NK"])
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
-    scale_hi, scale_lo,
-    NQ, NK, D,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q, K, V, O, LSE, scale_hi, scale_lo, NQ, NK, D,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # see _scale_parts
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    scale = _scale(scale_hi, scale_lo, ACC)
+    bh, offs_m, offs_d = _program_tile(BLOCK_M, BLOCK_D)
     q = _load_tile(Q + bh * NQ * D, offs_m, offs_d, NQ, D)
     k_base = K + bh * NK * D
     v_base = V + bh * NK * D
@@ -108,7 +160,7 @@ def _attn_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, offs_d, NK, D)
         v = _load_tile(v_base, offs_n, offs_d, NK, D)
-        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        s = scale * _dot_t(q, k, DOT_PREC)
         s = tl.where((offs_n < NK)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)  # 0 on the first tile (m_i = -inf)
@@ -137,9 +189,7 @@ def _attn_bwd_delta_kernel(
     O, DO, DELTA, NQ, D,
     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    bh, offs_m, offs_d = _program_tile(BLOCK_M, BLOCK_D)
     o = _load_tile(O + bh * NQ * D, offs_m, offs_d, NQ, D).to(ACC)
     do = _load_tile(DO + bh * NQ * D, offs_m, offs_d, NQ, D).to(ACC)
     tl.store(DELTA + bh * NQ + offs_m, tl.sum(o * do, 1), mask=offs_m < NQ)
@@ -147,16 +197,11 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit(do_not_specialize=["NQ", "NK"])
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    scale_hi, scale_lo,
-    NQ, NK, D,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DK, DV, scale_hi, scale_lo, NQ, NK, D,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # see _scale_parts
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    scale = _scale(scale_hi, scale_lo, ACC)
+    bh, offs_n, offs_d = _program_tile(BLOCK_N, BLOCK_D)
     k = _load_tile(K + bh * NK * D, offs_n, offs_d, NK, D)
     v = _load_tile(V + bh * NK * D, offs_n, offs_d, NK, D)
     q_base = Q + bh * NQ * D
@@ -171,11 +216,9 @@ def _attn_bwd_dkdv_kernel(
         do = _load_tile(do_base, offs_m, offs_d, NQ, D)
         lse = _load_row(LSE + bh * NQ, offs_m, NQ)
         delta = _load_row(DELTA + bh * NQ, offs_m, NQ)
-        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        p = _probs(q, k, lse, valid, scale, DOT_PREC)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
+        ds = p * (_dot_t(do, v, DOT_PREC) - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
 
     _store_tile(DK + bh * NK * D, scale * dk, offs_n, offs_d, NK, D)
@@ -184,16 +227,11 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["NQ", "NK"])
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    scale_hi, scale_lo,
-    NQ, NK, D,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DQ, scale_hi, scale_lo, NQ, NK, D,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # see _scale_parts
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    scale = _scale(scale_hi, scale_lo, ACC)
+    bh, offs_m, offs_d = _program_tile(BLOCK_M, BLOCK_D)
     q = _load_tile(Q + bh * NQ * D, offs_m, offs_d, NQ, D)
     do = _load_tile(DO + bh * NQ * D, offs_m, offs_d, NQ, D)
     lse = _load_row(LSE + bh * NQ, offs_m, NQ)
@@ -206,24 +244,22 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, offs_d, NK, D)
         v = _load_tile(v_base, offs_n, offs_d, NK, D)
-        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        p = tl.where((offs_n < NK)[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
+        p = _probs(q, k, lse, (offs_n < NK)[None, :], scale, DOT_PREC)
+        ds = p * (_dot_t(do, v, DOT_PREC) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     _store_tile(DQ + bh * NQ * D, scale * dq, offs_m, offs_d, NQ, D)
 
 
 # --------------------------------------------------------------------------------------------
-# Double backward.  Reference: attn_dbwd_ref (DESIGN.md section 5).
-# Per tile everything is recomputed from resident tiles:
+# Double backward.  Reference: attn_dbwd_ref (docs/design.md §5).
+# Per tile everything is recomputed from resident tiles (_dbwd_tile):
 #   P = exp(s Q K^T - lse), dP = G V^T, U = s (gQ K^T + Q gK^T), W = G gV^T.
 # (1) row kernel: one program per (batch*head, BLOCK_M rows); Q, G, gQ tiles resident.
 #     Pass 1 over K/V tiles: the row statistics
 #         r  = rowsum(P U),  c1 = rowsum(P (W + U (dP - delta))),  c2 = rowsum(P dP),
 #     then c = c1 - r c2 (= rowsum(P Pbar) since Pbar = W + U (dP - delta) - r dP).
-#     Pass 2 over K/V tiles, now that r and c are known:
+#     Pass 2 over K/V tiles, now that r and c are known (_dbwd_terms):
 #         dS = P (dP - delta), Sbar = P (Pbar - c), Dd = P (U - r),
 #         Qbar += dS gK + Sbar K (times s),  Gbar += P gV + Dd V.
 #     r and c are written out (B*H*Nq floats each) for the column kernel.
@@ -237,21 +273,12 @@ def _attn_bwd_dq_kernel(
 @triton.jit(do_not_specialize=["NQ", "NK"])
 def _attn_dbwd_row_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA,
-    QBAR, GBAR, R, C,
-    scale_hi, scale_lo,
-    NQ, NK, D,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    QBAR, GBAR, R, C, scale_hi, scale_lo, NQ, NK, D,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # see _scale_parts
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_off = bh * NQ * D
-    k_off = bh * NK * D
-    q = _load_tile(Q + q_off, offs_m, offs_d, NQ, D)
-    g = _load_tile(DO + q_off, offs_m, offs_d, NQ, D)
-    gq = _load_tile(GQ + q_off, offs_m, offs_d, NQ, D)
+    scale = _scale(scale_hi, scale_lo, ACC)
+    bh, offs_m, offs_d = _program_tile(BLOCK_M, BLOCK_D)
+    q, g, gq = _load_q_tiles(Q, DO, GQ, bh, offs_m, offs_d, NQ, D)
     lse = _load_row(LSE + bh * NQ, offs_m, NQ)
     delta = _load_row(DELTA + bh * NQ, offs_m, NQ)
 
@@ -261,17 +288,8 @@ def _attn_dbwd_row_kernel(
     c2 = tl.zeros([BLOCK_M], ACC)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K + k_off, offs_n, offs_d, NK, D)
-        v = _load_tile(V + k_off, offs_n, offs_d, NK, D)
-        gk = _load_tile(GK + k_off, offs_n, offs_d, NK, D)
-        gv = _load_tile(GV + k_off, offs_n, offs_d, NK, D)
-        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        p = tl.where((offs_n < NK)[None, :], tl.exp(s - lse[:, None]), 0.0)
-        u = scale * (
-            tl.dot(gq, tl.trans(k), input_precision=DOT_PREC) + tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
-        )
-        dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
-        w = tl.dot(g, tl.trans(gv), input_precision=DOT_PREC)
+        k, v, gk, gv = _load_kv_tiles(K, V, GK, GV, bh, offs_n, offs_d, NK, D)
+        p, u, dp, w = _dbwd_tile(q, g, gq, k, v, gk, gv, lse, (offs_n < NK)[None, :], scale, DOT_PREC)
         r += tl.sum(p * u, 1)
         c1 += tl.sum(p * (w + u * (dp - delta[:, None])), 1)
         c2 += tl.sum(p * dp, 1)
@@ -282,28 +300,16 @@ def _attn_dbwd_row_kernel(
     gbar = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K + k_off, offs_n, offs_d, NK, D)
-        v = _load_tile(V + k_off, offs_n, offs_d, NK, D)
-        gk = _load_tile(GK + k_off, offs_n, offs_d, NK, D)
-        gv = _load_tile(GV + k_off, offs_n, offs_d, NK, D)
-        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        p = tl.where((offs_n < NK)[None, :], tl.exp(s - lse[:, None]), 0.0)
-        u = scale * (
-            tl.dot(gq, tl.trans(k), input_precision=DOT_PREC) + tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
-        )
-        dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
-        w = tl.dot(g, tl.trans(gv), input_precision=DOT_PREC)
-        dp_c = dp - delta[:, None]
-        ds = p * dp_c
-        sbar = p * (w + u * dp_c - r[:, None] * dp - c[:, None])
-        dd = p * (u - r[:, None])
+        k, v, gk, gv = _load_kv_tiles(K, V, GK, GV, bh, offs_n, offs_d, NK, D)
+        p, u, dp, w = _dbwd_tile(q, g, gq, k, v, gk, gv, lse, (offs_n < NK)[None, :], scale, DOT_PREC)
+        ds, sbar, dd = _dbwd_terms(p, u, dp, w, delta, r, c)
         qbar += tl.dot(ds.to(gk.dtype), gk, input_precision=DOT_PREC)
         qbar += tl.dot(sbar.to(k.dtype), k, input_precision=DOT_PREC)
         gbar += tl.dot(p.to(gv.dtype), gv, input_precision=DOT_PREC)
         gbar += tl.dot(dd.to(v.dtype), v, input_precision=DOT_PREC)
 
-    _store_tile(QBAR + q_off, scale * qbar, offs_m, offs_d, NQ, D)
-    _store_tile(GBAR + q_off, gbar, offs_m, offs_d, NQ, D)
+    _store_tile(QBAR + bh * NQ * D, scale * qbar, offs_m, offs_d, NQ, D)
+    _store_tile(GBAR + bh * NQ * D, gbar, offs_m, offs_d, NQ, D)
     tl.store(R + bh * NQ + offs_m, r, mask=offs_m < NQ)
     tl.store(C + bh * NQ + offs_m, c, mask=offs_m < NQ)
 
@@ -311,52 +317,31 @@ def _attn_dbwd_row_kernel(
 @triton.jit(do_not_specialize=["NQ", "NK"])
 def _attn_dbwd_col_kernel(
     Q, K, V, DO, GQ, GK, GV, LSE, DELTA, R, C,
-    KBAR, VBAR,
-    scale_hi, scale_lo,
-    NQ, NK, D,
-    ACC: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    KBAR, VBAR, scale_hi, scale_lo, NQ, NK, D,
+    ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    bh = tl.program_id(0).to(tl.int64)
-    scale = tl.cast(scale_hi, ACC) + tl.cast(scale_lo, ACC)  # see _scale_parts
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_off = bh * NQ * D
-    k_off = bh * NK * D
-    k = _load_tile(K + k_off, offs_n, offs_d, NK, D)
-    v = _load_tile(V + k_off, offs_n, offs_d, NK, D)
-    gk = _load_tile(GK + k_off, offs_n, offs_d, NK, D)
-    gv = _load_tile(GV + k_off, offs_n, offs_d, NK, D)
+    scale = _scale(scale_hi, scale_lo, ACC)
+    bh, offs_n, offs_d = _program_tile(BLOCK_N, BLOCK_D)
+    k, v, gk, gv = _load_kv_tiles(K, V, GK, GV, bh, offs_n, offs_d, NK, D)
 
     kbar = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     vbar = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start_m in range(0, NQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         valid = (offs_m < NQ)[:, None] & (offs_n < NK)[None, :]
-        q = _load_tile(Q + q_off, offs_m, offs_d, NQ, D)
-        g = _load_tile(DO + q_off, offs_m, offs_d, NQ, D)
-        gq = _load_tile(GQ + q_off, offs_m, offs_d, NQ, D)
+        q, g, gq = _load_q_tiles(Q, DO, GQ, bh, offs_m, offs_d, NQ, D)
         lse = _load_row(LSE + bh * NQ, offs_m, NQ)
         delta = _load_row(DELTA + bh * NQ, offs_m, NQ)
         r = _load_row(R + bh * NQ, offs_m, NQ)
         c = _load_row(C + bh * NQ, offs_m, NQ)
-        s = scale * tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        u = scale * (
-            tl.dot(gq, tl.trans(k), input_precision=DOT_PREC) + tl.dot(q, tl.trans(gk), input_precision=DOT_PREC)
-        )
-        dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
-        w = tl.dot(g, tl.trans(gv), input_precision=DOT_PREC)
-        dp_c = dp - delta[:, None]
-        ds = p * dp_c
-        sbar = p * (w + u * dp_c - r[:, None] * dp - c[:, None])
-        dd = p * (u - r[:, None])
+        p, u, dp, w = _dbwd_tile(q, g, gq, k, v, gk, gv, lse, valid, scale, DOT_PREC)
+        ds, sbar, dd = _dbwd_terms(p, u, dp, w, delta, r, c)
         kbar += tl.dot(tl.trans(ds).to(gq.dtype), gq, input_precision=DOT_PREC)
         kbar += tl.dot(tl.trans(sbar).to(q.dtype), q, input_precision=DOT_PREC)
         vbar += tl.dot(tl.trans(dd).to(g.dtype), g, input_precision=DOT_PREC)
 
-    _store_tile(KBAR + k_off, scale * kbar, offs_n, offs_d, NK, D)
-    _store_tile(VBAR + k_off, vbar, offs_n, offs_d, NK, D)
+    _store_tile(KBAR + bh * NK * D, scale * kbar, offs_n, offs_d, NK, D)
+    _store_tile(VBAR + bh * NK * D, vbar, offs_n, offs_d, NK, D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,12 +349,9 @@ def _attn_dbwd_col_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """:func:`acc_dtype` as a Triton type (the kernels' ACC)."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 # float32 matmul precision: None follows torch.get_float32_matmul_precision() ("highest" and
@@ -410,16 +392,11 @@ def _check_device(t: Tensor) -> None:
         )
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"attention kernels expect 4-D (B, H, N, d) tensors; {name} has shape {tuple(t.shape)}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"attention shape mismatch: q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}; "
-            "need q (B,H,Nq,d), k and v (B,H,Nk,d)"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _SUPPORTED_DTYPES:
+def _validate(q: Tensor, k: Tensor, v: Tensor, o: Optional[Tensor] = None, lse: Optional[Tensor] = None,
+              do: Optional[Tensor] = None) -> None:
+    """Checks q, k, v and, for the backward stages, the saved ``o``, ``lse`` and upstream ``do``."""
+    check_qkv_shapes(q, k, v)
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"attention kernels need q, k, v of one dtype among float16/bfloat16/float32/float64; "
             f"got {q.dtype}, {k.dtype}, {v.dtype} (cast them first)"
@@ -432,6 +409,12 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"attention needs at least one query and one key; got Nq={q.shape[2]}, Nk={k.shape[2]}")
     _check_device(q)
+    if o is None:
+        return
+    if o.shape != q.shape or do.shape != q.shape:
+        raise ValueError(f"o{tuple(o.shape)} and do{tuple(do.shape)} must have q's shape {tuple(q.shape)}")
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {tuple(q.shape[:3])}")
 
 
 def _like(t: Optional[Tensor], ref: Tensor, name: str) -> Tensor:
@@ -448,6 +431,7 @@ def _like(t: Optional[Tensor], ref: Tensor, name: str) -> Tensor:
 # and shared memory under H100's 227 KB. BLOCK_M tiles Q rows, BLOCK_N tiles K/V rows; the column
 # kernels (dkdv, dbwd_col) keep BLOCK_N rows resident and loop over BLOCK_M-row Q tiles.
 KERNELS = ("fwd", "dkdv", "dq", "dbwd_row", "dbwd_col")
+_COLUMN_KERNELS = ("dkdv", "dbwd_col")
 
 
 def _cfg(*per_kernel):
@@ -484,6 +468,18 @@ def launch_config(dtype: torch.dtype, head_dim: int, kernel: str, on_gpu: bool) 
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
+def _launch(kernel, name: str, tensors: tuple, q: Tensor, nk: int, scale: float) -> None:
+    """Runs one of the five main kernels (configuration ``name``) on a (B*H, tiles) grid: tiles of
+    BLOCK_N keys for the column kernels, of BLOCK_M query rows for the others."""
+    B, H, NQ, D = q.shape
+    cfg = _config(q, name)
+    tiles = triton.cdiv(nk, cfg["BLOCK_N"]) if name in _COLUMN_KERNELS else triton.cdiv(NQ, cfg["BLOCK_M"])
+    s_hi, s_lo = _scale_parts(scale)
+    kernel[(B * H, tiles)](
+        *tensors, s_hi, s_lo, NQ, nk, D, ACC=_tl_acc(q.dtype), DOT_PREC=_dot_precision(q.dtype), **cfg
+    )
+
+
 def _interpreter_bf16(q: Tensor) -> bool:
     # Triton's interpreter multiplies bfloat16 tiles as raw 16-bit integers (numpy has no
     # bfloat16), so there the wrappers compute bfloat16 inputs in float32 and cast back.
@@ -494,14 +490,6 @@ def _f32(*ts: Optional[Tensor]):
     return [None if t is None else t.float() for t in ts]
 
 
-def _common(q: Tensor, scale: float):
-    scale_hi, scale_lo = _scale_parts(scale)
-    return dict(
-        ACC=_tl_acc(q.dtype),
-        DOT_PREC=_dot_precision(q.dtype),
-    ), scale_hi, scale_lo
-
-
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
     """Fused attention forward: ``(O, lse)`` with ``O = softmax(scale q k^T) v`` (input dtype,
     contiguous) and ``lse`` the row log-sum-exp of ``scale q k^T`` (B, H, Nq), float32/64."""
@@ -510,103 +498,62 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Ten
         o, lse = attn_fwd(*_f32(q, k, v), scale)
         return o.to(q.dtype), lse
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
     o = torch.empty_like(q)
-    lse = torch.empty((B, H, NQ), device=q.device, dtype=_acc_dtype(q.dtype))
-    cfg = _config(q, "fwd")
-    flags, s_hi, s_lo = _common(q, scale)
-    grid = (B * H, triton.cdiv(NQ, cfg["BLOCK_M"]))
-    _attn_fwd_kernel[grid](q, k, v, o, lse, s_hi, s_lo, NQ, NK, D, **flags, **cfg)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=acc_dtype(q.dtype))
+    _launch(_attn_fwd_kernel, "fwd", (q, k, v, o, lse), q, k.shape[2], scale)
     return o, lse
 
 
-def _delta(o: Tensor, do: Tensor, q: Tensor) -> Tensor:
+def _saved(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor):
+    """The backward stages' inputs made contiguous in the kernels' dtypes, and delta = rowsum(O * dO)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = o.to(q.dtype).contiguous()
+    do = do.to(q.dtype).contiguous()
+    lse = lse.to(acc_dtype(q.dtype)).contiguous()
     B, H, NQ, D = q.shape
-    delta = torch.empty((B, H, NQ), device=q.device, dtype=_acc_dtype(q.dtype))
+    delta = torch.empty((B, H, NQ), device=q.device, dtype=acc_dtype(q.dtype))
     cfg = _config(q, "dq")
-    block_m = cfg["BLOCK_M"]
-    grid = (B * H, triton.cdiv(NQ, block_m))
-    _attn_bwd_delta_kernel[grid](o, do, delta, NQ, D, ACC=_tl_acc(q.dtype), BLOCK_M=block_m, BLOCK_D=cfg["BLOCK_D"])
-    return delta
-
-
-def _check_saved(q: Tensor, o: Tensor, lse: Tensor, do: Tensor) -> None:
-    if o.shape != q.shape or do.shape != q.shape:
-        raise ValueError(f"o{tuple(o.shape)} and do{tuple(do.shape)} must have q's shape {tuple(q.shape)}")
-    if lse.shape != q.shape[:3]:
-        raise ValueError(f"lse has shape {tuple(lse.shape)}, expected {tuple(q.shape[:3])}")
+    _attn_bwd_delta_kernel[(B * H, triton.cdiv(NQ, cfg["BLOCK_M"]))](
+        o, do, delta, NQ, D, ACC=_tl_acc(q.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"]
+    )
+    return q, k, v, lse, do, delta
 
 
 def attn_bwd(
     q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused attention backward: ``(dQ, dK, dV)`` for upstream gradient ``do`` (contiguous, input dtype)."""
-    _validate(q, k, v)
-    _check_saved(q, o, lse, do)
+    _validate(q, k, v, o, lse, do)
     if _interpreter_bf16(q):
         grads = attn_bwd(*_f32(q, k, v, o, lse, do), scale)
         return tuple(g.to(q.dtype) for g in grads)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = o.to(q.dtype).contiguous()
-    do = do.to(q.dtype).contiguous()
-    lse = lse.to(_acc_dtype(q.dtype)).contiguous()
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
-    delta = _delta(o, do, q)
+    q, k, v, lse, do, delta = _saved(q, k, v, o, lse, do)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    flags, s_hi, s_lo = _common(q, scale)
-    cfg = _config(q, "dkdv")
-    _attn_bwd_dkdv_kernel[(B * H, triton.cdiv(NK, cfg["BLOCK_N"]))](
-        q, k, v, do, lse, delta, dk, dv, s_hi, s_lo, NQ, NK, D, **flags, **cfg
-    )
-    cfg = _config(q, "dq")
-    _attn_bwd_dq_kernel[(B * H, triton.cdiv(NQ, cfg["BLOCK_M"]))](
-        q, k, v, do, lse, delta, dq, s_hi, s_lo, NQ, NK, D, **flags, **cfg
-    )
+    _launch(_attn_bwd_dkdv_kernel, "dkdv", (q, k, v, do, lse, delta, dk, dv), q, k.shape[2], scale)
+    _launch(_attn_bwd_dq_kernel, "dq", (q, k, v, do, lse, delta, dq), q, k.shape[2], scale)
     return dq, dk, dv
 
 
 def attn_dbwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    lse: Tensor,
-    do: Tensor,
-    gq: Optional[Tensor],
-    gk: Optional[Tensor],
-    gv: Optional[Tensor],
-    scale: float,
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+    gq: Optional[Tensor], gk: Optional[Tensor], gv: Optional[Tensor], scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused attention double backward: ``(Qbar, Kbar, Vbar, Gbar)``, the gradients of
     ``<gq, dQ> + <gk, dK> + <gv, dV>`` with respect to ``(q, k, v, do)``. ``None`` cotangents count
     as zero. No gradient flows to ``o`` or ``lse`` (they are caches). Outputs are contiguous;
     ``Gbar`` has ``do``'s dtype, the others their input's."""
-    _validate(q, k, v)
-    _check_saved(q, o, lse, do)
+    _validate(q, k, v, o, lse, do)
     if _interpreter_bf16(q):
         qbar, kbar, vbar, gbar = attn_dbwd(*_f32(q, k, v, o, lse, do, gq, gk, gv), scale)
         return qbar.to(q.dtype), kbar.to(k.dtype), vbar.to(v.dtype), gbar.to(do.dtype)
     do_dtype = do.dtype
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = o.to(q.dtype).contiguous()
-    do = do.to(q.dtype).contiguous()
-    lse = lse.to(_acc_dtype(q.dtype)).contiguous()
     gq, gk, gv = _like(gq, q, "gq"), _like(gk, k, "gk"), _like(gv, v, "gv")
-    B, H, NQ, D = q.shape
-    NK = k.shape[2]
-    delta = _delta(o, do, q)
-    row_stats = torch.empty((2, B, H, NQ), device=q.device, dtype=_acc_dtype(q.dtype))
+    q, k, v, lse, do, delta = _saved(q, k, v, o, lse, do)
+    row_stats = torch.empty((2,) + q.shape[:3], device=q.device, dtype=acc_dtype(q.dtype))
     r, c = row_stats[0], row_stats[1]
     qbar, kbar, vbar, gbar = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(do)
-    flags, s_hi, s_lo = _common(q, scale)
-    cfg = _config(q, "dbwd_row")
-    _attn_dbwd_row_kernel[(B * H, triton.cdiv(NQ, cfg["BLOCK_M"]))](
-        q, k, v, do, gq, gk, gv, lse, delta, qbar, gbar, r, c, s_hi, s_lo, NQ, NK, D, **flags, **cfg
-    )
-    cfg = _config(q, "dbwd_col")
-    _attn_dbwd_col_kernel[(B * H, triton.cdiv(NK, cfg["BLOCK_N"]))](
-        q, k, v, do, gq, gk, gv, lse, delta, r, c, kbar, vbar, s_hi, s_lo, NQ, NK, D, **flags, **cfg
-    )
+    _launch(_attn_dbwd_row_kernel, "dbwd_row", (q, k, v, do, gq, gk, gv, lse, delta, qbar, gbar, r, c),
+            q, k.shape[2], scale)
+    _launch(_attn_dbwd_col_kernel, "dbwd_col", (q, k, v, do, gq, gk, gv, lse, delta, r, c, kbar, vbar),
+            q, k.shape[2], scale)
     return qbar, kbar, vbar, gbar.to(do_dtype)

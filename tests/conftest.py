@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random inputs every run (DESIGN.md §10); a failing test's report shows the seed, and
+    # Fresh random inputs every run (docs/design.md §10); a failing test's report shows the seed, and
     # FASTEBM_TEST_SEED=<seed> replays it.
     seed = int(os.environ.get("FASTEBM_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
@@ -46,3 +46,33 @@ def pytest_runtest_makereport(item, call):
         seeds = [v for k, v in item.user_properties if k == "torch_seed"]
         if seeds:
             report.sections.append(("random seed", f"FASTEBM_TEST_SEED={seeds[0]}"))
+
+
+@pytest.fixture
+def stage_calls(monkeypatch):
+    """Counts the real (non-fake) executions of the attention stages behind the ``fastebm::attn_*``
+    custom ops: a Counter with keys ``attn_fwd``, ``attn_bwd``, ``attn_dbwd``.
+
+    It wraps the stage implementations that the ops look up when they run (the references of
+    ``fastebm.kernels.attention_ref`` and the Triton wrappers of ``fastebm.kernels.attention``), so
+    fake-tensor runs while tracing are not counted and compiled steps are."""
+    from collections import Counter
+
+    from fastebm.kernels import attention as kernels
+    from fastebm.kernels import attention_ref
+
+    calls = Counter()
+
+    def count(module, attr, stage):
+        fn = getattr(module, attr)
+
+        def counted(*args, **kwargs):
+            calls[stage] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, counted)
+
+    for stage in ("attn_fwd", "attn_bwd", "attn_dbwd"):
+        count(attention_ref, stage + "_ref", stage)
+        count(kernels, stage, stage)
+    return calls

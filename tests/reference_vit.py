@@ -1,6 +1,6 @@
 """An independent float64 reference of the EnergyViT energy and of the restoration loss.
 
-Written from the method's definition (DESIGN.md §2) with plain tensor math on a dict of weights
+Written from the method's definition (docs/design.md §2) with plain tensor math on a dict of weights
 under timm's names, not with fastebm's modules; derivatives come from ``torch.func``, not from
 ``torch.autograd.grad(create_graph=True)`` as in fastebm's eager engine.
 """

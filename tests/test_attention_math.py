@@ -1,12 +1,17 @@
-"""The stage references of ``fastebm.ops.attention_math`` (the specification of the fused kernels)
+"""The stage references of ``fastebm.kernels.attention_ref`` (the specification of the fused kernels)
 against torch.autograd on plain float64 math attention written here: forward, first backward and
-double backward, on fresh random inputs with odd shapes and Nq != Nk."""
+double backward, on fresh random inputs with odd shapes and Nq != Nk. Also: fastebm and its math
+attention work on a machine without triton."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from fastebm.ops.attention_math import attn_bwd_ref, attn_dbwd_ref, attn_fwd_ref, default_scale
+from fastebm.kernels.attention_ref import attn_bwd_ref, attn_dbwd_ref, attn_fwd_ref, default_scale
 
 SHAPES = [(1, 1, 1, 1, 16), (2, 3, 37, 29, 16), (1, 2, 5, 41, 24), (2, 1, 197, 150, 64), (1, 2, 37, 1, 8)]
 TOL64 = 1e-12
@@ -79,3 +84,40 @@ def test_half_precision_reference_is_close_to_float64():
     bars64 = attn_dbwd_ref(*d[:3], o64, lse64, *d[3:], scale)
     for a, b in zip(bars, bars64):
         assert a.dtype == torch.bfloat16 and rel(a.double(), b) < 2e-2
+
+
+# Run in a fresh interpreter where ``import triton`` fails, as on a laptop without triton.
+NO_TRITON_SCRIPT = r"""
+import sys
+sys.modules["triton"] = None  # any import of triton now raises ImportError
+import torch
+import fastebm
+from fastebm.ops import attention, available_backends
+from fastebm.kernels.attention_ref import attn_fwd_ref
+
+assert available_backends() == ["math"], available_backends()
+q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
+o = attention(q, k, v)
+(g,) = torch.autograd.grad(o.pow(2).sum(), q, create_graph=True)
+g.sum().backward()
+assert torch.allclose(o, attn_fwd_ref(q, k, v, 8 ** -0.5)[0])
+model = fastebm.create_model("vit_demo", img_size=8, depth=1, embed_dim=16, num_heads=2).double()
+x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+e, dx = model.energy_and_input_grad(x)  # the explicit engine's math custom ops
+assert e.shape == (2,) and dx.shape == x.shape
+assert not any(name == "triton" or name.startswith("triton.") for name in sys.modules if sys.modules[name])
+try:
+    attention(q, k, v, backend="triton")
+except ValueError as exc:
+    assert "unknown attention backend 'triton'" in str(exc)
+else:
+    raise AssertionError("backend='triton' without triton must be a ValueError")
+print("ok")
+"""
+
+
+def test_fastebm_imports_and_runs_math_attention_without_triton():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", NO_TRITON_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout + out.stderr

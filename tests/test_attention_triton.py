@@ -2,7 +2,7 @@
 
 On machines without a GPU these run the real kernels in Triton's interpreter (tests/conftest.py
 sets TRITON_INTERPRET=1); nothing here falls back to the math path. Every comparison is against
-float64 references on fresh random inputs: the stage references of ``fastebm.ops.attention_math``
+float64 references on fresh random inputs: the stage references of ``fastebm.kernels.attention_ref``
 and, independently, ``torch.autograd`` on plain float64 math attention written in this file.
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ import fastebm
 from fastebm.kernels import attention as K
 from fastebm.ops import attention, resolve_backend
 from fastebm.ops.attention import ENV_VAR
-from fastebm.ops.attention_math import attn_bwd_ref, attn_dbwd_ref, attn_fwd_ref
-from fastebm.ops.triton_attention import THIRD_ORDER_MESSAGE, supports
+from fastebm.kernels.attention_ref import attn_bwd_ref, attn_dbwd_ref, attn_fwd_ref
+from fastebm.ops.third_order import THIRD_ORDER_MESSAGE
+from fastebm.ops.triton_attention import supports
 
 # (B, H, Nq, Nk, d): single tokens, odd lengths, Nq != Nk both ways, a ViT-like N = 197, a
 # non-power-of-two head dim; B*H*Nq*Nk kept small where N is large (the interpreter is slow).

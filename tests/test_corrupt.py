@@ -33,16 +33,21 @@ def patches_of(x, p):
     return out
 
 
+def patch_task(task, shape, p, ratio):
+    """Fresh images corrupted by a patch task: (x, w, k, patches of x, of the result, of w), with k the
+    number of patches the task must touch per sample (round half up of ratio * patches)."""
+    x = rand_images(*shape)
+    y, w = corrupt(x, task, seed=fresh_seed(), ratio=ratio, patch_size=p)
+    n = (shape[2] // p) * (shape[3] // p)
+    return x, w, math.floor(ratio * n + 0.5), patches_of(x, p), patches_of(y, p), patches_of(w, p)
+
+
 # ---------------------------------------------------------------------------------------------- mim
 
 
 @pytest.mark.parametrize("shape,p,ratio", [((3, 3, 32, 48), 8, 0.6), ((5, 1, 12, 20), 4, 0.75), ((1, 2, 9, 9), 3, 0.3)])
 def test_mim_masks_exact_count_and_weights_only_there(shape, p, ratio):
-    x = rand_images(*shape)
-    y, w = corrupt(x, "mim", seed=fresh_seed(), ratio=ratio, patch_size=p)
-    n = (shape[2] // p) * (shape[3] // p)
-    k = math.floor(ratio * n + 0.5)
-    px, py, pw = patches_of(x, p), patches_of(y, p), patches_of(w, p)
+    x, w, k, px, py, pw = patch_task("mim", shape, p, ratio)
     for b in range(shape[0]):
         masked = np.all(py[b] == 0, axis=1)
         assert masked.sum() == k
@@ -65,11 +70,7 @@ def test_mim_patches_differ_between_samples_and_cover_the_image():
 
 @pytest.mark.parametrize("shape,p,ratio", [((4, 3, 32, 24), 8, 0.25), ((3, 2, 15, 10), 5, 0.5), ((2, 1, 8, 8), 2, 0.9)])
 def test_sort_keeps_multiset_and_moves_only_the_subset(shape, p, ratio):
-    x = rand_images(*shape)
-    y, w = corrupt(x, "sort", seed=fresh_seed(), ratio=ratio, patch_size=p)
-    n = (shape[2] // p) * (shape[3] // p)
-    k = math.floor(ratio * n + 0.5)
-    px, py = patches_of(x, p), patches_of(y, p)
+    _, w, k, px, py, _ = patch_task("sort", shape, p, ratio)
     for b in range(shape[0]):
         # same multiset of patches: sorting the rows of both gives the same matrix
         np.testing.assert_array_equal(np.array(sorted(map(tuple, px[b]))), np.array(sorted(map(tuple, py[b]))))

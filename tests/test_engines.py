@@ -3,7 +3,7 @@
 The reference is the eager engine with math attention (``autograd.grad(create_graph=True)``), itself
 checked against finite differences and an independent torch.func reference in test_restore.py.
 Compiled runs use ``torch.compile`` with the ``aot_eager`` backend: Dynamo + AOTAutograd (where the
-constructions of DESIGN.md section 4 go right or silently wrong, and where the custom ops' fake
+constructions of docs/design.md §4 go right or silently wrong, and where the custom ops' fake
 implementations are exercised) without Inductor's C++ build, which takes minutes on 2 CPU cores.
 One Inductor run is marked ``slow``; benchmarks/gpu_check.sh runs the engines with Inductor on a GPU.
 """
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fastebm
+from fastebm.engines import CompiledFunction
 from fastebm.models import EnergyViT
-from fastebm.ops import attention_custom_ops as custom_ops
 
 DEPTH = 2
 # Triton kernels: CUDA tensors on a GPU machine, else the CPU interpreter (set up by conftest).
@@ -135,16 +135,15 @@ COMPILED_CASES = [(1, "exact"), (1, "truncated"), (2, "exact"), (2, "truncated")
 
 @pytest.mark.parametrize("steps, grad_mode", COMPILED_CASES)
 @pytest.mark.parametrize("engine", ["func", "explicit"])
-def test_compiled_engine_equals_eager(engine, steps, grad_mode):
+def test_compiled_engine_equals_eager(engine, steps, grad_mode, stage_calls):
     ref = make_objective("eager", steps, grad_mode)
     perturb_(ref)
     obj = make_objective(engine, steps, grad_mode, compile=True, compile_backend="aot_eager")
-    before = dict(custom_ops.CALLS)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a compile fallback would warn: fail instead
         assert_same_grads(obj, ref, 1e-10)
     assert obj.is_compiled
-    calls = {k: custom_ops.CALLS[k] - before.get(k, 0) for k in ("attn_fwd", "attn_bwd", "attn_dbwd")}
+    calls = {k: stage_calls[k] for k in ("attn_fwd", "attn_bwd", "attn_dbwd")}
     if engine == "explicit":
         # the custom ops really ran inside the compiled step: every step's forward + hand-written
         # backward (attn_fwd, attn_bwd), and the loss backward through the steps that keep a graph
@@ -166,14 +165,14 @@ def test_compiled_explicit_with_triton_kernels_equals_eager_math():
 
 
 @pytest.mark.slow
-def test_inductor_explicit_float32_equals_eager():
+def test_inductor_explicit_float32_equals_eager(stage_calls):
     # Inductor's CPU build takes minutes on 2 cores: marked slow (gpu_check.sh runs it on a GPU).
     ref = make_objective("eager", 1, "exact", dtype=torch.float32)
     perturb_(ref)
     obj = make_objective("explicit", 1, "exact", dtype=torch.float32, compile=True)
-    before = custom_ops.CALLS["attn_dbwd"]
+    before = stage_calls["attn_dbwd"]
     assert_same_grads(obj, ref, 1e-5)
-    assert obj.is_compiled and custom_ops.CALLS["attn_dbwd"] > before
+    assert obj.is_compiled and stage_calls["attn_dbwd"] > before
 
 
 @pytest.mark.cuda
@@ -213,7 +212,7 @@ def test_func_engine_refuses_fused_attention():
         fastebm.RestorationObjective(tiny_model(attn_backend="triton"), engine="func")
 
 
-def test_func_engine_refuses_fused_attention_chosen_by_environment(monkeypatch):
+def test_func_engine_refuses_fused_attention_chosen_by_environment(monkeypatch, stage_calls):
     obj = make_objective("func", 1, "exact", attn_backend="auto", compile=False)
     clean, corrupted, weight = batch()
     obj(clean, corrupted, weight)  # auto -> math on CPU: allowed
@@ -222,9 +221,9 @@ def test_func_engine_refuses_fused_attention_chosen_by_environment(monkeypatch):
         obj(clean, corrupted, weight)
     # the explicit engine takes the fused kernels through its custom ops instead
     explicit = make_objective("explicit", 1, "exact", attn_backend="auto", compile=False).to(TRITON_DEVICE)
-    before = custom_ops.CALLS["attn_fwd"]
+    before = stage_calls["attn_fwd"]
     explicit(*(t.to(TRITON_DEVICE) for t in (clean, corrupted, weight)))
-    assert custom_ops.CALLS["attn_fwd"] == before + DEPTH
+    assert stage_calls["attn_fwd"] == before + DEPTH
 
 
 def test_explicit_engine_needs_a_hand_written_gradient():
@@ -257,6 +256,66 @@ def test_genuine_errors_are_not_mistaken_for_compile_failures():
     clean, corrupted, weight = batch()
     with pytest.raises(ValueError, match="12x8 images"):
         obj(clean[..., :4], corrupted[..., :4], weight[..., :4])
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory (simulated)"),
+    RuntimeError("an illegal memory access was encountered (simulated kernel error)"),
+    ValueError("bad input found while the step runs (simulated)"),
+], ids=["oom", "kernel-error", "value-error"])
+def test_run_time_errors_of_a_compiled_step_propagate(error):
+    # Raised while the compiled code runs (not while compiling): no fallback, no re-run, no warning,
+    # even when running the step again would succeed (a transient OOM).
+    runs = []
+
+    @torch._dynamo.disable  # runs eagerly between the compiled graphs, i.e. at run time
+    def fails_once(x):
+        runs.append(1)
+        if len(runs) == 1:
+            raise error
+        return x
+
+    def step(x):
+        return fails_once(x * 2) + 1
+
+    fn = CompiledFunction(step, name="test step", backend="aot_eager")
+    x = torch.randn(5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(type(error)) as info:
+            fn(x)
+        assert info.value is error and len(runs) == 1
+        assert fn.is_compiled and fn.fallback_reason is None
+        torch.testing.assert_close(fn(x), 2 * x + 1, rtol=0, atol=0)  # still the compiled path
+    assert len(runs) == 2
+
+
+def test_compilation_failure_of_a_step_falls_back_with_one_warning():
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("Inductor could not find a C++ compiler (simulated)")
+
+    fn = CompiledFunction(lambda x: x.sin() * 3, name="test step", backend=broken_backend)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="running it uncompiled") as record:
+        out = fn(x)
+    assert len(record) == 1 and "C++ compiler" in str(record[0].message)
+    torch.testing.assert_close(out, x.sin() * 3, rtol=0, atol=0)
+    assert not fn.is_compiled and "BackendCompilerFailed" in fn.fallback_reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(fn(x), x.sin() * 3, rtol=0, atol=0)
+
+
+def test_an_error_found_while_tracing_is_raised_as_the_step_own_error():
+    # A shape bug surfaces first as Dynamo's TorchRuntimeError (a compile-time error type); the
+    # uncompiled re-run then raises the step's own error, which is what the caller sees.
+    fn = CompiledFunction(lambda x: x @ torch.ones(5, 2), name="test step", backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="cannot be multiplied") as info:
+            fn(torch.randn(3, 4))
+    assert not isinstance(info.value, torch._dynamo.exc.TorchDynamoException)
+    assert fn.is_compiled
 
 
 def test_compile_opt_out(monkeypatch):

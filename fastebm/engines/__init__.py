@@ -1,4 +1,4 @@
-"""How the restoration step gets ``dE/dx`` with a graph (DESIGN.md section 4).
+"""How the restoration step gets ``dE/dx`` with a graph (docs/design.md §4).
 
 - ``eager``: ``torch.autograd.grad(create_graph=True)``; any attention backend (the Triton
   ``autograd.Function`` included); never compiled (``torch.compile`` refuses double backward).
@@ -8,9 +8,9 @@
   attention custom ops, inside ``torch.compile``.
 
 :class:`CompiledFunction` wraps a step in ``torch.compile`` and falls back to running it uncompiled,
-with one warning, when compilation fails.
+with one warning, when compilation fails (compilation errors only: run-time errors propagate).
 """
-from .compile import COMPILE_ENV_VAR, CompiledFunction, compile_requested
+from .compile import COMPILE_ENV_VAR, CompiledFunction, compile_error_types, compile_requested
 from .explicit import check_explicit_model, explicit_energy_and_grad, explicit_op_backend
 from .func import check_func_attention, func_energy_and_grad
 
@@ -22,6 +22,7 @@ __all__ = [
     "COMPILED_ENGINES",
     "COMPILE_ENV_VAR",
     "CompiledFunction",
+    "compile_error_types",
     "compile_requested",
     "check_explicit_model",
     "check_func_attention",

@@ -4,13 +4,17 @@ Compilation can fail for reasons that have nothing to do with the user's model: 
 for Inductor's CPU code, an unsupported Python/platform, a Triton too old for the GPU. The step is
 then run uncompiled (same numbers, slower) after ONE warning that says why and how to silence it.
 ``compile=False`` on the objective, or ``FASTEBM_COMPILE=0`` in the environment, opts out.
+
+Only compilation errors fall back (:func:`compile_error_types`: Dynamo's exceptions, which wrap the
+backend compiler's, and Inductor's compiler errors). Anything the compiled step raises while it
+runs (an out-of-memory error, a kernel error, a ValueError for bad input) propagates unchanged.
 """
 from __future__ import annotations
 
 import logging
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -38,6 +42,26 @@ def _raise_recompile_limit() -> None:
             break
 
 
+def compile_error_types() -> Tuple[type, ...]:
+    """The exception types that mean "torch.compile could not compile this", not "the step failed".
+
+    ``TorchDynamoException`` covers ``BackendCompilerFailed`` (any backend compiler's error, Inductor's
+    ``InductorError`` included), ``Unsupported``, ``InternalTorchDynamoError``, ``TorchRuntimeError``
+    (an op failing on fake tensors while tracing), ``TritonMissing`` and ``GPUTooOldForTriton``.
+    Inductor's C++/CUDA compiler and lowering errors are listed too in case one escapes unwrapped.
+    A run-time error of compiled code is none of these (it is raised as itself).
+    """
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    return (
+        dynamo_exc.TorchDynamoException,
+        inductor_exc.CppCompileError,
+        inductor_exc.InvalidCxxCompiler,
+        inductor_exc.OperatorIssue,
+    )
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [l for l in str(exc).strip().splitlines() if l.strip()]
     return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
@@ -57,8 +81,10 @@ def _describe(exc: BaseException) -> str:
 class CompiledFunction:
     """Calls ``torch.compile(fn)``; if compiling fails, warns once and calls ``fn`` from then on.
 
-    A failure is treated as a compilation failure only when ``fn`` itself then succeeds on the same
-    arguments; if it fails too, its own error is raised (a genuine error, not a compiler problem).
+    Only the errors of :func:`compile_error_types` count as compilation failures, and only when ``fn``
+    itself then succeeds on the same arguments; if it fails too, its own error is raised (a genuine
+    error caught while tracing, e.g. a shape mismatch). Errors raised while the compiled code runs
+    propagate as they are, without re-running ``fn``.
 
     Args:
         fn: the function to compile (pure with respect to its arguments; re-running it is harmless).
@@ -79,7 +105,7 @@ class CompiledFunction:
             try:
                 _raise_recompile_limit()
                 self._compiled = torch.compile(fn, backend=backend, mode=mode, dynamic=dynamic)
-            except Exception as exc:  # torch.compile unsupported on this platform
+            except RuntimeError as exc:  # torch.compile unsupported on this platform / unknown backend
                 self._fall_back(exc)
 
     @property
@@ -104,7 +130,7 @@ class CompiledFunction:
             return self.fn(*args, **kwargs)
         try:
             return self._compiled(*args, **kwargs)
-        except Exception as exc:
+        except compile_error_types() as exc:
             out = self.fn(*args, **kwargs)  # raises the genuine error if there is one
             self._fall_back(exc)
             return out

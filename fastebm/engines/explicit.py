@@ -1,9 +1,9 @@
 """The ``explicit`` engine: ``dE/dx`` from the model's hand-written backward (forward ops only).
 
-The model provides ``energy_and_input_grad(x, attn_backend)`` (EnergyViT does, see
-``fastebm.models.explicit_grad``); attention runs through the ``fastebm::attn_*`` custom ops whose
-registered autograd chains fwd -> bwd -> double bwd, so the fused Triton kernels take part in the
-compiled step.
+The model provides ``energy_and_input_grad(x, attn_backend)`` (EnergyViT composes its layers'
+``forward_with_cache`` / ``input_grad``, see ``fastebm.models.layers``); attention runs through the
+``fastebm::attn_*`` custom ops whose registered autograd chains fwd -> bwd -> double bwd, so the
+fused Triton kernels take part in the compiled step.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Correct only with attention made of plain PyTorch ops (the math backend): an
 ``autograd.Function`` (the fused Triton attention of the eager engine) under ``torch.func.grad``
 inside ``torch.compile`` gives *silently wrong* second-order gradients, and custom ops are rejected
-by functorch transforms (DESIGN.md section 4). :func:`check_func_attention` refuses those set-ups.
+by functorch transforms (docs/design.md §4). :func:`check_func_attention` refuses those set-ups.
 """
 from __future__ import annotations
 

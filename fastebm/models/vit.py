@@ -3,19 +3,22 @@
 The backbone is a plain ViT with parameter names identical to timm's ``VisionTransformer``
 (class token, learned position embedding, pre-norm blocks, final norm), so a pretrained backbone
 loads into ``timm.create_model(...)`` strictly. Attention goes through ``fastebm.ops.attention``,
-whose every backend is differentiable twice.
+whose every backend is differentiable twice. The layers (:mod:`fastebm.models.layers`) keep their
+forward and their hand-written input gradient side by side; :meth:`EnergyViT.energy_and_input_grad`
+composes the latter (the explicit engine).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..energy import build_energy_head
-from ..ops import attention
+from ..ops.attention_custom_ops import resolve_op_backend
+from .layers import Block, BlockCache, PatchEmbed
 
 Size2 = Union[int, Tuple[int, int]]
 
@@ -28,65 +31,6 @@ def _pair(v: Size2) -> Tuple[int, int]:
     return int(v), int(v)
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens (timm name: ``patch_embed.proj``)."""
-
-    def __init__(self, img_size: Tuple[int, int], patch_size: int, in_chans: int, embed_dim: int):
-        super().__init__()
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.backend = backend
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        out = attention(q, k, v, scale=self.scale, backend=self.backend)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, backend: str):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, backend)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class EnergyViT(nn.Module):
     """ViT energy function ``E(x)``, one scalar per image.
 
@@ -95,7 +39,7 @@ class EnergyViT(nn.Module):
         patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio: the usual ViT sizes.
         energy: ``"sqnorm"`` (default: ``mean_i 1/2 ||h_i||^2`` over the last block's tokens before
             the final norm), ``"sqnorm_post"`` (the same after the final norm) or ``"linear"`` (a
-            learned projection of the mean normed token). See DESIGN.md §2 for why pre-norm.
+            learned projection of the mean normed token). See docs/design.md §2 for why pre-norm.
         attn_backend: passed to ``fastebm.ops.attention`` (``"auto"``, ``"math"``, ``"triton"``).
     """
 
@@ -202,14 +146,40 @@ class EnergyViT(nn.Module):
         h = self.forward_tokens(x)
         return self.energy_head(h, self.norm)
 
-    def energy_and_input_grad(self, x: torch.Tensor, attn_backend=None):
-        """``(E(x), dE/dx)`` from a hand-written backward made of forward ops (the explicit engine;
-        see :mod:`fastebm.models.explicit_grad`). The gradient is differentiable; attention runs
-        through the ``fastebm::attn_*`` custom ops (``attn_backend``: ``"math"``/``"triton"``,
-        resolved from the model's backend by default)."""
-        from .explicit_grad import energy_and_input_grad
+    def energy_and_input_grad(
+        self, x: torch.Tensor, attn_backend: Optional[str] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(E(x), dE/dx)`` from a hand-written backward made of forward ops (the explicit engine,
+        docs/design.md §4): each block's ``forward_with_cache``, the energy head's
+        ``energy_and_grad``, then each block's ``input_grad`` in reverse and the patch embedding's.
 
-        return energy_and_input_grad(self, x, attn_backend)
+        ``E`` is (B,); ``dE/dx`` has ``x``'s shape and dtype and is the gradient of ``E.sum()`` (each
+        sample's energy depends on its own image only, so this is every ``dE_b/dx_b``). It is
+        differentiable: one ``.backward()`` of a loss on it gives the exact second-order parameter
+        gradients (attention through the ``fastebm::attn_*`` custom ops, ``attn_bwd`` -> ``attn_dbwd``).
+        ``attn_backend`` is the custom ops' kernel family (``"math"`` or ``"triton"``), resolved from
+        the model's ``attn_backend`` and ``x``'s device by default. Gradient checkpointing is not
+        applied here. Raises ValueError for a bad input or an energy head without a hand-written
+        gradient.
+        """
+        self.check_input(x)
+        if attn_backend is None:
+            probe = x.new_empty((1, 1, 1, self.blocks[0].attn.head_dim))
+            attn_backend = resolve_op_backend(probe, self.attn_backend)
+        head_grad = getattr(self.energy_head, "energy_and_grad", None)
+        if head_grad is None:
+            raise ValueError(f"the explicit engine has no hand-written gradient for energy {self.energy_type!r}")
+        h = self.embed(x)
+        caches: List[BlockCache] = []
+        for blk in self.blocks:
+            h, cache = blk.forward_with_cache(h, attn_backend)
+            caches.append(cache)
+        energy, g = head_grad(h, self.norm)
+        g = g.to(h.dtype)
+        for blk, cache in zip(reversed(self.blocks), reversed(caches)):
+            g = blk.input_grad(g, cache, attn_backend)
+        # tokens = cat(cls, patch tokens) + pos_embed: the patch tokens' gradient goes to the pixels
+        return energy, self.patch_embed.input_grad(g[:, 1:]).to(x.dtype)
 
     # ------------------------------------------------------------------ export
     def backbone_state_dict(self) -> Dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ Three ops, each a pure function of tensors (outputs always contiguous)::
     fastebm::attn_dbwd(q, k, v, o, lse, do, gq, gk, gv, scale, backend) -> (qbar, kbar, vbar, gbar)
 
 with registered autograd chaining them: the derivative of ``attn_fwd`` is ``attn_bwd``, the
-derivative of ``attn_bwd`` is ``attn_dbwd`` (DESIGN.md section 5), and ``attn_dbwd`` refuses a
+derivative of ``attn_bwd`` is ``attn_dbwd`` (docs/design.md §5), and ``attn_dbwd`` refuses a
 further derivative (third order). ``o`` and ``lse`` are caches: no gradient flows to them, their
 effect on the first backward is already inside ``attn_dbwd``'s total derivative. Callers pass them
 to ``attn_bwd`` detached (as this module does), else a double backward walks back into ``attn_fwd``'s
@@ -16,41 +16,35 @@ node and spends an extra ``attn_bwd`` on a zero cotangent.
 Why custom ops and not the ``autograd.Function`` of ``fastebm.ops.triton_attention``: under
 ``torch.compile`` an ``autograd.Function`` differentiated by ``torch.func.grad`` gives silently wrong
 second-order gradients, while custom ops are opaque nodes that AOTAutograd differentiates through
-their registered formulas (DESIGN.md section 4). The explicit engine calls ``attn_fwd`` and
-``attn_bwd`` itself in its hand-written backward (``fastebm.models.explicit_grad``), so the whole
-energy gradient is a forward graph; one ``.backward()`` then reaches ``attn_bwd`` and ``attn_dbwd``.
+their registered formulas (docs/design.md §4). The explicit engine calls ``attn_fwd`` and
+``attn_bwd`` itself in the ViT blocks' hand-written input gradient (``fastebm.models.layers``), so
+the whole energy gradient is a forward graph; one ``.backward()`` then reaches ``attn_bwd`` and
+``attn_dbwd``.
 
 ``backend`` is a plain string argument: ``"triton"`` runs ``fastebm.kernels.attention`` (CUDA
-tensors, or CPU under ``TRITON_INTERPRET=1``), ``"math"`` runs the PyTorch references of
-``fastebm.ops.attention_math``. Callers resolve it with ``fastebm.ops.attention.resolve_backend``
-(see :func:`resolve_op_backend`) outside any compiled region, so the compiled graph holds a constant.
+tensors, or CPU under ``TRITON_INTERPRET=1``; imported on first use), ``"math"`` runs the PyTorch
+references ``fastebm.kernels.attention_ref`` (no triton needed). Callers resolve it with
+:func:`resolve_op_backend` outside any compiled region, so the compiled graph holds a constant.
 
 The fake (meta) implementations allocate contiguous outputs, and the real implementations make
 their outputs contiguous, so compiled and eager strides always agree.
-
-``CALLS`` counts real (non-fake) executions per op; tests use it to prove the ops ran inside a
-compiled step.
 """
 from __future__ import annotations
 
-from collections import Counter
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
+from ..kernels import attention_ref
+from ..kernels.attention_common import acc_dtype
 from .attention import resolve_backend
-from .attention_math import attn_bwd_ref, attn_dbwd_ref, attn_fwd_ref
+from .third_order import refuse_third_order
 
 Tensor = torch.Tensor
 
-OP_BACKENDS = ("math", "triton")
-CALLS: Counter = Counter()
+__all__ = ["attn_fwd", "attn_bwd", "attn_dbwd", "resolve_op_backend", "OP_BACKENDS"]
 
-THIRD_ORDER_MESSAGE = (
-    "fastebm::attn_dbwd (the attention double backward) has no derivative: a third-order derivative "
-    "through attention was requested. The explicit engine never needs one; for higher orders use "
-    "the eager engine with attn_backend='math'."
-)
+OP_BACKENDS = ("math", "triton")
 
 
 def resolve_op_backend(q: Tensor, backend: str = "auto") -> str:
@@ -65,19 +59,16 @@ def resolve_op_backend(q: Tensor, backend: str = "auto") -> str:
     return name
 
 
-def _kernels():
-    from fastebm.kernels import attention as kernels  # imported lazily: needs triton
-
-    return kernels
-
-
-def _check_backend(backend: str) -> None:
+def _stage(backend: str, name: str) -> Callable:
+    """The implementation of stage ``name`` (``attn_fwd`` | ``attn_bwd`` | ``attn_dbwd``) for ``backend``,
+    looked up at call time."""
     if backend not in OP_BACKENDS:
         raise ValueError(f"unknown custom-op attention backend {backend!r}; choose one of {', '.join(OP_BACKENDS)}")
+    if backend == "triton":
+        from ..kernels import attention as kernels  # imported lazily: needs triton
 
-
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+        return getattr(kernels, name)
+    return getattr(attention_ref, name + "_ref")
 
 
 def _contig(*ts: Tensor) -> Tuple[Tensor, ...]:
@@ -88,20 +79,12 @@ def _contig(*ts: Tensor) -> Tuple[Tensor, ...]:
 @torch.library.custom_op("fastebm::attn_fwd", mutates_args=())
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
     """``(o, lse)``: ``o = softmax(scale q k^T) v`` (q's dtype), ``lse`` its row log-sum-exp (B, H, Nq)."""
-    _check_backend(backend)
-    CALLS["attn_fwd"] += 1
-    if backend == "triton":
-        o, lse = _kernels().attn_fwd(q, k, v, scale)
-    else:
-        o, lse = attn_fwd_ref(q, k, v, scale)
-    return _contig(o, lse)
+    return _contig(*_stage(backend, "attn_fwd")(q, k, v, scale))
 
 
 @attn_fwd.register_fake
 def _attn_fwd_fake(q, k, v, scale, backend):
-    o = q.new_empty(q.shape)
-    lse = q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
-    return o, lse
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
 
 
 def _attn_fwd_setup(ctx, inputs, output):
@@ -129,13 +112,7 @@ def attn_bwd(
     q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)``, the attention backward for upstream gradient ``do``."""
-    _check_backend(backend)
-    CALLS["attn_bwd"] += 1
-    if backend == "triton":
-        out = _kernels().attn_bwd(q, k, v, o, lse, do, scale)
-    else:
-        out = attn_bwd_ref(q, k, v, o, lse, do, scale)
-    return _contig(*out)
+    return _contig(*_stage(backend, "attn_bwd")(q, k, v, o, lse, do, scale))
 
 
 @attn_bwd.register_fake
@@ -162,27 +139,12 @@ attn_bwd.register_autograd(_attn_bwd_backward, setup_context=_attn_bwd_setup)
 # --------------------------------------------------------------------------------------- dbwd
 @torch.library.custom_op("fastebm::attn_dbwd", mutates_args=())
 def attn_dbwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    lse: Tensor,
-    do: Tensor,
-    gq: Optional[Tensor],
-    gk: Optional[Tensor],
-    gv: Optional[Tensor],
-    scale: float,
-    backend: str,
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
+    gq: Optional[Tensor], gk: Optional[Tensor], gv: Optional[Tensor], scale: float, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(qbar, kbar, vbar, gbar)``: gradients of ``<gq,dq> + <gk,dk> + <gv,dv>`` w.r.t. ``(q, k, v, do)``;
     ``None`` cotangents count as zero."""
-    _check_backend(backend)
-    CALLS["attn_dbwd"] += 1
-    if backend == "triton":
-        out = _kernels().attn_dbwd(q, k, v, o, lse, do, gq, gk, gv, scale)
-    else:
-        out = attn_dbwd_ref(q, k, v, o, lse, do, gq, gk, gv, scale)
-    return _contig(*out)
+    return _contig(*_stage(backend, "attn_dbwd")(q, k, v, o, lse, do, gq, gk, gv, scale))
 
 
 @attn_dbwd.register_fake
@@ -195,15 +157,7 @@ def _attn_dbwd_setup(ctx, inputs, output):
 
 
 def _attn_dbwd_backward(ctx, *grads):
-    raise RuntimeError(THIRD_ORDER_MESSAGE)
+    refuse_third_order()
 
 
 attn_dbwd.register_autograd(_attn_dbwd_backward, setup_context=_attn_dbwd_setup)
-
-
-def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
-    """Convenience wrapper: ``torch.ops.fastebm.attn_fwd`` (differentiable twice through the ops)."""
-    return attn_fwd(q, k, v, float(scale), backend)
-
-
-__all__ = ["attn_fwd", "attn_bwd", "attn_dbwd", "attention_with_lse", "resolve_op_backend", "CALLS", "OP_BACKENDS"]

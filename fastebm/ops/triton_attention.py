@@ -9,14 +9,15 @@ Three ``autograd.Function``s chain the kernels of ``fastebm.kernels.attention``:
 
 so ``torch.autograd.grad(..., create_graph=True)`` through attention followed by a ``backward()``
 (the restoration objective's double backward) is exact. ``o`` and ``lse`` are caches: no gradient
-flows to them (their effect is inside the row statistics; DESIGN.md section 5).
+flows to them (their effect is inside the row statistics; docs/design.md §5).
 
 This module is for the eager path only. Under ``torch.compile`` with ``torch.func.grad`` an
-``autograd.Function`` gives silently wrong second-order gradients (DESIGN.md section 4); the
+``autograd.Function`` gives silently wrong second-order gradients (docs/design.md §4); the
 compiled engines use math attention or the custom ops instead.
 
-Importing this module registers the backend ``"triton"`` with ``fastebm.ops.attention``; it raises
-ImportError when triton is not importable (the registry then keeps the math path only).
+``fastebm.ops.attention`` registers :func:`triton_attention_fn` and :func:`supports` as the backend
+``"triton"`` the first time a backend is chosen. Importing this module raises ImportError when
+triton is not importable (the registry then keeps the math path only).
 """
 from __future__ import annotations
 
@@ -27,17 +28,13 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the machine
     raise ImportError(f"triton is not importable ({exc}); the Triton attention backend is unavailable") from exc
 
-from fastebm.kernels.attention import INTERPRETED, MAX_HEAD_DIM, attn_bwd, attn_dbwd, attn_fwd
-
-from .attention import register_backend
+from ..kernels.attention import INTERPRETED, attn_bwd, attn_dbwd, attn_fwd
+from ..kernels.attention_common import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from .third_order import THIRD_ORDER_MESSAGE, refuse_third_order
 
 Tensor = torch.Tensor
 
-THIRD_ORDER_MESSAGE = (
-    "fastebm's Triton attention is differentiable to second order only (forward, backward and "
-    "double backward); a third-order derivative was requested. Use attention(..., backend='math') "
-    "(or FASTEBM_ATTENTION_BACKEND=math / the model's attn_backend='math') for higher orders."
-)
+__all__ = ["triton_attention_fn", "supports", "THIRD_ORDER_MESSAGE"]
 
 
 class _TritonAttention(torch.autograd.Function):
@@ -96,7 +93,7 @@ class _TritonAttentionDbwd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(THIRD_ORDER_MESSAGE)
+        refuse_third_order()
 
 
 def triton_attention_fn(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -110,11 +107,4 @@ def supports(q: Tensor) -> bool:
     """CUDA tensors; CPU tensors too when the kernels run in Triton's interpreter (TRITON_INTERPRET=1
     was set before triton was first imported). Float dtypes, head dims 1..128."""
     on_device = q.is_cuda or (q.device.type == "cpu" and INTERPRETED)
-    return (
-        on_device
-        and q.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-        and 1 <= q.shape[-1] <= MAX_HEAD_DIM
-    )
-
-
-register_backend("triton", triton_attention_fn, supports=supports)
+    return on_device and q.dtype in SUPPORTED_DTYPES and 1 <= q.shape[-1] <= MAX_HEAD_DIM
