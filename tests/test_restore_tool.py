@@ -271,12 +271,14 @@ def test_cli_restores_a_folder_writes_everything_and_skips_unreadable_files(tmp_
     assert [s["path"] for s in summary["skipped"]] == [str(tmp_path / "in" / "broken.jpg")]
     rows = summary["images"]
     assert len(rows) == 3 and summary["steps"] == 3 and len(summary["step_sizes"]) == 3
+    assert summary["mean"]["psnr_per_step"][-1] == pytest.approx(np.mean([r["psnr_restored"] for r in rows]))
     assert summary["step_sizes"][2] == summary["step_sizes"][1]  # beyond T=2: the last learned step size
     for row, arr in zip(rows, arrays):
         restored = np.asarray(Image.open(out / row["restored"]), dtype=np.float64) / 255
         assert restored.shape == arr.shape
         assert os.path.isfile(out / row["strip"])
         assert len([k for k in row if k.startswith("energy_")]) == 4
+        assert row["psnr_3"] == row["psnr_restored"] and row["psnr_1"] is not None
         # PSNR recomputed from the written 8-bit files (denoise: every pixel counts)
         clean = arr.astype(np.float64) / 255
         psnr = 10 * np.log10(1 / np.mean((restored - clean) ** 2))

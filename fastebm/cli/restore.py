@@ -50,6 +50,7 @@ def _row(result, stem: str, strip_rel: str, restored_rel: str) -> dict:
            "psnr_restored": result.psnr_restored, "psnr_gain": result.psnr_gain,
            "ssim_corrupted": result.ssim_corrupted, "ssim_restored": result.ssim_restored}
     row.update({f"energy_{t}": e for t, e in enumerate(result.energies)})
+    row.update({f"psnr_{t}": v for t, v in enumerate(result.psnr_steps or [], start=1)})
     row.update({"strip": strip_rel, "restored": restored_rel})
     return row
 
@@ -101,6 +102,9 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
         raise ToolInputError(f"none of the {len(items)} image(s) could be read (e.g. {skipped[0]['path']}: "
                              f"{skipped[0]['reason']})")
     mean = summarise(rows)
+    with_psnr = [r for r in rows if r["psnr_corrupted"] is not None and r.get("psnr_1") is not None]
+    if with_psnr:  # the same images as the mean gain: how PSNR evolves along the descent
+        mean["psnr_per_step"] = [sum(r[f"psnr_{t}"] for r in with_psnr) / len(with_psnr) for t in range(1, steps + 1)]
     columns = unique_columns(rows, [])
     write_csv(os.path.join(out, "metrics.csv"), rows, columns)
     summary = {

@@ -28,6 +28,13 @@ def ensure_output_dir(path: str, flag: str = "-o") -> str:
     return path
 
 
+def _file_mode() -> int:
+    """0o666 minus the process umask: what ``open(path, "w")`` would give (mkstemp makes 0o600 files)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -35,6 +42,7 @@ def atomic_write_bytes(path: str, data: bytes) -> str:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 MIN_PANEL_SIDE = 128  # small images are enlarged (nearest neighbour) so that the labels fit
 MAX_STEP_PANELS = 8  # a longer descent shows this many steps, evenly spaced, the last included
-LABEL_HEIGHT = 30
+LABEL_HEIGHT = 42  # three lines: panel name, PSNR and SSIM, energy
 GAP = 4
 GRID_ROWS = 16
 GRID_MAX_WIDTH = 1600
@@ -43,44 +43,43 @@ def strip(result) -> Image.Image:
     panels, labels = [], []
     if result.clean is not None:
         panels.append(result.clean)
-        labels.append(("clean", ""))
+        labels.append(("clean", "", ""))
     first = "corrupted" if result.task else "input"
     if result.task:
         first += f" ({result.task})"
     panels.append(result.corrupted)
-    labels.append((first, _metric_line(result.psnr_corrupted, result.ssim_corrupted, result.energies[0])))
+    labels.append((first, *_metric_lines(result.psnr_corrupted, result.ssim_corrupted, result.energies[0])))
     n = len(result.steps)
     for t in shown_steps(n):
         panels.append(result.steps[t - 1])
         last = t == n
+        psnr = result.psnr_steps[t - 1] if result.psnr_steps else None
         labels.append((f"step {t}" + (" (restored)" if last and n > 1 else ""),
-                       _metric_line(result.psnr_restored if last else None, result.ssim_restored if last else None,
-                                    result.energies[t])))
+                       *_metric_lines(psnr, result.ssim_restored if last else None, result.energies[t])))
     h, w = panels[0].shape[-2:]
     scale = min(8, max(1, math.ceil(MIN_PANEL_SIDE / min(h, w))))
     pw, ph = w * scale, h * scale
     canvas = Image.new("RGB", (len(panels) * (pw + GAP) - GAP, ph + LABEL_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
     font = _font()
-    for i, (panel, (top, bottom)) in enumerate(zip(panels, labels)):
+    for i, (panel, lines) in enumerate(zip(panels, labels)):
         im = to_pil(panel)
         if scale > 1:
             im = im.resize((pw, ph), Image.NEAREST)
         x0 = i * (pw + GAP)
         canvas.paste(im, (x0, LABEL_HEIGHT))
-        draw.text((x0 + 2, 1), top, fill="black", font=font)
-        draw.text((x0 + 2, 15), bottom, fill=(60, 60, 60), font=font)
+        for row, text in enumerate(lines):
+            draw.text((x0 + 2, 1 + 13 * row), text, fill="black" if row == 0 else (60, 60, 60), font=font)
     return canvas
 
 
-def _metric_line(psnr: Optional[float], ssim: Optional[float], energy: float) -> str:
+def _metric_lines(psnr: Optional[float], ssim: Optional[float], energy: float) -> Tuple[str, str]:
     parts = []
     if psnr is not None:
         parts.append(f"{psnr:.2f} dB")
     if ssim is not None:
         parts.append(f"SSIM {ssim:.3f}")
-    parts.append(f"E {energy:.4g}")
-    return "  ".join(parts)
+    return " ".join(parts), f"E {energy:.4g}"
 
 
 def grid(strips: Sequence[Image.Image], max_width: int = GRID_MAX_WIDTH, rows: int = GRID_ROWS) -> Image.Image:

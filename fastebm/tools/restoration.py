@@ -9,7 +9,7 @@ normalisation undone, clamped):
 * PSNR = 10 log10(1 / MSE) over the task's weighted region (the masked patches for ``mim``, every
   pixel otherwise), computed by ``fastebm.eval.psnr.region_psnr``, the function behind the
   training-time PSNR gain;
-* SSIM over the whole image, scikit-image's ``structural_similarity`` (Wang et al. 2004; Gaussian-free
+* SSIM over the whole image, scikit-image's ``structural_similarity`` (Wang et al. 2004; uniform
   7x7 window, data range 1, averaged over the RGB channels).
 
 An image that the task leaves unchanged (``colorize`` on a grey image) has no corrupted PSNR
@@ -47,7 +47,8 @@ class RestorationResult:
 
     ``steps`` holds x_1 .. x_N (``restored`` is x_N); ``energies`` the energy of x_0 .. x_N (N + 1
     floats, the model's units; the mean over the image's tiles). ``clean``, ``weight`` (1, H, W; the
-    PSNR region) and the PSNR (dB) / SSIM (in [-1, 1]) fields are None without a clean reference.
+    PSNR region) and the PSNR (dB) / SSIM (in [-1, 1]) fields are None without a clean reference;
+    ``psnr_steps`` is the PSNR after each step (``psnr_steps[-1] == psnr_restored``).
     ``size`` is (H, W) of the result, ``source_size`` that of the input (they differ with ``resize``).
     """
 
@@ -66,6 +67,7 @@ class RestorationResult:
     psnr_restored: Optional[float] = None
     ssim_corrupted: Optional[float] = None
     ssim_restored: Optional[float] = None
+    psnr_steps: Optional[List[float]] = None
 
     @property
     def restored(self) -> torch.Tensor:
@@ -202,7 +204,9 @@ def _finish(p: _Prepared, xs, energies, task) -> RestorationResult:
     if changed and float(weight.sum()) > 0:
         result.psnr_corrupted = float(region_psnr(result.corrupted[None], clean[None], weight[None])[0])
     if float(weight.sum()) > 0:
-        result.psnr_restored = float(region_psnr(result.restored[None], clean[None], weight[None])[0])
+        steps = torch.stack(result.steps)
+        result.psnr_steps = region_psnr(steps, clean.expand_as(steps), weight.expand(len(steps), -1, -1, -1)).tolist()
+        result.psnr_restored = result.psnr_steps[-1]
     result.ssim_corrupted = ssim(result.corrupted, clean)
     result.ssim_restored = ssim(result.restored, clean)
     return result
