@@ -10,10 +10,12 @@ Public API::
 """
 from .models import EnergyViT, create_model, list_models
 from .restore import RestorationObjective
+from .tools import energy_scores, restore_images
 
 __version__ = "0.1.0"
 
-__all__ = ["EnergyViT", "RestorationObjective", "create_model", "list_models", "corrupt", "__version__"]
+__all__ = ["EnergyViT", "RestorationObjective", "create_model", "list_models", "corrupt", "energy_scores",
+           "restore_images", "__version__"]
 
 # Imported last and eagerly: importing the subpackage binds ``fastebm.corrupt`` to the module,
 # and this import rebinds the name to the function users call.

@@ -1,0 +1,47 @@
+"""Shared pieces of the fastebm-restore / fastebm-score command lines: one-line errors, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import List, Optional
+
+from ..tools.errors import ToolInputError
+
+
+class ToolParser(argparse.ArgumentParser):
+    """argparse whose mistakes become one ToolInputError line (exit 2) instead of usage text."""
+
+    def error(self, message):
+        raise ToolInputError(f"{message} (see --help)")
+
+
+def fail(prog: str, message: str, code: int = 2) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def warn(prog: str, message: str) -> None:
+    print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def add_tiling_flags(parser: argparse.ArgumentParser, batch_default: int) -> None:
+    parser.add_argument("--resize", action="store_true",
+                        help="resize every image to the model's resolution (bilinear, antialiased) instead of "
+                             "processing it tile by tile at its own size")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help="tile overlap in px (a multiple of the patch side; default a quarter of the tile)")
+    parser.add_argument("--batch_size", type=int, default=batch_default, help="tiles per model call")
+    parser.add_argument("--device", default="auto", help="auto (cuda if visible), cpu, cuda or cuda:N")
+
+
+def positive(name: str, value: int, what: str) -> int:
+    if value < 1:
+        raise ToolInputError(f"--{name} must be >= 1 ({what}), got {value}")
+    return value
+
+
+def command_line(prog: str, argv: Optional[List[str]]) -> str:
+    """The command as typed (for results files): ``prog`` and the arguments, shell-quoted."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join([prog] + [shlex.quote(a) for a in args])
