@@ -17,7 +17,7 @@ FOLDERS = ("fastebm", "kernels", "csrc", "benchmarks", "tests", "docs", "configs
 # A repository path: one of the project's folders, then path characters, ending in a file suffix.
 REPO_PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./-]*\w\.(?:py|md|sh|ya?ml|toml|h|cu|cpp|png|json|txt))(?![\w*{<])"
                        % "|".join(re.escape(f) for f in FOLDERS))
-# A bare Markdown file name in capitals (README.md, CONTRIBUTING.md, DESIGN.md ...).
+# A bare Markdown file name in capitals, such as README.md.
 BARE_DOC = re.compile(r"(?<![\w./-])([A-Z][A-Z_]+\.md)\b")
 MD_LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
 INSTALLED_AS = {"fastebm/kernels/": "kernels/", "fastebm/csrc/": "csrc/"}  # setup.py's package_dir

@@ -15,13 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Top-level names under ``fastebm`` that each layer must never import.
 UPPER = ("cli",)
-APPS = ("train", "eval") + UPPER
+APPS = ("train", "eval", "tools") + UPPER
 BODY = ("restore", "engines", "models", "energy", "corrupt", "data")
 NEUTRAL = ("errors", "checkpoint", "log", "distributed")
 FORBIDDEN = {
     "cli": (),
     "train": UPPER,
-    "eval": ("train",) + UPPER,
+    "eval": ("train", "tools") + UPPER,
+    "tools": ("train",) + UPPER,
     "restore": APPS + ("data",),
     "engines": APPS + ("restore", "data", "corrupt"),
     "models": APPS + ("restore", "engines", "data", "corrupt", "distributed", "checkpoint"),

@@ -225,7 +225,7 @@ def test_steps_zero_and_bad_geometry_are_tool_input_errors():
 # ----------------------------------------------------------------------------- command line
 
 def _save_checkpoint(path, img_size=16, steps=2):
-    from fastebm.train.checkpoint import save_checkpoint
+    from fastebm.checkpoint import save_checkpoint
     from fastebm.train.config import TrainConfig
 
     cfg = TrainConfig(img_size=img_size, steps=steps)

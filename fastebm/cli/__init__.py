@@ -2,4 +2,5 @@
 
 ``COMMANDS`` maps the sub-command names of ``python -m fastebm COMMAND`` to those modules.
 """
-COMMANDS = {"train": "fastebm.cli.train"}  # also installed as the console script fastebm-train
+# Each is also installed as the console script fastebm-NAME.
+COMMANDS = {"train": "fastebm.cli.train", "restore": "fastebm.cli.restore", "score": "fastebm.cli.score"}

@@ -16,7 +16,8 @@ import torch
 
 from ..models import PRESETS, create_model
 from ..restore import RestorationObjective
-from ..train.checkpoint import CheckpointError, load_checkpoint  # checkpoint I/O: repoint here at merge
+from ..checkpoint import load_checkpoint
+from ..errors import CheckpointError
 from .errors import ToolInputError
 
 
