@@ -14,7 +14,7 @@ Gradient modes:
 
 Engines (how ``dE/dx`` with a graph is obtained; docs/design.md §4, ``fastebm.engines``):
 - ``eager`` (default): ``torch.autograd.grad(create_graph=True)`` then a double backward. Works with
-  every attention backend, the fused Triton ``autograd.Function`` included. Never compiled.
+  every second-order attention backend, the fused Triton ``autograd.Function`` included. Never compiled.
 - ``func``: ``torch.func.grad`` of the energy; the whole forward (all steps + loss) runs under
   ``torch.compile`` and the loss gets a first-order ``.backward()``. Math attention only: a model
   whose attention resolves to the Triton backend is refused with a ValueError.
