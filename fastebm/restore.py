@@ -14,7 +14,7 @@ Gradient modes:
 
 Engines (how ``dE/dx`` with a graph is obtained; docs/design.md §4, ``fastebm.engines``):
 - ``eager`` (default): ``torch.autograd.grad(create_graph=True)`` then a double backward. Works with
-  every attention backend, the fused Triton ``autograd.Function`` included. Never compiled.
+  every second-order attention backend, the fused Triton ``autograd.Function`` included. Never compiled.
 - ``func``: ``torch.func.grad`` of the energy; the whole forward (all steps + loss) runs under
   ``torch.compile`` and the loss gets a first-order ``.backward()``. Math attention only: a model
   whose attention resolves to the Triton backend is refused with a ValueError.
@@ -23,6 +23,13 @@ Engines (how ``dE/dx`` with a graph is obtained; docs/design.md §4, ``fastebm.e
   the whole forward under ``torch.compile``.
 All engines give the same parameter gradients (tests/test_engines.py). When compilation fails the
 compiled engines run uncompiled after one warning; ``compile=False`` or ``FASTEBM_COMPILE=0`` opts out.
+
+Attention order (``fastebm.ops.attention_order``, docs/design.md §4): ``forward`` declares order 2
+(double backward) around the restoration, and the eager engine declares it per step: 2 for the
+steps that keep their graph, 1 for the others (``truncated`` steps ``0 .. T-2``, every step when
+grad is disabled), where ``backend="auto"`` picks the fastest first-order attention kernel (SDPA,
+xformers). ``restore`` is first order throughout, whatever the engine. A model whose attention is
+named first-order only (``attn_backend="sdpa"``) is refused by ``forward`` when grad is enabled.
 """
 from __future__ import annotations
 
@@ -39,11 +46,13 @@ from .engines import (
     CompiledFunction,
     check_explicit_model,
     check_func_attention,
+    check_second_order_attention,
     compile_requested,
     explicit_energy_and_grad,
     explicit_op_backend,
     func_energy_and_grad,
 )
+from .ops.attention_order import attention_order
 
 GRAD_MODES = ("exact", "truncated")
 
@@ -149,11 +158,15 @@ class RestorationObjective(nn.Module):
         return F.softplus(self.alpha_logits)
 
     def energy_and_grad(self, x: torch.Tensor, create_graph: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(E(x), dE/dx)``; with ``create_graph`` the gradient is itself differentiable."""
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        energy = self.model(x)
-        (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
+        """``(E(x), dE/dx)`` by autograd; with ``create_graph`` the gradient is itself differentiable.
+
+        Declares the attention order: 2 with ``create_graph`` (a first-order-only backend named by
+        the model is then a ValueError), else 1 (``auto`` attention picks a first-order kernel)."""
+        with attention_order(2 if create_graph else 1):
+            if not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            energy = self.model(x)
+            (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
         return energy, grad
 
     def _engine_grad(self, x: torch.Tensor, keep_graph: bool, op_backend: str):
@@ -188,15 +201,20 @@ class RestorationObjective(nn.Module):
         if clean.shape != corrupted.shape:
             raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} shapes differ")
         # Checks and backend choice happen here, outside the compiled region: the compiled graph sees
-        # the custom ops' kernel family as a constant string.
-        op_backend = "math"
-        if self.engine == "func":
-            check_func_attention(self.model, corrupted)
-        elif self.engine == "explicit":
-            if hasattr(self.model, "check_input"):
-                self.model.check_input(corrupted)
-            op_backend = explicit_op_backend(self.model, corrupted)
-        return self._restoration(self, clean, corrupted, weight, op_backend, torch.is_grad_enabled())
+        # the custom ops' kernel family as a constant string. Order 2 is declared so that an enclosing
+        # first_order_attention() cannot reach the graph-keeping steps (the eager engine declares
+        # order 1 itself for the steps without a graph).
+        with attention_order(2):
+            op_backend = "math"
+            if self.engine == "func":
+                check_func_attention(self.model, corrupted)
+            elif self.engine == "explicit":
+                if hasattr(self.model, "check_input"):
+                    self.model.check_input(corrupted)
+                op_backend = explicit_op_backend(self.model, corrupted)
+            elif torch.is_grad_enabled():  # the last step keeps its graph: attention is differentiated twice
+                check_second_order_attention(self.model, corrupted)
+            return self._restoration(self, clean, corrupted, weight, op_backend, torch.is_grad_enabled())
 
     def _restoration_loss(self, clean, corrupted, weight, op_backend: str, grad_enabled: bool):
         """All ``T`` steps and the loss (the function the compiled engines hand to ``torch.compile``)."""
@@ -225,16 +243,18 @@ class RestorationObjective(nn.Module):
 
     @torch.no_grad()
     def restore(self, corrupted: torch.Tensor) -> List[torch.Tensor]:
-        """Inference: ``[x_0, x_1, ..., x_T]`` (detached), without building any graph for the parameters."""
+        """Inference: ``[x_0, x_1, ..., x_T]`` (detached, each ``corrupted``'s shape and dtype), without
+        building any graph for the parameters.
+
+        Every engine restores the same way here: ``dE/dx`` by a first-order autograd backward (never
+        compiled) under ``first_order_attention()``, so ``auto`` attention runs the fastest
+        first-order kernel (SDPA, xformers); a model built with ``attn_backend="sdpa"`` works too."""
         alphas = self.alphas.detach()
         xs = [corrupted.detach()]
         x = corrupted.detach()
         for t in range(self.steps):
-            if self.engine == "explicit":
-                _, grad = self.model.energy_and_input_grad(x)
-            else:
-                with torch.enable_grad():
-                    _, grad = self.energy_and_grad(x.detach().requires_grad_(True), create_graph=False)
+            with torch.enable_grad():
+                _, grad = self.energy_and_grad(x.detach().requires_grad_(True), create_graph=False)
             x = x - alphas[t].to(grad.dtype) * grad
             if self.noise_sigma > 0:
                 x = x + self.noise_sigma * torch.randn_like(x)

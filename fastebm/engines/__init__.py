@@ -1,7 +1,8 @@
 """How the restoration step gets ``dE/dx`` with a graph (docs/design.md §4).
 
-- ``eager``: ``torch.autograd.grad(create_graph=True)``; any attention backend (the Triton
-  ``autograd.Function`` included); never compiled (``torch.compile`` refuses double backward).
+- ``eager``: ``torch.autograd.grad(create_graph=True)``; any second-order attention backend (the
+  Triton ``autograd.Function`` included; :func:`fastebm.engines.eager.check_second_order_attention`
+  refuses first-order-only ones); never compiled (``torch.compile`` refuses double backward).
 - ``func``: ``torch.func.grad`` of the energy inside ``torch.compile``; math attention only
   (:func:`fastebm.engines.func.check_func_attention` refuses the fused attention).
 - ``explicit``: the model's hand-written backward (``EnergyViT.energy_and_input_grad``) with the
@@ -11,6 +12,7 @@
 with one warning, when compilation fails (compilation errors only: run-time errors propagate).
 """
 from .compile import COMPILE_ENV_VAR, CompiledFunction, compile_error_types, compile_requested
+from .eager import check_second_order_attention
 from .explicit import check_explicit_model, explicit_energy_and_grad, explicit_op_backend
 from .func import check_func_attention, func_energy_and_grad
 
@@ -26,6 +28,7 @@ __all__ = [
     "compile_requested",
     "check_explicit_model",
     "check_func_attention",
+    "check_second_order_attention",
     "explicit_energy_and_grad",
     "explicit_op_backend",
     "func_energy_and_grad",

@@ -2,10 +2,11 @@
 
 The backbone is a plain ViT with parameter names identical to timm's ``VisionTransformer``
 (class token, learned position embedding, pre-norm blocks, final norm), so a pretrained backbone
-loads into ``timm.create_model(...)`` strictly. Attention goes through ``fastebm.ops.attention``,
-whose every backend is differentiable twice. The layers (:mod:`fastebm.models.layers`) keep their
-forward and their hand-written input gradient side by side; :meth:`EnergyViT.energy_and_input_grad`
-composes the latter (the explicit engine).
+loads into ``timm.create_model(...)`` strictly. Attention goes through ``fastebm.ops.attention``:
+a backend exact under a double backward, or, inside ``fastebm.ops.first_order_attention()``
+(restoration, evaluation), the fastest first-order kernel. The layers (:mod:`fastebm.models.layers`)
+keep their forward and their hand-written input gradient side by side;
+:meth:`EnergyViT.energy_and_input_grad` composes the latter (the explicit engine).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..energy import build_energy_head
 from ..ops.attention_custom_ops import resolve_op_backend
+from ..ops.attention_order import checkpoint_context_fn, current_attention_order
 from .layers import Block, BlockCache, PatchEmbed
 
 Size2 = Union[int, Tuple[int, int]]
@@ -40,7 +42,9 @@ class EnergyViT(nn.Module):
         energy: ``"sqnorm"`` (default: ``mean_i 1/2 ||h_i||^2`` over the last block's tokens before
             the final norm), ``"sqnorm_post"`` (the same after the final norm) or ``"linear"`` (a
             learned projection of the mean normed token). See docs/design.md §2 for why pre-norm.
-        attn_backend: passed to ``fastebm.ops.attention`` (``"auto"``, ``"math"``, ``"triton"``).
+        attn_backend: passed to ``fastebm.ops.attention`` (``"auto"``, ``"math"``, ``"triton"``; the
+            first-order-only ``"sdpa"``/``"xformers"`` serve restoration and evaluation but not
+            training, which needs a double backward). ``"auto"`` is first-order-fast where that suffices.
     """
 
     def __init__(
@@ -130,9 +134,12 @@ class EnergyViT(nn.Module):
         """Tokens of the last block, before the final norm: (B, 1 + N, D)."""
         self.check_input(x)
         h = self.embed(x)
+        # Under first_order_attention() the recomputation must pick the forward's attention backend,
+        # though the backward (on CUDA, an autograd worker thread) may run where no order is declared.
+        ckpt_kw = {"context_fn": checkpoint_context_fn} if current_attention_order() == 1 else {}
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(blk, h, use_reentrant=False)
+                h = checkpoint(blk, h, use_reentrant=False, **ckpt_kw)
             else:
                 h = blk(h)
         return h
