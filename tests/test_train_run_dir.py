@@ -102,7 +102,8 @@ def test_read_only_output_dir(tmp_path, capsys, monkeypatch):
             real_access = os.access
             monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.abspath(p) == str(ro)
                                 else real_access(p, mode, **kw))
-        for target, needle in ((ro, "is not writable"), (ro / "run", "would be created in")):
+        monkeypatch.chdir(tmp_path)
+        for target, needle in ((ro, "is not writable"), (ro / "run", "would be created in"), ("ro", "'ro' is not")):
             assert main(fast_args(str(target), data, max_steps=1)) == 2
             line = _one_error_line(capsys)
             assert needle in line and str(target) in line and "read-only or no permission" in line

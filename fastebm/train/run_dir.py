@@ -48,12 +48,13 @@ def writable_problem(output_dir: str) -> Optional[str]:
     """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         return f"--output_dir {output_dir!r} is an existing file, not a folder; give a folder path"
-    base = output_dir if os.path.isdir(output_dir) else _nearest_existing(output_dir)
+    exists = os.path.isdir(output_dir)
+    base = output_dir if exists else _nearest_existing(output_dir)
     if not os.path.isdir(base):
         return (f"--output_dir {output_dir!r} cannot be created: {base!r} is a file, not a folder; "
                 f"give a path under a folder")
     if not os.access(base, os.W_OK | os.X_OK):
-        what = "is" if base == os.path.abspath(output_dir) else f"would be created in {base!r}, which is"
+        what = "is" if exists else f"would be created in {base!r}, which is"
         return f"--output_dir {output_dir!r} {what} not writable (read-only or no permission); choose a writable folder"
     return None
 
