@@ -9,20 +9,24 @@ copying) still leaves a run to resume. Every write goes to a temporary file in t
 flushed and fsync'ed, and only then renamed over the old name (``os.replace`` is atomic on POSIX).
 
 A checkpoint holds only tensors, numbers, strings, bools, None, lists and dicts, so loading it
-never runs pickled code.
+never runs pickled code. Files are created with the usual permissions (``0o666`` minus the
+process's umask), like every other output, although the temporary file behind them comes from
+``mkstemp`` (which makes them ``0600``).
 """
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 import warnings
-from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 
-__all__ = ["FORMAT", "VERSION", "LAST", "PREVIOUS", "REQUIRED_KEYS", "atomic_write", "atomic_torch_save",
+__all__ = ["FORMAT", "VERSION", "LAST", "PREVIOUS", "REQUIRED_KEYS", "atomic_write", "atomic_torch_save", "new_file_mode",
            "save_checkpoint", "load_checkpoint", "find_resume_checkpoint"]
 
 FORMAT = "fastebm-train-checkpoint"
@@ -46,17 +50,44 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask (Linux: read from /proc, so no other thread sees a changed umask)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """Permission bits of a new regular file, as ``open()`` would create it: ``0o666 & ~umask``."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], None], *, keep_previous: Optional[str] = None) -> str:
     """Writes a file so that ``path`` is never seen half-written, even if the process dies.
 
-    ``write(fh)`` fills a temporary file beside ``path`` (binary mode), which is flushed, fsync'ed
-    and renamed over ``path``. With ``keep_previous``, an existing ``path`` is first renamed to it:
-    if the process dies between the two renames, ``keep_previous`` is complete. On any exception the
+    ``write(fh)`` fills a temporary file beside ``path`` (binary mode), which is flushed, fsync'ed,
+    given the mode of a normally created file (``0o666 & ~umask``, not mkstemp's ``0600``) and
+    renamed over ``path``. With ``keep_previous``, an existing ``path`` is first renamed to it: if
+    the process dies between the two renames, ``keep_previous`` is complete. On any exception the
     temporary file is removed and ``path`` is left as it was. Returns ``path``.
+
+    Raises :class:`~fastebm.errors.OutputError` (an ``OSError``) naming ``path`` when the folder
+    cannot be written (permissions, disk full, not a folder); other errors of ``write`` pass through.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -64,9 +95,13 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], *, keep_previous:
         if keep_previous is not None and os.path.exists(path):
             os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if isinstance(exc, RuntimeError) and "PytorchStreamWriter failed" in str(exc):  # torch.save's OSError
+            raise OutputError(f"cannot write {path}: {str(exc).splitlines()[0][:200]}") from None
         raise
     _fsync_dir(folder)
     return path
@@ -91,6 +126,12 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad magic, unpickling refused ...
+        foreign = _pickled_objects(path, exc)
+        if foreign:
+            raise CheckpointError(
+                f"{path} is a PyTorch file that is not a fastebm training checkpoint (it holds pickled objects: "
+                f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); --resume takes a last.pt "
+                f"written by fastebm-train, whose checkpoints hold only tensors and plain values") from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"checkpoint {path} is unreadable (truncated or corrupt: {reason[:160]}); "
@@ -102,6 +143,16 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}; it is incomplete")
     return state
+
+
+def _pickled_objects(path: str, exc: Exception) -> List[str]:
+    """The classes/functions a file's pickle refers to, when ``weights_only`` loading refused them (else [])."""
+    if not isinstance(exc, pickle.UnpicklingError):
+        return []  # a damaged zip or a bad magic number: not another tool's complete file
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # older torch, or a pickle too damaged to scan: the error message names the first one
+        return re.findall(r"GLOBAL ([\w.]+)", str(exc))[:1]
 
 
 def find_resume_checkpoint(output_dir: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:

@@ -10,7 +10,7 @@ This module imports nothing from fastebm, so every layer can raise these.
 """
 from __future__ import annotations
 
-__all__ = ["FastEBMError", "UsageError", "DataError", "CheckpointError", "TrainingDiverged",
+__all__ = ["FastEBMError", "UsageError", "DataError", "CheckpointError", "OutputError", "TrainingDiverged",
            "DistributedSetupError", "DistributedFailure"]
 
 
@@ -30,6 +30,12 @@ class DataError(FastEBMError, ValueError):
 class CheckpointError(FastEBMError, ValueError):
     """A checkpoint file that cannot be used: missing, truncated, corrupt, not a fastebm training
     checkpoint, or one whose tensors do not fit the model being trained."""
+
+
+class OutputError(FastEBMError, OSError):
+    """An output cannot be written where asked: ``--output_dir`` is a file, lies under a file, is
+    read-only, or a write failed later (disk full, permissions changed); the message names the path.
+    An ``OSError``, so callers that catch file-system errors keep working."""
 
 
 class TrainingDiverged(FastEBMError, RuntimeError):

@@ -73,3 +73,58 @@ def test_rng_state_round_trip(tmp_path):
     got = (torch.rand(4), np.random.rand(3), random.random(), np.random.randn())
     assert torch.equal(expect[0], got[0]) and np.array_equal(expect[1], got[1])
     assert expect[2] == got[2] and expect[3] == got[3]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_follow_the_umask_not_mkstemp(tmp_path, umask):
+    """mkstemp creates 0600 files; checkpoints get 0666 & ~umask like any other output."""
+    from fastebm.eval.export import export_backbone
+    from fastebm import create_model
+
+    old = os.umask(umask)
+    try:
+        save_checkpoint(_state(1), str(tmp_path))
+        save_checkpoint(_state(2), str(tmp_path))  # the first becomes last.prev.pt
+        export_backbone(create_model("vit_demo", img_size=16), str(tmp_path / "backbone.pth"))
+        with open(tmp_path / "plain.txt", "w") as fh:  # what open() gives under this umask
+            fh.write("x")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert os.stat(tmp_path / "plain.txt").st_mode & 0o777 == expected
+    for name in (LAST, PREVIOUS, "backbone.pth"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == expected, name
+
+
+def test_another_tools_checkpoint_is_named_for_what_it_is(tmp_path):
+    """An MAE-style file (pickled argparse.Namespace) is complete: not 'truncated or corrupt'."""
+    import argparse
+
+    path = tmp_path / "checkpoint-399.pth"
+    torch.save({"model": {"w": torch.randn(3)}, "args": argparse.Namespace(lr=1e-3), "epoch": 399}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(str(path))
+    text = str(info.value)
+    assert "not a fastebm training checkpoint" in text and "argparse.Namespace" in text and str(path) in text
+    assert "truncated" not in text and PREVIOUS not in text
+
+
+def test_atomic_write_failure_names_the_path_and_leaves_no_temp_file(tmp_path):
+    import errno
+
+    from fastebm.checkpoint import atomic_write
+    from fastebm.errors import OutputError
+
+    target = tmp_path / "summary.json"
+    target.write_bytes(b"old")
+
+    def disk_full(fh):
+        fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match=f"cannot write {target}: No space left on device"):
+        atomic_write(str(target), disk_full)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["summary.json"]
+    with pytest.raises(OutputError, match="cannot write"):
+        atomic_write(str(tmp_path / "gone" / "x.json"), lambda fh: fh.write(b"x"))
+    assert isinstance(OutputError("x"), OSError)  # callers catching OSError keep working

@@ -108,3 +108,21 @@ def test_bad_data_folder_exits_2_without_traceback(tmp_path, kind):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastebm-train: error: --data") and str(target) in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_images_only_in_hidden_folders_are_named_as_skipped(tmp_path, capsys):
+    """A folder whose images all sit in dot-folders (or have dot-names) does not 'hold no image files'."""
+    make_image_folder(str(tmp_path / ".ipynb_checkpoints"), n=3)
+    Image.new("RGB", (8, 8)).save(tmp_path / "._photo.jpg")
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError) as info:
+        scan_image_files(str(tmp_path))
+    text = str(info.value)
+    assert "hidden" in text and "4 skipped" in text and ".ipynb_checkpoints/ (3)" in text and "._photo.jpg (1)" in text
+    assert "holds no image" not in text
+    assert main(fast_args(str(tmp_path / "out"), str(tmp_path))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hidden" in err[0]
+    # with one visible image the hidden ones are still skipped, silently as before
+    Image.new("RGB", (8, 8)).save(tmp_path / "visible.png")
+    assert scan_image_files(str(tmp_path))[0] == [str(tmp_path / "visible.png")]

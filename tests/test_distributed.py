@@ -181,7 +181,7 @@ TRAIN = ["-m", "fastebm", "train"]
 def train_args(data: str, out: str, batch: int, *extra: str) -> list:
     """A tiny real run: 16 px vit_demo on a small image folder, a step log line per step."""
     return [*TRAIN, "--data", data, "--output_dir", out, "--batch_size", str(batch), "--img_size", "16",
-            "--epochs", "2", "--warmup_epochs", "0.5", "--tasks", "mim", "denoise", "--eval", "false",
+            "--epochs", "2", "--warmup_epochs", "0.5", "--tasks", "mim", "denoise", "--demo_eval", "false",
             "--grid_every", "0", "--log_every", "1", "--save_every", "2", "--num_workers", "0", "--device", "cpu",
             "--seed", "5", *extra]
 

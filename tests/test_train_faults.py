@@ -5,12 +5,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from test_train_helpers import fast_args, make_image_folder, read_summary
 from fastebm.cli.train import main
 from fastebm.checkpoint import load_checkpoint
-from fastebm.train.faults import INJECT_ENV
+from fastebm.train.faults import INJECT_ENV, RestorationWatch
 
 
 def test_single_nan_step_is_skipped(tmp_path, monkeypatch, capsys):
@@ -19,7 +20,8 @@ def test_single_nan_step_is_skipped(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(INJECT_ENV, "2")
     out = str(tmp_path / "out")
     assert main(fast_args(out, data, max_steps=4)) == 0
-    assert "non-finite loss" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "worse than the corrupted input" not in err
     summary = read_summary(out)
     assert summary["skipped_steps"] == [2] and summary["step"] == 4
     state = load_checkpoint(os.path.join(out, "last.pt"))
@@ -35,6 +37,7 @@ def test_nan_streak_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, 
     assert code == 3
     err = capsys.readouterr().err
     assert "3 non-finite losses in a row" in err and "last good checkpoint" in err and "Traceback" not in err
+    assert all(flag in err for flag in ("--blr", "--alpha_init", "--clip_grad"))  # what can cause it
     state = load_checkpoint(os.path.join(out, "last.pt"))
     assert state["step"] == 2
     assert read_summary(out)["status"] == "diverged"
@@ -66,3 +69,26 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     assert k >= 1 and read_summary(out)["status"] == "interrupted_sigterm"
     assert main(fast_args(out, data, epochs=500, resume="auto", max_steps=k + 2)) == 0
     assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == k + 2
+
+
+def test_far_off_restoration_warns_once_naming_alpha_init(tmp_path, capsys):
+    """Step sizes far too large (--alpha_init 100): finite losses hundreds of times the input's, no NaN."""
+    data = str(tmp_path / "data")
+    make_image_folder(data, n=12)
+    out = str(tmp_path / "out")
+    assert main(fast_args(out, data, max_steps=4, alpha_init=100, warmup_epochs=0)) == 0
+    err = capsys.readouterr().err
+    assert err.count("worse than the corrupted input") == 1  # once, although every window qualifies
+    assert "--alpha_init" in err and "--blr" in err
+
+
+def test_restoration_watch_threshold_warmup_and_key_names():
+    corrupted = float(torch.empty(1).uniform_(0.05, 2.0))
+    watch = RestorationWatch(warmup_steps=2, factor=10.0)
+    bad = {"loss_t/1": corrupted * 50, "loss_t/2": corrupted * 11, "loss_corrupted": corrupted}
+    assert watch.check(2, bad) is None  # a window inside the warm-up (steps 1-2)
+    assert watch.check(4, dict(bad, **{"loss_t/2": corrupted * 9.9})) is None  # below 10x (loss_t/1 is not the last)
+    assert watch.check(6, bad) == pytest.approx(11.0)
+    assert watch.check(8, bad) is None  # warned once
+    single = RestorationWatch(warmup_steps=0)  # T = 1: the metrics key is plain loss_t
+    assert single.check(2, {"loss_t": corrupted * 30, "loss_corrupted": corrupted}) == pytest.approx(30.0)

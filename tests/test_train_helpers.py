@@ -24,7 +24,7 @@ def make_image_folder(root, n=12, seed=0, classes=("a", "b"), size=(22, 18)):
 def fast_args(out, data, **over):
     """CLI arguments of a small, quick run (16 px vit_demo, T=1, no demo evaluation)."""
     args = {"output_dir": out, "data": data, "img_size": 16, "batch_size": 4, "steps": 1, "epochs": 2,
-            "warmup_epochs": 0.5, "log_every": 1, "save_every": 0, "grid_every": 0, "eval": "false",
+            "warmup_epochs": 0.5, "log_every": 1, "save_every": 0, "grid_every": 0, "demo_eval": "false",
             "num_workers": 0, "blr": 0.05}
     args.update(over)
     argv = []

@@ -74,3 +74,17 @@ def test_truncated_checkpoint_explicit_and_auto(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "resumed from" in captured.out and "last.prev.pt at step 1" in captured.out
     assert load_checkpoint(last)["step"] == 3
+
+
+def test_save_ckpt_freq_keeps_epoch_checkpoints(tmp_path):
+    """--save_ckpt_freq 2 (MAE's flag): checkpoint-2.pt and checkpoint-4.pt beside last.pt, nothing else."""
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    make_image_folder(data, n=8)  # batch 4: 2 steps per epoch
+    assert main(fast_args(out, data, epochs=4, save_ckpt_freq=2)) == 0
+    kept = sorted(n for n in os.listdir(out) if n.startswith("checkpoint-"))
+    assert kept == ["checkpoint-2.pt", "checkpoint-4.pt"]
+    two, four = load_checkpoint(os.path.join(out, "checkpoint-2.pt")), load_checkpoint(os.path.join(out, "checkpoint-4.pt"))
+    last = load_checkpoint(os.path.join(out, "last.pt"))
+    assert (two["step"], two["epoch"], four["step"], last["step"]) == (4, 2, 8, 8)
+    key = "model.blocks.0.attn.qkv.weight"
+    assert torch.equal(four["model"][key], last["model"][key]) and not torch.equal(two["model"][key], last["model"][key])

@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
+from ..checkpoint import new_file_mode
 from .folder import UnreadableImage, decode_image
 
 INDEX_VERSION = 1
@@ -99,6 +100,7 @@ def _atomic_write(path: str, write) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would hide the cache from other users of the data
         with os.fdopen(fd, "wb") as fh:
             write(fh)
         os.replace(tmp, path)
@@ -198,8 +200,13 @@ def build_index(paths: Sequence[str], cache_dir: str, workers: int = 1) -> FileI
         hit = _cached_record(paths[i], cache.get(keys[i]))
         return (None, hit) if hit is not None else inspect_file(paths[i], cache_dir)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         results = list(pool.map(one, range(len(paths))))
+    except BaseException:  # e.g. a stop signal during start-up: do not wait for the files still queued
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     changed = False
     for key, (fingerprint, record) in zip(keys, results):
         if fingerprint is not None:

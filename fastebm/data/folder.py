@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -50,8 +50,33 @@ def scan_image_files(root: str) -> Tuple[List[str], List[int], List[str]]:
                 paths.append(os.path.join(folder, name))
                 labels.append(label)
     if not paths:
+        hidden = _hidden_images(root)
+        if hidden:
+            where = ", ".join(f"{name} ({n})" for name, n in list(hidden.items())[:3]) + (", ..." if len(hidden) > 3 else "")
+            raise DataError(f"--data: folder {root!r} has image files only under hidden names ({sum(hidden.values())} "
+                            f"skipped: {where}): files and folders whose names start with '.' are skipped; "
+                            f"rename or move them")
         raise DataError(f"--data: folder {root!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), recursively")
     return paths, labels, classes
+
+
+def _hidden_images(root: str) -> Dict[str, int]:
+    """Image files that :func:`scan_image_files` skipped for a hidden (dot) name on their path, counted
+    per outermost hidden entry (``.ipynb_checkpoints/``, ``._photo.jpg``), in walk order."""
+    counts: Dict[str, int] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        parts = [] if os.path.relpath(folder, root) == "." else os.path.relpath(folder, root).split(os.sep)
+        for name in sorted(files):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            hidden = next((os.path.join(*parts[:i + 1]) + os.sep for i, p in enumerate(parts) if p.startswith(".")),
+                          None)
+            if hidden is None and name.startswith("."):
+                hidden = os.path.join(*parts, name)
+            if hidden is not None:
+                counts[hidden] = counts.get(hidden, 0) + 1
+    return counts
 
 
 class ImageFolderData:

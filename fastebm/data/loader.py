@@ -1,6 +1,7 @@
 """Turns a BatchPlan into micro-batches of uint8 images, replacing (and reporting) unreadable files."""
 from __future__ import annotations
 
+import signal
 from typing import Dict, Iterator, Optional, Sequence
 
 import torch
@@ -10,6 +11,19 @@ from .errors import DataError, UnreadableImage, unreadable_entry
 from .sampling import BatchPlan, SampleKey, generator_for, resolve_sample
 
 LOADER_STREAM = 3  # seeds DataLoader's own draws (worker base seed), never the global RNG
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM and SIGINT.
+
+    Schedulers, container runtimes and torchrun signal every process of a job (its process group),
+    so the workers get the main process's SIGTERM too; dying of it made the main process fail with
+    "DataLoader worker (pid ...) is killed by signal: Terminated" before it could save. The main
+    process owns shutdown: it stops at the next step boundary, saves, and then ends the workers
+    (DataLoader's shutdown asks them to exit; they also exit by themselves once the main process is gone).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def no_readable_left(num_files: int, example: str) -> str:
@@ -106,6 +120,7 @@ class MicroBatchStream:
             # from the global torch RNG, which would make a resumed run's RNG stream differ.
             loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
                                 collate_fn=collate, pin_memory=self.pin_memory,
+                                worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
                                 prefetch_factor=4 if self.num_workers > 0 else None,
                                 generator=generator_for(self.plan.seed, LOADER_STREAM, step // spe))
             for (s, m), batch in zip(schedule, loader):

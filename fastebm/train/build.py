@@ -5,6 +5,7 @@ naming the flags involved.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Union
 
@@ -15,10 +16,13 @@ from ..corrupt import prepare_batch
 from ..data.builtin import BuiltinDemoData
 from ..data.folder import ImageFolderData
 from ..data.sampling import BatchPlan
+from ..data.streams import build_stream, folder_index
 from ..errors import UsageError
 from ..restore import RestorationObjective
 from .config import TrainConfig
 from .rng import side_rng
+
+log = logging.getLogger(__name__)
 
 PREVIEW_IMAGES = 8
 
@@ -77,6 +81,24 @@ def num_workers(cfg: TrainConfig, source) -> int:
     if isinstance(source, BuiltinDemoData):
         return 0  # in memory already; worker start-up would cost more than it saves
     return min(8, os.cpu_count() or 1)
+
+
+def micro_batch_stream(cfg: TrainConfig, loader: str, source, plan: BatchPlan, device: torch.device):
+    """The micro-batch stream of the resolved ``loader`` (``torch`` DataLoader, or ``dali`` after its file index).
+
+    DALI: rank 0 checks every file once (``folder_index``, cached), then the other ranks read its
+    cache (other nodes may build their own). Collective (a barrier bounded by --dist_timeout).
+    """
+    workers = num_workers(cfg, source)
+    index = None
+    if loader == "dali":
+        if distributed.is_main():
+            index = folder_index(source, workers, output_dir=cfg.output_dir)
+        distributed.barrier()
+        if not distributed.is_main():
+            index = folder_index(source, workers, output_dir=cfg.output_dir)
+        log.info(f"--loader dali: {index.summary()}")
+    return build_stream(loader, source, plan, device, workers, index, cfg.output_dir)
 
 
 def preview_images(source, n: int = PREVIEW_IMAGES) -> torch.Tensor:

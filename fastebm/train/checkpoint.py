@@ -5,12 +5,14 @@ The file I/O (atomic write, format marker, loading, ``--resume auto``) is :mod:`
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from .. import distributed
-from ..checkpoint import save_checkpoint
+from ..checkpoint import atomic_write, save_checkpoint
 from ..data.sampling import BatchPlan
 from ..errors import TrainingDiverged
 from .config import TrainConfig
@@ -21,8 +23,10 @@ log = logging.getLogger(__name__)
 
 # Config keys that may differ between a checkpoint and the run resuming it without changing the run.
 RESUME_FREE_KEYS = {"dist_backend", "dist_timeout", "fsdp", "max_steps", "resume", "output_dir", "log_every",
-                    "save_every", "grid_every", "num_workers", "eval", "device", "strict_data", "max_bad_steps",
-                    "attn_backend", "data"}
+                    "save_every", "grid_every", "num_workers", "demo_eval", "device", "strict_data", "max_bad_steps",
+                    "attn_backend", "data", "loader", "save_ckpt_freq", "overwrite"}
+
+EPOCH_CHECKPOINT = "checkpoint-{epoch}.pt"  # --save_ckpt_freq: the state after that many epochs
 
 
 def checkpoint_state(cfg: TrainConfig, model_sd: Dict, optim_sd: Dict, scaler_sd: Dict, state: LoopState,
@@ -83,3 +87,29 @@ def save_collective(cfg: TrainConfig, objective, optimizer, scaler, state: LoopS
                                                 rng_per_rank), cfg.output_dir)
     distributed.barrier()
     return path
+
+
+def keep_epoch_checkpoint(last_path: str, epoch: int) -> str:
+    """``--save_ckpt_freq``: keeps the just-written ``last.pt`` as ``checkpoint-{epoch}.pt`` beside it.
+
+    A hard link (no copy: ``last.pt`` is later replaced by a rename, so the link keeps this
+    content), or a copy where the file system has no hard links; either appears under its name
+    only when complete. Returns the new path.
+    """
+    target = os.path.join(os.path.dirname(last_path), EPOCH_CHECKPOINT.format(epoch=epoch))
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        os.link(last_path, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+        def copy(fh):
+            with open(last_path, "rb") as src:
+                shutil.copyfileobj(src, fh)
+
+        atomic_write(target, copy)  # OutputError naming target if that fails too
+    return target

@@ -1,29 +1,53 @@
-"""Fault handling: stop requests from signals and a NaN-injection test hook.
+"""Fault handling: stop requests from signals, a warning for restorations that make images worse,
+and a NaN-injection test hook.
 
 Non-finite losses are handled by the loop (:class:`fastebm.train.trainer.Trainer`), which raises
 :class:`fastebm.errors.TrainingDiverged` after ``--max_bad_steps`` of them in a row.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
-from typing import Optional, Set
+from typing import Any, Dict, Optional, Set
+
+log = logging.getLogger(__name__)
 
 INJECT_ENV = "FASTEBM_INJECT_NAN_AT_STEP"
 
 
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits.
+class StartupInterrupted(BaseException):
+    """SIGTERM/SIGINT before the first training step: nothing to save, the run ends at once.
 
-    A second SIGINT (Ctrl-C twice) restores the default behaviour and interrupts at once.
+    A ``BaseException`` (like ``KeyboardInterrupt``) because it is raised from a signal handler
+    anywhere in the start-up code, and ``except Exception`` blocks there must not swallow it.
     """
 
-    def __init__(self):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+class StopRequest:
+    """What SIGTERM and SIGINT do to a run, whichever process of the job they reach first.
+
+    During start-up with ``immediate`` (one process: data scan, model build, resume, the demo's
+    initial evaluation), the handler raises :class:`StartupInterrupted` at once. Otherwise it sets
+    a flag: the loop saves a checkpoint at the next step boundary and exits (multi-process start-up
+    polls the flag at fixed points, so that every rank leaves together). A second SIGINT (Ctrl-C
+    twice) restores the default behaviour and interrupts at once. Data-loader worker processes
+    ignore both signals (``fastebm.data.loader.ignore_stop_signals``): the main process owns shutdown.
+    """
+
+    def __init__(self, immediate: bool = False):
         self.signum: Optional[int] = None
+        self.immediate = immediate
         self._previous = {}
 
     def install(self) -> "StopRequest":
         for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig in self._previous:
+                continue
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. called from a notebook worker)
@@ -35,6 +59,8 @@ class StopRequest:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.signum = signum
+        if self.immediate:
+            raise StartupInterrupted(self.name)
 
     @property
     def requested(self) -> bool:
@@ -51,6 +77,47 @@ class StopRequest:
             except (ValueError, TypeError):
                 pass
         self._previous.clear()
+
+
+class RestorationWatch:
+    """Warns (once per run) when the restored images stay far worse than the corrupted input.
+
+    A finite but useless restoration (e.g. step sizes stuck far too large after a bad
+    ``--alpha_init``: loss 100-700x the corrupted input's) trains without any non-finite value,
+    so nothing else would say so. Checked per logging window, on the window means of the last
+    step's loss ``loss_t/T`` and of ``loss_corrupted`` (the input's own loss), for windows that
+    start after the warm-up: the warning fires when the ratio exceeds ``factor``.
+    """
+
+    def __init__(self, warmup_steps: int, factor: float = 10.0):
+        self.warmup_steps = warmup_steps
+        self.factor = factor
+        self.window_start = 0
+        self.warned = False
+
+    def check(self, step: int, record: Dict[str, Any]) -> Optional[float]:
+        """``record``: one metrics line (window means) ending at optimiser step ``step``. Returns the ratio
+        that triggered a warning, else None."""
+        start, self.window_start = self.window_start, step
+        key = last_step_loss_key(record)
+        if self.warned or start < self.warmup_steps or key is None or not record.get("loss_corrupted"):
+            return None
+        ratio = record[key] / record["loss_corrupted"]
+        if not ratio > self.factor:
+            return None
+        self.warned = True
+        log.warning(f"steps {start + 1}-{step}: the restored images are {ratio:.0f}x worse than the corrupted input "
+                    f"({key} {record[key]:.3g} vs loss_corrupted {record['loss_corrupted']:.3g}): the restoration "
+                    f"step sizes are probably far too large; lower --alpha_init or --blr (warned once)")
+        return ratio
+
+
+def last_step_loss_key(record: Dict[str, Any]) -> Optional[str]:
+    """The metrics key of the loss after the last restoration step: ``loss_t`` (T = 1) or ``loss_t/T``."""
+    if "loss_t" in record:
+        return "loss_t"
+    steps = [int(k[7:]) for k in record if k.startswith("loss_t/") and k[7:].isdigit()]
+    return f"loss_t/{max(steps)}" if steps else None
 
 
 def injected_nan_steps() -> Set[int]:

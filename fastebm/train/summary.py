@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from .. import distributed
-from ..checkpoint import atomic_write
+from ..checkpoint import LAST, atomic_write
 from .metrics import read_metrics
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,22 @@ def log_results(summary: Dict[str, Any], output_dir: str) -> None:
         log.info(f"linprobe_acc: init {_fmt(acc['init'])} -> pretrained {_fmt(acc['pretrained'])} (held-out digits)")
     log.info(f"done: {summary['status']} at step {summary['step']} in {summary['wall_time_s']:.0f} s; "
              f"outputs in {output_dir}")
+
+
+def interrupted_before_training(cfg, name: str, step: int = 0, resumed_from: Optional[str] = None) -> Dict[str, Any]:
+    """A stop signal (``name``: SIGTERM/SIGINT) before the first training step: one line, and summary.json
+    (status ``interrupted_*``, ``trained_steps`` 0) if the output folder exists. ``step``: the step of
+    the checkpoint the run had resumed from (0: none). summary.json is left alone when the run was to
+    resume a checkpoint it had not loaded yet (the folder's summary still describes that checkpoint)."""
+    status = f"interrupted_{name or 'signal'}".lower()
+    kept = f"{resumed_from} is unchanged" if resumed_from else "no checkpoint written"
+    log.warning(f"received {name or 'a stop request'} during start-up: nothing was trained yet ({kept})")
+    summary = {"status": status, "step": step, "trained_steps": 0, "phase": "start-up", "config": cfg.to_dict()}
+    unloaded = cfg.resume is not None and not resumed_from and (
+        cfg.resume != "auto" or os.path.exists(os.path.join(cfg.output_dir, LAST)))
+    if os.path.isdir(cfg.output_dir) and not unloaded:
+        write_summary(cfg.output_dir, summary)
+    return summary
 
 
 def _fmt(v) -> str:

@@ -1,16 +1,20 @@
 """The training loop of ``fastebm-train``: a :class:`Trainer` whose phases read top to bottom.
 
-    Trainer(cfg, info)     set-up: data, model + objective, batch plan, lr schedule, optimiser
+    Trainer(cfg, info)     set-up: output-folder check, data, loader, model + objective, batch plan,
+                           lr schedule, optimiser (nothing is written yet)
     .run()
         .resume()          --resume: weights, optimiser, RNG streams, loop state from a checkpoint
-        .start()           DDP wrapping, config.yaml, metrics, banner, [demo] initial evaluation
+        .start()           output folder, DDP wrapping, config.yaml, metrics, banner, [demo] initial evaluation
+        .loop()            the micro-batch stream (torch DataLoader or DALI), then
         for each optimiser step:
             .micro_step()      accum_iter x (prepare_batch -> objective -> backward), NaN vote
             .optimizer_step()  scheduled lr, clip, AdamW step (skipped when non-finite)
             .after_step()      metrics line, pictures, stop request (SIGTERM/SIGINT), checkpoint
         .finish()          final checkpoint, pictures, backbone, [demo] evaluation, summary.json
 
-Loop-carried values live in one :class:`~fastebm.train.state.LoopState`. Every decision that
+A SIGTERM/SIGINT before the first step ends the run at once (:class:`StartupInterrupted`, handled by
+:func:`train`); after it, at the next step boundary with a checkpoint. Loop-carried values live in
+one :class:`~fastebm.train.state.LoopState`. Every decision that
 depends on the process goes through :mod:`fastebm.distributed` (rank 0 writes files; verdicts are
 agreed across ranks); the module a distributed wrapper wraps is the ``RestorationObjective`` (all T
 steps and the loss in one forward; docs/design.md §8).
@@ -30,21 +34,22 @@ from .. import distributed
 from ..checkpoint import LAST, find_resume_checkpoint, load_checkpoint
 from ..corrupt import prepare_batch
 from ..data.builtin import BuiltinDemoData
-from ..data.loader import MicroBatchStream
+from ..data.streams import resolve_loader
 from ..errors import CheckpointError, DataError, DistributedFailure, FastEBMError, TrainingDiverged
 from ..models import PRESETS
-from .build import (autocast_dtype, batch_plan, build_data, build_objective, check_corruption, num_workers,
+from .build import (autocast_dtype, batch_plan, build_data, build_objective, check_corruption, micro_batch_stream,
                     plain_objective, preview_images)
-from .checkpoint import check_resume_config, save_collective
+from .checkpoint import check_resume_config, keep_epoch_checkpoint, save_collective
 from .config import TrainConfig, save_yaml
 from .evaluation import compare_evaluations, demo_evaluation
-from .faults import StopRequest, injected_nan_steps
+from .faults import RestorationWatch, StartupInterrupted, StopRequest, injected_nan_steps
 from .metrics import Console, MetricsLogger, flatten_stats
 from .optim import build_optimizer
 from .rng import restore_rng_state, seed_everything
 from .schedule import lr_at, scaled_lr
+from .run_dir import check_output_dir, prepare_output_dir
 from .state import LoopState
-from .summary import log_results, metrics_summary, write_summary
+from .summary import interrupted_before_training, log_results, metrics_summary, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +57,28 @@ log = logging.getLogger(__name__)
 class Trainer:
     """One training job as configured (every process of a torchrun job builds one)."""
 
-    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo):
-        """Set-up: data first (a bad folder fails before any model is built), then model, plan, optimiser."""
+    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, stop: Optional[StopRequest] = None):
+        """Set-up, reading only: the output folder's check, data (a bad folder fails before any model is
+        built), loader, model, plan, optimiser. ``stop``: the signal handling :func:`train` installed
+        (None: the loop installs its own for its duration)."""
         self.cfg, self.t_start = cfg, time.time()
         self.device = info.device
+        self.stop, self._owns_stop = (stop, False) if stop is not None else (StopRequest(), True)
         self.autocast_dtype = autocast_dtype(cfg, self.device)
-        if distributed.is_main():
-            os.makedirs(cfg.output_dir, exist_ok=True)
         self.rank, self.world = distributed.rank(), distributed.world_size()
+        check_output_dir(cfg)  # collective: rank 0 checks, every rank raises its verdict
         self.source = build_data(cfg, cfg.img_size or PRESETS[cfg.model]["img_size"])
         self.is_demo = isinstance(self.source, BuiltinDemoData)
+        self.loader = resolve_loader(cfg.loader, self.device, self.source)
+        self._startup_vote()  # scanning a large folder takes a while: a stop request during it ends here
         seed_everything(cfg.seed)
         self.objective = build_objective(cfg).to(self.device)
         self.model = self.objective.model
         check_corruption(cfg, self.model.img_size[0], self.model.patch_size)
         self.plan = batch_plan(cfg, len(self.source), self.world, self.rank)
         steps_per_epoch = self.plan.steps_per_epoch
-        self.schedule = {"base_lr": scaled_lr(cfg.blr, cfg.batch_size, cfg.accum_iter, self.world),
+        base_lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, cfg.batch_size, cfg.accum_iter, self.world)
+        self.schedule = {"base_lr": base_lr,
                          "min_lr": cfg.min_lr, "warmup_steps": int(round(cfg.warmup_epochs * steps_per_epoch)),
                          "total_steps": cfg.epochs * steps_per_epoch, "steps_per_epoch": steps_per_epoch}
         self.total_steps = self.schedule["total_steps"]
@@ -85,10 +95,18 @@ class Trainer:
         self.state = LoopState()
         self.resumed_from: Optional[str] = None
         self.last_path = os.path.join(cfg.output_dir, LAST)
+        self.watch = RestorationWatch(self.schedule["warmup_steps"])
+
+    def _startup_vote(self) -> None:
+        """Before the first step: ends the run on every rank together if any rank got SIGTERM/SIGINT
+        (one process has already raised from the signal handler)."""
+        if distributed.any_rank(self.stop.requested):
+            raise StartupInterrupted(self.stop.name)
 
     def run(self) -> Dict[str, Any]:
         """Trains from the current state to ``end_step`` (or a stop request); returns the summary."""
         self.resume()
+        self._startup_vote()  # not inside resume(): whether a checkpoint is found may differ between nodes
         self.start()
         self.loop()
         return self.finish()
@@ -132,17 +150,19 @@ class Trainer:
         if self.world > 1 and not distributed.is_sharded(self.objective):
             self.wrapped = distributed.wrap_ddp(self.objective, self.device)
         st.status = "completed" if self.end_step == self.total_steps else "stopped_at_max_steps"
-        if distributed.is_main():
+        if distributed.is_main():  # every check has passed: only now is the output folder touched
+            prepare_output_dir(cfg)
             save_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         self.metrics = MetricsLogger(cfg.output_dir, enabled=distributed.is_main(),
                                      resume_step=st.step if self.resumed_from else None)
         self.preview = preview_images(self.source)
         n_params = sum(p.numel() for p in self.model.parameters()) / 1e6
         log.info(f"fastebm-train: {cfg.model} ({self.model.img_size[0]} px, {n_params:.2f} M params) on {self.device}, "
-                 f"{'built-in demo data' if self.is_demo else cfg.data} ({len(self.source)} samples), "
-                 f"{self.plan.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, lr {self.schedule['base_lr']:.3g}, "
+                 f"{'built-in demo data' if self.is_demo else cfg.data} ({len(self.source)} samples, "
+                 f"{self.loader} loader), {self.plan.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+                 f"lr {self.schedule['base_lr']:.3g}{' (--lr)' if cfg.lr is not None else ''}, "
                  f"tasks {','.join(cfg.tasks)}, T={cfg.steps}; output {cfg.output_dir}")
-        if self.is_demo and cfg.eval and not st.eval_init and st.step == 0 and distributed.is_main():
+        if self.is_demo and cfg.demo_eval and not st.eval_init and st.step == 0 and distributed.is_main():
             st.eval_init = demo_evaluation(self.objective, self.source, cfg, self.device)
             log.info(f"initial model: psnr gain {st.eval_init['psnr_gain_db']:+.2f} dB, "
                      f"linear probe {st.eval_init['linprobe_acc']:.3f}")
@@ -151,25 +171,45 @@ class Trainer:
     def loop(self) -> None:
         """Every micro-batch from the current step to ``end_step``; stops early on a stop request."""
         cfg, st = self.cfg, self.state
-        stream = MicroBatchStream(self.source, self.plan, num_workers=num_workers(cfg, self.source),
-                                  pin_memory=self.device.type == "cuda")
-        self.inject = injected_nan_steps()
-        self.params = [p for p in self.objective.parameters() if p.requires_grad]
-        self.stop = StopRequest().install()
-        self.console = Console(self.end_step, st.step, enabled=distributed.is_main())
-        st.reset_window()
+        if self._owns_stop:
+            self.stop.install()
         try:
-            for batch in stream.iterate(st.step, self.end_step):
-                self.micro_step(batch)
-                if batch["micro"] < cfg.accum_iter - 1:
-                    continue
-                lr = self.optimizer_step(batch["step"])
-                if self.after_step(batch["step"], lr):
-                    break
+            stream = self._stream()
+            self.inject = injected_nan_steps()
+            self.params = [p for p in self.objective.parameters() if p.requires_grad]
+            self._startup_vote()
+            self.stop.immediate = False  # from now on a stop request waits for the step boundary and saves
+            self.console = Console(self.end_step, st.step, enabled=distributed.is_main())
+            st.reset_window()
+            try:
+                for batch in stream.iterate(st.step, self.end_step):
+                    self.micro_step(batch)
+                    if batch["micro"] < cfg.accum_iter - 1:
+                        continue
+                    lr = self.optimizer_step(batch["step"])
+                    if self.after_step(batch["step"], lr):
+                        break
+            except RuntimeError as exc:
+                if not self._loader_died_on_stop(exc):
+                    raise
+                log.warning(f"a data-loader worker died of the {self.stop.name} meant for this run "
+                            f"({one_line_reason(exc)}); stopping as asked")
+                self._stop_at_boundary()
+            finally:
+                self.console.close()
         finally:
-            self.console.close()
-            self.stop.uninstall()
+            if self._owns_stop:
+                self.stop.uninstall()
             self.metrics.close()
+
+    def _stream(self):
+        return micro_batch_stream(self.cfg, self.loader, self.source, self.plan, self.device)
+
+    def _loader_died_on_stop(self, exc: RuntimeError) -> bool:
+        """A loader worker killed by the signal that asked this run to stop (it reached the worker before
+        the worker ignored it): the stop, not a crash. One process only: under torchrun the other
+        ranks would be in a different collective."""
+        return self.stop.requested and self.world == 1 and "DataLoader worker" in str(exc)
 
     def micro_step(self, batch: Dict[str, Any]) -> None:
         """One micro-batch of optimiser step ``batch["step"]``: corrupt, restore, backward (if finite on every rank)."""
@@ -243,7 +283,7 @@ class Trainer:
         write_summary(cfg.output_dir, {"status": "diverged", "step": st.step, "skipped_steps": st.skipped_steps,
                                        "last_good_checkpoint_step": st.last_saved_step, "config": cfg.to_dict()})
         raise TrainingDiverged(f"{st.bad_streak} non-finite losses in a row (steps {s - st.bad_streak + 1}..{s}); "
-                               f"stopped; {where}. Lower --blr or --clip_grad, or check the data")
+                               f"stopped; {where}. Lower --blr (or --lr), --alpha_init or --clip_grad, or check the data")
 
     def after_step(self, s: int, lr: float) -> bool:
         """Logging, pictures, the stop vote and periodic checkpoints at a step boundary; True: stop now."""
@@ -255,16 +295,27 @@ class Trainer:
             if distributed.is_main():
                 self._draw_pictures(plain)
         if distributed.any_rank(self.stop.requested):  # every rank joins the vote, so all stop together
-            self.save()
-            self.console.message(f"received {self.stop.name or 'stop request'}: checkpoint saved at step {st.step} "
-                                 f"({self.last_path}); resume with --resume auto")
-            st.status, st.interrupted = f"interrupted_{self.stop.name or 'signal'}".lower(), True
+            self._stop_at_boundary()
             return True
         # No periodic checkpoint during a run of non-finite steps: the last one before it stays the fallback.
-        if cfg.save_every and st.step % cfg.save_every == 0 and st.step != self.end_step and st.bad_streak == 0:
+        due = (cfg.save_every and st.step % cfg.save_every == 0) or self._epoch_checkpoint_due()
+        if due and st.step != self.end_step and st.bad_streak == 0:
             self.save()
             st.last_saved_step = st.step
         return False
+
+    def _stop_at_boundary(self) -> None:
+        """A stop request at the boundary after optimiser step ``state.step``: checkpoint, message, status."""
+        st = self.state
+        self.save()
+        self.console.message(f"received {self.stop.name or 'stop request'}: checkpoint saved at step {st.step} "
+                             f"({self.last_path}); resume with --resume auto")
+        st.status, st.interrupted = f"interrupted_{self.stop.name or 'signal'}".lower(), True
+
+    def _epoch_checkpoint_due(self) -> bool:
+        """--save_ckpt_freq N: the step that completes epoch E, E a multiple of N."""
+        n, spe, step = self.cfg.save_ckpt_freq, self.plan.steps_per_epoch, self.state.step
+        return bool(n) and step % spe == 0 and (step // spe) % n == 0
 
     def _log_metrics(self, s: int, lr: float) -> None:
         """One metrics record: window means (averaged over ranks), lr, throughput; then a new window."""
@@ -278,14 +329,19 @@ class Trainer:
             reduced = distributed.all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64))
             means = dict(zip(keys, reduced.tolist()))
         record.update(means)
+        self.watch.check(st.step, record)
         self.metrics.log(record)
         self.console.report(st.step, record["epoch"], record.get("loss", float("nan")), record["img_per_s"], lr)
         st.reset_window()
 
     def save(self) -> Optional[str]:
-        """Writes last.pt (rank 0); collective, see :func:`fastebm.train.checkpoint.save_collective`."""
-        return save_collective(self.cfg, self.objective, self.optimizer, self.scaler, self.state, self.plan,
+        """Writes last.pt (rank 0), and checkpoint-E.pt when --save_ckpt_freq asks for this epoch; collective,
+        see :func:`fastebm.train.checkpoint.save_collective`."""
+        path = save_collective(self.cfg, self.objective, self.optimizer, self.scaler, self.state, self.plan,
                                self.schedule)
+        if path is not None and self._epoch_checkpoint_due():
+            keep_epoch_checkpoint(path, self.state.step // self.plan.steps_per_epoch)
+        return path
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> Dict[str, Any]:
@@ -295,7 +351,8 @@ class Trainer:
             self.save()
         summary: Dict[str, Any] = {
             "status": st.status, "step": st.step, "total_steps": self.total_steps,
-            "epoch": st.step / self.plan.steps_per_epoch, "device": str(self.device),
+            "epoch": st.step / self.plan.steps_per_epoch, "device": str(self.device), "loader": self.loader,
+            "num_threads": torch.get_num_threads(),
             "skipped_files": {"count": len(st.bad_files), "files": st.bad_files[:100]},
             "skipped_steps": st.skipped_steps, "checkpoint": self.last_path}
         summary.update(metrics_summary(cfg.output_dir))
@@ -318,7 +375,7 @@ class Trainer:
             return
         self._draw_pictures(objective)
         summary["backbone"] = export_backbone(objective.model, os.path.join(self.cfg.output_dir, "backbone.pth"))
-        if self.is_demo and self.cfg.eval:
+        if self.is_demo and self.cfg.demo_eval:
             final = demo_evaluation(objective, self.source, self.cfg, self.device)
             summary.update(compare_evaluations(self.state.eval_init, final))
 
@@ -326,6 +383,10 @@ class Trainer:
         from .pictures import draw_pictures  # matplotlib: imported only when a picture is due
 
         draw_pictures(self.cfg, objective, self.preview, self.device, self.state.step)
+
+
+def one_line_reason(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
@@ -338,15 +399,26 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     peer that died or hung.
     """
     owns_group = not distributed.is_initialized()
-    info = distributed.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
+    # Installed first: a signal during start-up (data scan, demo evaluation) ends the run cleanly too.
+    stop = StopRequest(immediate=not distributed.launched_by_torchrun()).install()
+    trainer, info = None, None
     try:
-        return Trainer(cfg, info).run()
+        info = distributed.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
+        stop.immediate = not info.distributed  # several processes leave start-up together (Trainer._startup_vote)
+        trainer = Trainer(cfg, info, stop)
+        return trainer.run()
+    except StartupInterrupted as exc:
+        if trainer is not None and hasattr(trainer, "metrics"):
+            trainer.metrics.close()
+        resumed = trainer.resumed_from if trainer is not None else None
+        return interrupted_before_training(cfg, exc.name, trainer.state.step if resumed else 0, resumed)
     except (FastEBMError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        if info.distributed and distributed.is_collective_failure(exc):
+        if info is not None and info.distributed and distributed.is_collective_failure(exc):
             raise DistributedFailure(distributed.explain_failure(exc)) from exc
         raise
     finally:
+        stop.uninstall()
         if owns_group:
             distributed.destroy_distributed()
