@@ -47,7 +47,8 @@ _pkgs, _pkg_dir = _packages()
 setup(
     packages=_pkgs,
     package_dir=_pkg_dir,
-    package_data={"fastebm.csrc": ["*.h", "*.cu", "*.cpp", "*.md", "tests/*.cu"]},
+    package_data={"fastebm.csrc": ["*.h", "*.cu", "*.cpp", "*.md", "tests/*.cu"],
+                  "fastebm.kernels": ["attention_configs.json"]},  # the kernels' launch table
     include_package_data=False,
     ext_modules=_exts,
     cmdclass=_cmdclass,

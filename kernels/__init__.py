@@ -2,8 +2,12 @@
 
 Each op keeps its kernel, host wrapper and PyTorch reference side by side:
 
-- ``fastebm.kernels.attention``: fused attention forward, backward and double backward (Triton
-  kernels and their host wrappers; imports triton).
+- ``fastebm.kernels.attention``: fused attention forward, backward and double backward (host
+  wrappers; imports triton). The Triton kernels are in ``attention_fwd_bwd_kernels`` and
+  ``attention_dbwd_kernels``, their shared device helpers and conventions in ``attention_tiles``.
+- ``fastebm.kernels.attention_config``: the block-size policy and the launch table
+  ``attention_configs.json`` (imports no triton); ``python -m fastebm.kernels.tune`` regenerates
+  the table on a GPU.
 - ``fastebm.kernels.attention_ref``: the PyTorch reference of each stage, the kernels'
   specification (imports no triton).
 - ``fastebm.kernels.attention_common``: what kernels, references and ``fastebm.ops`` share:

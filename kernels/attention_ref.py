@@ -65,33 +65,37 @@ class _Backward(NamedTuple):
     ds: Tensor
 
 
-def _backward_terms(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float) -> _Backward:
+def _backward_terms(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float,
+                    delta: Optional[Tensor] = None) -> _Backward:
     acc = acc_dtype(q.dtype)
     qa, ka, va, ga = q.to(acc), k.to(acc), v.to(acc), do.to(acc)
     p = torch.exp(_scores(q, k, scale) - lse.to(acc).unsqueeze(-1))
-    delta = (o.to(acc) * ga).sum(-1, keepdim=True)
+    delta = (o.to(acc) * ga).sum(-1, keepdim=True) if delta is None else delta.to(acc).unsqueeze(-1)
     dp = torch.matmul(ga, va.transpose(-1, -2))
     return _Backward(qa, ka, va, ga, p, delta, dp, p * (dp - delta))
 
 
 def attn_bwd_ref(
-    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(dQ, dK, dV)`` for upstream gradient ``do``."""
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor, scale: float, return_delta: bool = False
+):
+    """Returns ``(dQ, dK, dV)`` for upstream gradient ``do``; with ``return_delta`` also
+    ``delta = rowsum(O * dO)`` ((B, H, Nq), accumulation dtype), which :func:`attn_dbwd_ref` accepts."""
     b = _backward_terms(q, k, v, o, lse, do, scale)
     dq = torch.matmul(b.ds, b.k) * scale
     dk = torch.matmul(b.ds.transpose(-1, -2), b.q) * scale
     dv = torch.matmul(b.p.transpose(-1, -2), b.g)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    grads = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return (*grads, b.delta.squeeze(-1)) if return_delta else grads
 
 
 def attn_dbwd_ref(
     q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, do: Tensor,
-    gq: Optional[Tensor], gk: Optional[Tensor], gv: Optional[Tensor], scale: float,
+    gq: Optional[Tensor], gk: Optional[Tensor], gv: Optional[Tensor], scale: float, delta: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(Qbar, Kbar, Vbar, Gbar)``: the gradients of ``<gQ,dQ> + <gK,dK> + <gV,dV>``
-    with respect to ``(Q, K, V, dO)``. Missing cotangents (``None``) count as zero."""
-    b = _backward_terms(q, k, v, o, lse, do, scale)
+    with respect to ``(Q, K, V, dO)``. Missing cotangents (``None``) count as zero. ``delta``
+    (B, H, Nq), the backward's ``rowsum(O * dO)``, is recomputed when not given."""
+    b = _backward_terms(q, k, v, o, lse, do, scale, delta)
     gqa = torch.zeros_like(b.q) if gq is None else gq.to(b.q.dtype)
     gka = torch.zeros_like(b.k) if gk is None else gk.to(b.q.dtype)
     gva = torch.zeros_like(b.v) if gv is None else gv.to(b.q.dtype)

@@ -47,12 +47,15 @@ def test_opcheck_every_op(backend, dtype):
     with torch.no_grad():
         o, lse = ops.attn_fwd(q, k, v, scale, backend)
     do = torch.randn(B, H, Nq, d, dtype=dtype, device=q.device, requires_grad=True)
-    torch.library.opcheck(ops.attn_bwd, (q, k, v, o, lse, do, scale, backend))
+    torch.library.opcheck(ops.attn_bwd_op, (q, k, v, o, lse, do, scale, backend))
     gq, gk, gv = (torch.randn_like(t) for t in (q, k, v))
     # attn_dbwd has no derivative (third order): checked with inputs that do not require grad
     det = [t.detach() for t in (q, k, v, o, lse, do)]
+    with torch.no_grad():
+        delta = ops.attn_bwd_op(*det, scale, backend)[3]
     torch.library.opcheck(ops.attn_dbwd, (*det, gq, gk, gv, scale, backend))
     torch.library.opcheck(ops.attn_dbwd, (*det, None, gk, None, scale, backend))
+    torch.library.opcheck(ops.attn_dbwd, (*det, gq, gk, gv, scale, backend, delta))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -104,3 +107,51 @@ def test_unknown_backend_is_a_value_error():
         ops.attn_fwd(q, k, v, 0.25, "cudnn")
     with pytest.raises(ValueError, match="unknown attention backend"):
         ops.resolve_op_backend(q, "nonexistent")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fake_outputs_have_the_real_strides_for_strided_inputs(backend):
+    # q, k, v as views of one (B, N, 3, H, d) projection, do and the cotangents non-contiguous too:
+    # the fake implementations (what torch.compile plans with) must promise exactly what runs.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, N, H, d = 2, 7, 3, 16
+    device = _device(backend)
+    q, k, v = torch.randn(B, N, 3, H, d, device=device).permute(2, 0, 3, 1, 4).unbind(0)
+    do, gq, gk, gv = (torch.randn(B, N, H, d, device=device).transpose(1, 2) for _ in range(4))
+
+    def run(q, k, v, do, gq, gk, gv):
+        o, lse = ops.attn_fwd(q, k, v, 0.3, backend)
+        dq, dk, dv, delta = ops.attn_bwd_op(q, k, v, o, lse, do, 0.3, backend)
+        bars = ops.attn_dbwd(q, k, v, o, lse, do, gq, gk, gv, 0.3, backend, delta)
+        return (o, lse, dq, dk, dv, delta) + tuple(bars)
+
+    real = run(q, k, v, do, gq, gk, gv)
+    with FakeTensorMode() as mode:
+        fake = run(*(mode.from_tensor(t) for t in (q, k, v, do, gq, gk, gv)))
+    for i, (r, f) in enumerate(zip(real, fake)):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype), i
+        assert r.is_contiguous(), i
+
+
+def test_ops_hand_the_backward_delta_to_the_double_backward(stage_calls, monkeypatch):
+    # attn_bwd_op returns delta = rowsum(O * dO); its autograd passes that tensor to attn_dbwd.
+    from fastebm.kernels import attention_ref
+
+    seen = []
+    dbwd = attention_ref.attn_dbwd_ref  # already wrapped by stage_calls
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get("delta"))
+        return dbwd(*args, **kwargs)
+
+    monkeypatch.setattr(attention_ref, "attn_dbwd_ref", record)
+    q, k, v = _inputs(1, 2, 5, 6, 16)
+    o, lse = ops.attn_fwd(q, k, v, 0.25, "math")
+    do = torch.randn_like(o)
+    dq, dk, dv, delta = ops.attn_bwd_op(q, k, v, o.detach(), lse.detach(), do, 0.25, "math")
+    assert not delta.requires_grad and delta.shape == (1, 2, 5)
+    torch.testing.assert_close(delta, (o * do).sum(-1).detach(), rtol=1e-13, atol=0)
+    (dq.sum() + dk.pow(2).sum() + dv.sum()).backward()
+    assert len(seen) == 1 and seen[0] is not None and torch.equal(seen[0], delta)
+    assert stage_calls["attn_dbwd"] == 1

@@ -3,8 +3,9 @@
 Three ``autograd.Function``s chain the kernels of ``fastebm.kernels.attention``:
 
     _TritonAttention.forward  -> attn_fwd            (saves q, k, v, o, lse: all O(N) memory)
-    _TritonAttention.backward -> _TritonAttentionBwd (attn_bwd), itself differentiable
-    _TritonAttentionBwd.backward -> _TritonAttentionDbwd (attn_dbwd)
+    _TritonAttention.backward -> _TritonAttentionBwd (attn_bwd), itself differentiable; it also
+                                 returns delta = rowsum(O * dO) (non-differentiable, O(N))
+    _TritonAttentionBwd.backward -> _TritonAttentionDbwd (attn_dbwd, reusing that delta)
     _TritonAttentionDbwd.backward -> RuntimeError (third order is not supported)
 
 so ``torch.autograd.grad(..., create_graph=True)`` through attention followed by a ``backward()``
@@ -56,27 +57,30 @@ class _TritonAttention(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
         # o and lse enter the backward as constants (caches), hence detach.
-        dq, dk, dv = _TritonAttentionBwd.apply(q, k, v, o.detach(), lse.detach(), do, ctx.scale)
+        dq, dk, dv, _delta = _TritonAttentionBwd.apply(q, k, v, o.detach(), lse.detach(), do, ctx.scale)
         return dq, dk, dv, None
 
 
 class _TritonAttentionBwd(torch.autograd.Function):
-    """``(dq, dk, dv) = attn_bwd(q, k, v, o, lse, do)``, differentiable in (q, k, v, do)."""
+    """``(dq, dk, dv, delta) = attn_bwd(q, k, v, o, lse, do, return_delta=True)``, differentiable in
+    (q, k, v, do); ``delta`` is a cache for the double backward (non-differentiable)."""
 
     @staticmethod
     def forward(q, k, v, o, lse, do, scale):
-        return attn_bwd(q, k, v, o, lse, do, scale)
+        return attn_bwd(q, k, v, o, lse, do, scale, return_delta=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, o, lse, do, scale = inputs
-        ctx.save_for_backward(q, k, v, o, lse, do)
+        delta = output[3]
+        ctx.save_for_backward(q, k, v, o, lse, do, delta)
         ctx.scale = scale
+        ctx.mark_non_differentiable(delta)
 
     @staticmethod
-    def backward(ctx, gq, gk, gv):
-        q, k, v, o, lse, do = ctx.saved_tensors
-        qbar, kbar, vbar, gbar = _TritonAttentionDbwd.apply(q, k, v, o, lse, do, gq, gk, gv, ctx.scale)
+    def backward(ctx, gq, gk, gv, _gdelta):
+        q, k, v, o, lse, do, delta = ctx.saved_tensors
+        qbar, kbar, vbar, gbar = _TritonAttentionDbwd.apply(q, k, v, o, lse, do, gq, gk, gv, ctx.scale, delta)
         return qbar, kbar, vbar, None, None, gbar, None
 
 
@@ -84,8 +88,8 @@ class _TritonAttentionDbwd(torch.autograd.Function):
     """The double-backward kernels as a graph node whose own backward refuses (third order)."""
 
     @staticmethod
-    def forward(q, k, v, o, lse, do, gq, gk, gv, scale):
-        return attn_dbwd(q, k, v, o, lse, do, gq, gk, gv, scale)
+    def forward(q, k, v, o, lse, do, gq, gk, gv, scale, delta):
+        return attn_dbwd(q, k, v, o, lse, do, gq, gk, gv, scale, delta=delta)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -97,8 +101,9 @@ class _TritonAttentionDbwd(torch.autograd.Function):
 
 
 def triton_attention_fn(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Fused attention ``softmax(scale q k^T) v`` for q (B,H,Nq,d), k/v (B,H,Nk,d); exact first
-    and second derivatives, O(N) memory. The output is contiguous."""
+    """Fused attention ``softmax(scale q k^T) v`` for q (B,H,Nq,d), k/v (B,H,Nk,d), any strides (the
+    kernels read views in place); exact first and second derivatives, O(N) memory. The output is
+    contiguous."""
     o, _ = _TritonAttention.apply(q, k, v, float(scale))
     return o
 
