@@ -37,6 +37,7 @@ from ..data.builtin import BuiltinDemoData
 from ..data.streams import resolve_loader
 from ..errors import CheckpointError, DataError, DistributedFailure, FastEBMError, TrainingDiverged
 from ..models import PRESETS
+from ..threads import configure_threads
 from .build import (autocast_dtype, batch_plan, build_data, build_objective, check_corruption, micro_batch_stream,
                     plain_objective, preview_images)
 from .checkpoint import check_resume_config, keep_epoch_checkpoint, save_collective
@@ -423,6 +424,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     trainer, info = None, None
     try:
         info = distributed.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
+        configure_threads(None if cfg.threads == "auto" else int(cfg.threads), info.local_world_size)
         stop.immediate = not info.distributed  # several processes leave start-up together (Trainer._startup_vote)
         trainer = Trainer(cfg, info, stop)
         return trainer.run()
