@@ -8,9 +8,15 @@ Public API::
     corrupted, weight = fastebm.corrupt(clean, "mim", seed=0)      # pretext tasks
     loss, stats = objective(clean, corrupted, weight)
 """
-from .models import EnergyViT, create_model, list_models
-from .restore import RestorationObjective
-from .tools import energy_scores, restore_images
+# First, before anything imports torch: the training command's OpenMP threads sleep when idle
+# instead of spinning (read once, when torch loads OpenMP; fastebm/threads.py, docs/training.md "Threads").
+from .threads import prefer_passive_wait as _prefer_passive_wait
+
+_prefer_passive_wait()
+
+from .models import EnergyViT, create_model, list_models  # noqa: E402
+from .restore import RestorationObjective  # noqa: E402
+from .tools import energy_scores, restore_images  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,7 @@
 
     cli -> train / eval -> restore / engines / models / energy / corrupt / data -> ops -> kernels
 
-plus neutral modules (errors, checkpoint, log, distributed) that train and eval share and that import
+plus neutral modules (errors, checkpoint, log, distributed, threads) that train and eval share and that import
 none of the layers above ops. Imports inside functions count too (``ast.walk`` sees them). Every
 module of the package must belong to a layer, so a new module cannot slip past the rules.
 """
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UPPER = ("cli",)
 APPS = ("train", "eval", "tools") + UPPER
 BODY = ("restore", "engines", "models", "energy", "corrupt", "data")
-NEUTRAL = ("errors", "checkpoint", "log", "distributed")
+NEUTRAL = ("errors", "checkpoint", "log", "distributed", "threads")
 FORBIDDEN = {
     "cli": (),
     "train": UPPER,
@@ -34,6 +34,7 @@ FORBIDDEN = {
     "checkpoint": APPS + BODY + ("ops", "distributed", "log"),
     "log": APPS + BODY + ("ops", "checkpoint"),
     "distributed": APPS + BODY + ("ops", "checkpoint"),
+    "threads": APPS + BODY + NEUTRAL[:-1] + ("ops",),  # imported first by fastebm/__init__.py: standard library only
 }
 ROOT_MODULES = ("__init__", "__main__")  # the package's public face and launcher sit above everything
 

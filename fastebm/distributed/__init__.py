@@ -14,7 +14,7 @@ Why the whole ``RestorationObjective`` is the wrapped module: docs/design.md §8
 :mod:`fastebm.distributed.wrap`. Errors: :class:`fastebm.errors.DistributedSetupError` (bad
 set-up) and :class:`fastebm.errors.DistributedFailure` (a peer died or hung).
 """
-from .collectives import all_gather_object, all_reduce_mean, any_rank, barrier
+from .collectives import all_gather_object, all_reduce_mean, any_rank, any_rank_flags, barrier
 from .group import BACKENDS, DEFAULT_TIMEOUT_S, destroy_distributed, init_distributed
 from .liveness import LIVENESS_INTERVAL_S, describe_peers, explain_failure, heartbeat, is_collective_failure
 from .process import TORCHRUN_VARS, DistInfo, is_initialized, is_main, launched_by_torchrun, rank, world_size
@@ -26,7 +26,7 @@ __all__ = [
     "TORCHRUN_VARS", "BACKENDS", "DEFAULT_TIMEOUT_S", "LIVENESS_INTERVAL_S", "FSDP_STATUS", "FSDP_SUMMARY",
     "DistInfo", "init_distributed", "destroy_distributed", "launched_by_torchrun",
     "is_initialized", "rank", "world_size", "is_main",
-    "barrier", "all_reduce_mean", "any_rank", "all_gather_object",
+    "barrier", "all_reduce_mean", "any_rank", "any_rank_flags", "all_gather_object",
     "heartbeat", "describe_peers", "explain_failure", "is_collective_failure",
     "wrap_ddp", "shard_fsdp", "is_fsdp", "is_sharded", "unwrap", "gradient_sync",
     "full_state_dict", "full_optimizer_state_dict", "load_full_state_dicts", "optimizer_state_by_index",

@@ -1,4 +1,4 @@
-"""Cross-rank agreement: barrier, means, the any-rank vote, gathering small objects.
+"""Cross-rank agreement: barrier, means, the any-rank vote (host or device), gathering small objects.
 
 Each is a collective when a process group exists (every rank must call it at the same point;
 never put one behind a rank-local condition) and the identity for a single process.
@@ -38,6 +38,22 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def any_rank_flags(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise "true on any rank" of a bool tensor, left on its device: nothing is read to the host.
+
+    The device-side :func:`any_rank`, for verdicts that the host reads later or never (the training
+    loop's skip verdict of a step, one all-reduce per optimiser step). One all-reduce (MAX) for the
+    whole tensor, so several flags cost one collective; under NCCL it is queued on the GPU like any
+    kernel (with gloo, a CUDA tensor's copy to the CPU does wait for the GPU). Returns a new bool
+    tensor on ``flags``' device; without a process group, ``flags`` itself.
+    """
+    if not is_initialized():
+        return flags
+    work = flags.to(collective_device(), torch.int32)
+    tdist.all_reduce(work, op=tdist.ReduceOp.MAX)
+    return work.to(flags.device).bool()
 
 
 def all_gather_object(obj) -> list:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # Config keys that may differ between a checkpoint and the run resuming it without changing the run.
 RESUME_FREE_KEYS = {"dist_backend", "dist_timeout", "fsdp", "max_steps", "resume", "output_dir", "log_every",
                     "save_every", "grid_every", "num_workers", "demo_eval", "device", "strict_data", "max_bad_steps",
-                    "attn_backend", "data", "loader", "save_ckpt_freq", "overwrite"}
+                    "attn_backend", "data", "loader", "save_ckpt_freq", "overwrite", "threads"}
 
 EPOCH_CHECKPOINT = "checkpoint-{epoch}.pt"  # --save_ckpt_freq: the state after that many epochs
 

@@ -97,6 +97,8 @@ class TrainConfig:
                            "pictures and summary are deleted first (without it such a folder is refused)")
     seed: int = _opt(0, "seed of initialisation, data order, augmentation and corruption")
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N; under torchrun each process takes cuda:LOCAL_RANK")
+    threads: str = _opt("auto", "CPU threads per process for PyTorch's kernels: a number, or auto (OMP_NUM_THREADS if you set it, "
+                        "else the usable cores divided by this job's processes on the machine); see docs/training.md, Threads")
     # multi-process (torchrun); see docs/distributed.md
     dist_backend: str = _opt("auto", "process-group backend under torchrun: auto (nccl on CUDA, gloo on CPU), nccl, gloo",
                              choices=distributed.BACKENDS)
@@ -386,6 +388,10 @@ def validate(cfg: TrainConfig) -> None:
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
     cfg.device = dev
+    threads = str(cfg.threads).strip().lower()
+    if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
+        raise UsageError(f"--threads must be auto or a whole number >= 1 (got {cfg.threads!r})")
+    cfg.threads = threads
     if cfg.resume is not None and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
         raise UsageError(f"--resume: checkpoint {cfg.resume!r} does not exist (give a file or 'auto')")
     if cfg.resume is not None and cfg.overwrite:

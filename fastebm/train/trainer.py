@@ -7,14 +7,16 @@
         .start()           output folder, DDP wrapping, config.yaml, metrics, banner, [demo] initial evaluation
         .loop()            the micro-batch stream (torch DataLoader or DALI), then
         for each optimiser step:
-            .micro_step()      accum_iter x (prepare_batch -> objective -> backward), NaN vote
-            .optimizer_step()  scheduled lr, clip, AdamW step (skipped when non-finite)
+            .micro_step()      accum_iter x (prepare_batch -> objective -> backward), sums on the device
+            .optimizer_step()  scheduled lr, clip, skip verdict (one all-reduce), AdamW step unless vetoed
             .after_step()      metrics line, pictures, stop request (SIGTERM/SIGINT), checkpoint
         .finish()          final checkpoint, pictures, backbone, [demo] evaluation, summary.json
 
 A SIGTERM/SIGINT before the first step ends the run at once (:class:`StartupInterrupted`, handled by
 :func:`train`); after it, at the next step boundary with a checkpoint. Loop-carried values live in
-one :class:`~fastebm.train.state.LoopState`. Every decision that
+one :class:`~fastebm.train.state.LoopState`; the numbers of the logging interval stay on the device
+(:class:`~fastebm.train.window.MetricsWindow`) and are read to the host at log steps and checkpoints
+only (fp16 alone reads one flag per optimiser step). Every decision that
 depends on the process goes through :mod:`fastebm.distributed` (rank 0 writes files; verdicts are
 agreed across ranks); the module a distributed wrapper wraps is the ``RestorationObjective`` (all T
 steps and the loss in one forward; docs/design.md §8).
@@ -22,12 +24,10 @@ steps and the loss in one forward; docs/design.md §8).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 
 from .. import distributed
@@ -37,19 +37,21 @@ from ..data.builtin import BuiltinDemoData
 from ..data.streams import resolve_loader
 from ..errors import CheckpointError, DataError, DistributedFailure, FastEBMError, TrainingDiverged
 from ..models import PRESETS
+from ..threads import configure_threads
 from .build import (autocast_dtype, batch_plan, build_data, build_objective, check_corruption, micro_batch_stream,
                     plain_objective, preview_images)
 from .checkpoint import check_resume_config, keep_epoch_checkpoint, save_collective
 from .config import TrainConfig, save_yaml
 from .evaluation import compare_evaluations, demo_evaluation
 from .faults import RestorationWatch, StartupInterrupted, StopRequest, injected_nan_steps
-from .metrics import Console, MetricsLogger, flatten_stats
-from .optim import build_optimizer
+from .metrics import Console, MetricsLogger
+from .optim import build_optimizer, step_unless
 from .rng import restore_rng_state, seed_everything
 from .schedule import lr_at, scaled_lr
 from .run_dir import check_output_dir, prepare_output_dir
 from .state import LoopState
 from .summary import interrupted_before_training, log_results, metrics_summary, write_summary
+from .window import MetricsWindow
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.wrapped = self.objective  # what the loop calls; DDP around the objective under torchrun (start)
         self.state = LoopState()
+        self.window = MetricsWindow(self.device, cfg.accum_iter)
         self.resumed_from: Optional[str] = None
         self.last_path = os.path.join(cfg.output_dir, LAST)
         self.watch = RestorationWatch(self.schedule["warmup_steps"])
@@ -180,7 +183,7 @@ class Trainer:
             self._startup_vote()
             self.stop.immediate = False  # from now on a stop request waits for the step boundary and saves
             self.console = Console(self.end_step, st.step, enabled=distributed.is_main())
-            st.reset_window()
+            self.window.reset()
             try:
                 for batch in stream.iterate(st.step, self.end_step):
                     self.micro_step(batch)
@@ -212,7 +215,11 @@ class Trainer:
         return self.stop.requested and self.world == 1 and "DataLoader worker" in str(exc)
 
     def micro_step(self, batch: Dict[str, Any]) -> None:
-        """One micro-batch of optimiser step ``batch["step"]``: corrupt, restore, backward (if finite on every rank)."""
+        """One micro-batch of optimiser step ``batch["step"]``: corrupt, restore, backward; no host read.
+
+        Every forward gets its backward, finite or not (DDP/FSDP expect it, and knowing would need a
+        host read): a non-finite loss is recorded on the device and vetoes the whole optimiser step.
+        """
         cfg, st = self.cfg, self.state
         s, micro = batch["step"], batch["micro"]
         if batch["bad"]:
@@ -220,9 +227,7 @@ class Trainer:
             if cfg.strict_data:
                 raise DataError(f"--strict_data: unreadable image {batch['bad'][0]}")
         if micro == 0:
-            st.start_step()
-        if not st.step_ok:
-            return
+            self.window.start_step()
         images = batch["images"].to(self.device, non_blocking=True)
         clean, corrupted, weight, _ = prepare_batch(images, cfg.tasks, seed=cfg.seed, offset=s,
                                                     sample_ids=batch["positions"], patch_size=self.model.patch_size,
@@ -234,43 +239,62 @@ class Trainer:
                 loss, stats = self.wrapped(clean, corrupted, weight)
             if s in self.inject:
                 loss = loss * float("nan")
-            if distributed.any_rank(not bool(torch.isfinite(loss).item())):
-                st.step_ok = False
-                if self.wrapped is not self.objective:
-                    loss.backward()  # DDP/FSDP expect the backward of every forward; its gradients are dropped
-                return
             self.scaler.scale(loss / cfg.accum_iter).backward()
-            st.add_micro_step(loss.item(), flatten_stats(stats), cfg.accum_iter)
+        self.window.add_micro_step(loss, stats)
 
     def optimizer_step(self, s: int) -> float:
-        """Optimiser step ``s`` once all its micro-batches are in; returns its learning rate."""
-        cfg, st, sch = self.cfg, self.state, self.schedule
+        """Optimiser step ``s`` once all its micro-batches are in; returns its learning rate.
+
+        Skipped (weights and AdamW state unchanged) when a loss or the gradient norm is non-finite on
+        any rank: one all-reduce of one flag (none without a process group), applied on the device by
+        :func:`~fastebm.train.optim.step_unless`, read at the next log step or checkpoint. fp16 reads
+        it here: GradScaler has no way to leave its scale alone for a step vetoed on the device.
+        """
+        cfg, sch, window = self.cfg, self.schedule, self.window
         lr = lr_at(s, base_lr=sch["base_lr"], min_lr=sch["min_lr"], warmup_steps=sch["warmup_steps"],
                    total_steps=sch["total_steps"])
-        grad_norm = float("nan")
-        if st.step_ok:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad or float("inf"))
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            st.step_ok = not distributed.any_rank(not math.isfinite(grad_norm)) or self.scaler.is_enabled()
-            if st.step_ok:
-                self.scaler.step(self.optimizer)  # with fp16 the scaler itself skips inf/NaN gradients
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler.is_enabled():
+            bad = distributed.any_rank_flags(window.step_bad.reshape(1))
+            norm = torch.full((), float("nan"), device=self.device)
+            if not bool(bad):  # the one host read per optimiser step, fp16 only (see above)
+                self.scaler.unscale_(self.optimizer)
+                norm = self._clip_gradients()
+                self.scaler.step(self.optimizer)  # the scaler itself skips inf/NaN gradients (not counted as skipped)
                 self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        st.step = s + 1
-        distributed.heartbeat(st.step)
-        self.console.step()
-        if st.step_ok:
-            st.record_good_step(grad_norm)
         else:
-            self._skip_step(s)
-        st.window_images += cfg.batch_size * cfg.accum_iter * self.world
+            norm = self._clip_gradients()
+            bad = distributed.any_rank_flags((window.step_bad | ~torch.isfinite(norm)).reshape(1))
+            step_unless(self.optimizer, bad)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step = s + 1
+        distributed.heartbeat(self.state.step)
+        self.console.step()
+        window.end_step(s, bad, norm, cfg.batch_size * cfg.accum_iter * self.world)
         return lr
 
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clips to --clip_grad (if set); the total gradient norm as a plain tensor on the device (not read)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad or float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _settle_steps(self) -> int:
+        """Reads the skip verdicts of the steps since the last read (one host read); returns ``bad_streak``.
+
+        Each skipped step is logged and listed in ``skipped_steps``; a run of --max_bad_steps of them
+        ends the run (TrainingDiverged) with the same outputs as when it was detected at once.
+        """
+        st = self.state
+        for s, skipped in self.window.take_verdicts():
+            if skipped:
+                self._skip_step(s)
+            else:
+                st.bad_streak = 0
+        return st.bad_streak
+
     def _skip_step(self, s: int) -> None:
-        """A non-finite step left the weights alone; too many in a row end the run (TrainingDiverged)."""
+        """Non-finite step ``s`` left the weights alone; too many in a row end the run (TrainingDiverged)."""
         cfg, st = self.cfg, self.state
         st.bad_streak += 1
         st.skipped_steps.append(s)
@@ -280,7 +304,7 @@ class Trainer:
             return
         where = (f"last good checkpoint kept: {self.last_path} (step {st.last_saved_step})"
                  if st.last_saved_step is not None else "no checkpoint had been written yet")
-        write_summary(cfg.output_dir, {"status": "diverged", "step": st.step, "skipped_steps": st.skipped_steps,
+        write_summary(cfg.output_dir, {"status": "diverged", "step": s + 1, "skipped_steps": st.skipped_steps,
                                        "last_good_checkpoint_step": st.last_saved_step, "config": cfg.to_dict()})
         raise TrainingDiverged(f"{st.bad_streak} non-finite losses in a row (steps {s - st.bad_streak + 1}..{s}); "
                                f"stopped; {where}. Lower --blr (or --lr), --alpha_init or --clip_grad, or check the data")
@@ -299,7 +323,7 @@ class Trainer:
             return True
         # No periodic checkpoint during a run of non-finite steps: the last one before it stays the fallback.
         due = (cfg.save_every and st.step % cfg.save_every == 0) or self._epoch_checkpoint_due()
-        if due and st.step != self.end_step and st.bad_streak == 0:
+        if due and st.step != self.end_step and self._settle_steps() == 0:
             self.save()
             st.last_saved_step = st.step
         return False
@@ -319,24 +343,20 @@ class Trainer:
 
     def _log_metrics(self, s: int, lr: float) -> None:
         """One metrics record: window means (averaged over ranks), lr, throughput; then a new window."""
-        st = self.state
-        elapsed = max(time.time() - st.window_start, 1e-9)
-        record = {"step": st.step, "epoch": s // self.plan.steps_per_epoch, "lr": lr,
-                  "img_per_s": st.window_images / elapsed, "time": time.time() - self.t_start}
-        means = {k: float(np.mean(v)) for k, v in st.window.items()}
-        if self.world > 1:  # every rank logs the same steps, so the windows have the same keys
-            keys = sorted(means)
-            reduced = distributed.all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64))
-            means = dict(zip(keys, reduced.tolist()))
-        record.update(means)
-        self.watch.check(st.step, record)
+        self._settle_steps()
+        window = self.window
+        elapsed = max(time.time() - window.start, 1e-9)
+        record = {"step": self.state.step, "epoch": s // self.plan.steps_per_epoch, "lr": lr,
+                  "img_per_s": window.images / elapsed, "time": time.time() - self.t_start}
+        record.update(window.take_means())
+        self.watch.check(self.state.step, record)
         self.metrics.log(record)
-        self.console.report(st.step, record["epoch"], record.get("loss", float("nan")), record["img_per_s"], lr)
-        st.reset_window()
+        self.console.report(self.state.step, record["epoch"], record.get("loss", float("nan")), record["img_per_s"], lr)
 
     def save(self) -> Optional[str]:
         """Writes last.pt (rank 0), and checkpoint-E.pt when --save_ckpt_freq asks for this epoch; collective,
         see :func:`fastebm.train.checkpoint.save_collective`."""
+        self._settle_steps()  # the checkpoint lists the skipped steps
         path = save_collective(self.cfg, self.objective, self.optimizer, self.scaler, self.state, self.plan,
                                self.schedule)
         if path is not None and self._epoch_checkpoint_due():
@@ -404,6 +424,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     trainer, info = None, None
     try:
         info = distributed.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
+        configure_threads(None if cfg.threads == "auto" else int(cfg.threads), info.local_world_size)
         stop.immediate = not info.distributed  # several processes leave start-up together (Trainer._startup_vote)
         trainer = Trainer(cfg, info, stop)
         return trainer.run()
