@@ -79,13 +79,13 @@ class FinetuneConfig(CommonConfig):
     clip_grad: Optional[float] = _opt(None, "clip the gradient norm (none = off, as MAE)")
     global_pool: str = _opt("avg", "classifier input: avg (mean of normed patch tokens) or token (class token)", choices=GLOBAL_POOLS)
     smoothing: float = _opt(0.1, "label smoothing")
-    mixup: float = _opt(0.8, "Mixup alpha (0 = off)")
-    cutmix: float = _opt(1.0, "CutMix alpha (0 = off)")
+    mixup: Optional[float] = _opt(None, "Mixup alpha, 0 = off (recipe: MAE 0.8; built-in 0)")
+    cutmix: Optional[float] = _opt(None, "CutMix alpha, 0 = off (recipe: MAE 1.0; built-in 0)")
     mixup_prob: float = _opt(1.0, "probability of applying Mixup or CutMix to a batch")
     mixup_switch_prob: float = _opt(0.5, "probability of CutMix instead of Mixup when both are on")
     mixup_mode: str = _opt("batch", "how Mixup/CutMix parameters are drawn: batch, pair, elem", choices=("batch", "pair", "elem"))
     aa: Optional[str] = _opt(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1-mmax9; 'off' = none (recipe)")
-    reprob: float = _opt(0.25, "random-erasing probability")
+    reprob: Optional[float] = _opt(None, "random-erasing probability (recipe: MAE 0.25; built-in 0)")
     remode: str = _opt("pixel", "random-erasing fill: pixel, rand, const", choices=("pixel", "rand", "const"))
     recount: int = _opt(1, "random-erasing count")
     scale_min: Optional[float] = _opt(None, "smallest RandomResizedCrop area fraction (recipe)")
@@ -95,7 +95,7 @@ class FinetuneConfig(CommonConfig):
     head_init_std: float = _opt(2e-5, "std of the new classifier's truncated-normal init (MAE; same for every --init)")
     resume: Optional[str] = _opt(None, "checkpoint of an interrupted fine-tuning run, or 'auto' (OUTPUT_DIR/checkpoint.pt if present)")
     dist_timeout: Optional[float] = _opt(None, "seconds a collective waits for a peer under torchrun")
-    save_ckpt: bool = _opt(True, "write OUTPUT_DIR/checkpoint.pt after every epoch (needed for --resume)")
+    save_ckpt: bool = _opt(True, "write OUTPUT_DIR/checkpoint.pt after every evaluated epoch (needed for --resume)")
 
 
 @dataclass

@@ -28,16 +28,16 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
 RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "builtin": {
         # epochs/warm-up/eval_every: set from the data size by resolve_schedule (UPDATE_BUDGET steps)
-        "finetune": dict(batch_size=32, blr=4e-3, min_lr=1e-6, layer_decay=0.75,
-                         drop_path=0.1, aa=RAND_AUGMENT, scale_min=0.35, hflip=0.0, interpolation="bicubic",
+        "finetune": dict(batch_size=32, blr=4e-3, min_lr=1e-6, layer_decay=0.75, drop_path=0.1, mixup=0.0,
+                         cutmix=0.0, aa="off", reprob=0.0, scale_min=0.35, hflip=0.0, interpolation="bicubic",
                          crop_pct=1.0),
         "linprobe": dict(epochs=90, warmup_epochs=10, batch_size=64, blr=100.0, interpolation="bicubic", crop_pct=1.0),
         "knn": dict(batch_size=256, interpolation="bicubic", crop_pct=1.0),
     },
     "folder": {
         "finetune": dict(epochs=100, warmup_epochs=5, eval_every=1, batch_size=64, blr=5e-4, min_lr=1e-6, layer_decay=0.65,
-                         drop_path=0.1, aa=RAND_AUGMENT, scale_min=0.08, hflip=0.5, interpolation="bicubic",
-                         crop_pct=0.875),
+                         drop_path=0.1, mixup=0.8, cutmix=1.0, aa=RAND_AUGMENT, reprob=0.25, scale_min=0.08,
+                         hflip=0.5, interpolation="bicubic", crop_pct=0.875),
         "linprobe": dict(epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, interpolation="bicubic", crop_pct=0.875),
         "knn": dict(batch_size=256, interpolation="bicubic", crop_pct=0.875),
     },

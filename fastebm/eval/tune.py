@@ -11,9 +11,9 @@ a weight EMA (``timm.utils.ModelEmaV3``). Top-1/top-5 on the validation set afte
 
 Exact resume: every epoch reseeds the global RNGs from (seed, epoch) and draws its data order
 from its own generator, and ``checkpoint.pt`` (model, optimiser, EMA, counters, history) is
-written atomically after every epoch; so ``--max_epochs N`` then ``--resume auto`` reproduces
-an uninterrupted run bit for bit. SIGTERM/SIGINT stop at the next step; the run resumes from
-the start of the interrupted epoch.
+written atomically after every evaluated epoch (``--eval_every``); so ``--max_epochs N`` then
+``--resume auto`` reproduces an uninterrupted run bit for bit. SIGTERM/SIGINT stop at the next
+step; the run resumes after the last saved epoch.
 """
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def _loop(run, cfg, trainer, sampler, train_ds, val_ds, workers, start, history,
 
     stop_at = cfg.epochs if cfg.max_epochs is None else cfg.max_epochs
     logger = MetricsLogger(cfg.output_dir, enabled=run.is_main, resume_step=start if resumed else None)
-    console = Console(stop_at * len(sampler) // cfg.batch_size // cfg.accum_iter, trainer.updates, enabled=run.is_main)
+    console = Console(stop_at * (len(sampler) // cfg.batch_size // cfg.accum_iter), trainer.updates, enabled=run.is_main)
     stop = StopRequest().install()
     status = "completed" if stop_at == cfg.epochs else "stopped_at_max_epochs"
     try:
@@ -238,10 +238,12 @@ def _loop(run, cfg, trainer, sampler, train_ds, val_ds, workers, start, history,
             stats = trainer.train_epoch(epoch, batches, stop, console)
             if stats.get("stopped"):
                 status = f"interrupted_{stop.name or 'signal'}".lower()
-                console.message(f"received {stop.name}: stopping; resume with --resume auto (restarts epoch {epoch + 1})")
+                saved = max([r["epoch"] for r in history if "val_top1" in r] or [start])
+                console.message(f"received {stop.name}: stopping; --resume auto continues after epoch {saved}")
                 break
             rec = {"epoch": epoch + 1, "step": epoch + 1, **stats}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 in (stop_at, cfg.epochs):
+            boundary = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 in (stop_at, cfg.epochs)
+            if boundary:
                 rec.update({f"val_{k}": v for k, v in evaluate(run, trainer.model, val_ds, cfg.batch_size, workers).items()})
                 if trainer.ema is not None:
                     rec.update({f"val_ema_{k}": v for k, v in evaluate(run, trainer.ema.module, val_ds, cfg.batch_size, workers).items()})
@@ -249,7 +251,7 @@ def _loop(run, cfg, trainer, sampler, train_ds, val_ds, workers, start, history,
                                 f"{100 * rec['val_top1']:.2f} %, top-5 {100 * rec['val_top5']:.2f} %")
             history.append(rec)
             logger.log(rec)
-            if cfg.save_ckpt and run.is_main:
+            if cfg.save_ckpt and boundary and run.is_main:  # resume restarts after the last evaluated epoch
                 atomic_torch_save(trainer.state(epoch + 1, history), os.path.join(cfg.output_dir, CKPT_FILE))
             distributed.barrier()
     finally:
