@@ -111,3 +111,14 @@ def test_export_bad_inputs(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fastebm-export: error:") and needle in err[0]
     assert sorted(os.listdir(tmp_path)) == ["junk.pt"]  # nothing written
+
+
+def test_fastebm_eval_builds_timm_named_models_from_an_export(tmp_path):
+    import fastebm.eval as fe
+    from test_eval_support import image_folder
+
+    model, path = _timm_named_export(tmp_path)
+    root = image_folder(tmp_path / "data", size=32, per_class=(3, 3, 3))
+    s = fe.knn(ckpt=path, data=root, k=2, crop_pct=1.0, num_workers=0, output_dir=str(tmp_path / "knn"))
+    assert s["model"] == "vit_tiny_patch16" and s["timm_name"] == "vit_tiny_patch16_224"
+    assert s["arch"]["img_size"] == 32 and s["arch"]["depth"] == 12 and 0.0 <= s["top1"] <= 1.0
