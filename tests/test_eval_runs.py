@@ -220,3 +220,14 @@ def test_finetune_on_builtin_digits(tmp_path):
     for name in ("summary.json", "results.md", "accuracy.png", "metrics.jsonl", "checkpoint.pt"):
         assert (tmp_path / "ft" / name).stat().st_size > 0
     assert "| epoch | train loss |" in (tmp_path / "ft" / "results.md").read_text()
+
+
+def test_builtin_split_is_the_demo_split():
+    from fastebm.data.builtin import BuiltinDemoData
+    from fastebm.eval.datasets import builtin_digit_split
+
+    demo = BuiltinDemoData(16, seed=int(torch.randint(0, 1000, ()).item()))  # the split ignores the seed
+    x_tr, y_tr, x_va, y_va = builtin_digit_split(16)
+    assert torch.equal(x_tr, demo.train_digits) and torch.equal(y_tr, demo.train_digit_labels)
+    assert torch.equal(x_va, demo.held_out.digits) and torch.equal(y_va, demo.held_out.digit_labels)
+    assert len(y_tr) == 1300 and len(y_va) == 497
