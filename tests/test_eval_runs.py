@@ -231,3 +231,18 @@ def test_builtin_split_is_the_demo_split():
     assert torch.equal(x_tr, demo.train_digits) and torch.equal(y_tr, demo.train_digit_labels)
     assert torch.equal(x_va, demo.held_out.digits) and torch.equal(y_va, demo.held_out.digit_labels)
     assert len(y_tr) == 1300 and len(y_va) == 497
+
+
+def test_rand_augment_policy_survives_many_draws():
+    # MAE's policy without the mmax9 cap asks Pillow for 0-bit posterize (a ValueError) on ~0.15 % of images
+    import random
+
+    from fastebm.eval.recipes import RAND_AUGMENT
+    from timm.data import create_transform
+
+    tf = create_transform(16, is_training=True, auto_augment=RAND_AUGMENT, interpolation="bicubic")
+    random.seed(int(torch.randint(0, 2 ** 31, ()).item()))
+    images = [Image.fromarray(np.random.randint(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(8)]
+    for i in range(3000):
+        out = tf(images[i % 8])
+    assert out.shape == (3, 16, 16)

@@ -6,17 +6,19 @@ RandAugment, Mixup/CutMix, label smoothing and random erasing; linear probing wi
 BatchNorm (no affine) + linear head and blr 0.1.
 
 The built-in digits (1,300 training / 497 held-out 8x8 digits upsampled to 32 px, ``vit_demo``:
-patch 4, width 128, depth 4) get the same recipe with the geometry and the schedule adapted to
-a 32 px, 4-block ViT on a tiny data set: no horizontal flip (digits are not mirror-symmetric),
-crops that keep at least 35 % of the digit, no centre crop at evaluation, layer decay 0.75 (4
-blocks instead of 12), and a learning rate chosen on the random-initialisation arm only
-(docs/evaluation.md records how). The values are the same for every ``--init``/``--ckpt``: they
-are never tuned per arm.
+patch 4, width 128, depth 4) get the same parts adapted to a 32 px, 4-block ViT, a tiny data set
+and a CPU budget: fine-tuning is a fixed 1,000 optimiser steps whatever the number of labels
+(:func:`resolve_schedule`), without Mixup/CutMix, RandAugment and random erasing (in 1,000 steps
+they kept a randomly initialised ViT near chance), no horizontal flip (digits are not
+mirror-symmetric), crops that keep at least 35 % of the digit, no centre crop at evaluation, layer
+decay 0.75 (4 blocks instead of 12); the linear probe's LARS rate suits batch 64. Both were chosen
+on the random-initialisation arm only (docs/evaluation.md records how). The values are the same
+for every ``--init``/``--ckpt``: they are never tuned per arm.
 
 RandAugment: MAE's ``rand-m9-mstd0.5-inc1`` with ``mmax9`` appended. timm's increasing posterize
-maps magnitude 10 to 0 kept bits, which Pillow >= 11 refuses with a ValueError; the magnitude
-noise (std 0.5 around 9) reaches 10 for ~2 % of draws, so without the cap a run crashes after a
-few thousand images. Capping at 9 keeps at least one bit and changes nothing else.
+maps magnitude 10 to 0 kept bits, which Pillow 13 refuses with a ValueError; the magnitude noise
+(std 0.5 around 9) reaches 10 for ~2 % of draws, so without the cap a run crashes within about a
+thousand images. Capping at 9 keeps at least one bit and changes nothing else.
 """
 from __future__ import annotations
 
