@@ -1,0 +1,323 @@
+"""``fastebm-eval`` settings: one dataclass per sub-command, parsed from flags and a YAML file.
+
+Every field is a flag of its sub-command (same name, MAE/timm spelling) and a key of the YAML
+file given with ``--config``; flags override the file. A ``None`` default marked "recipe" is
+filled from :mod:`fastebm.eval.recipes` according to the data (built-in digits or a folder), so
+the built-in defaults suit a 32 px ViT and the folder defaults are MAE's ImageNet recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Type
+
+import yaml
+
+from ._compat import UsageError
+from .recipes import fill_recipe
+
+COMMANDS = ("finetune", "linprobe", "knn")
+INITS = ("random", "fastebm")
+POOLS = ("cls", "avg")
+GLOBAL_POOLS = ("avg", "token")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class CommonConfig:
+    """What to evaluate, on which data, where the outputs go."""
+
+    ckpt: Optional[str] = _opt(None, "a fastebm training checkpoint (last.pt) or an exported backbone (.safetensors/.pth)")
+    init: Optional[str] = _opt(None, "instead of --ckpt: random (timm's default init) or fastebm (EnergyViT's init); the baseline", choices=INITS)
+    model: Optional[str] = _opt(None, "fastebm preset; with --ckpt it must match the checkpoint (default: the checkpoint's; vit_demo with --init)")
+    img_size: Optional[int] = _opt(None, "input size; none = the checkpoint's (pos_embed is resampled when different)")
+    data: Optional[str] = _opt(None, "folder with train/ and val/ class folders (ImageNet layout); none = built-in digits")
+    train_dir: Optional[str] = _opt(None, "training class folders (instead of --data)")
+    val_dir: Optional[str] = _opt(None, "validation class folders (instead of --data)")
+    few_shot: Optional[int] = _opt(None, "keep K labelled training images per class (drawn with --seed); none = all")
+    batch_size: Optional[int] = _opt(None, "images per process per step (recipe)")
+    num_workers: Optional[int] = _opt(None, "data-loader workers; none = 0 for built-in data, min(8, CPUs) for folders")
+    seed: int = _opt(0, "seed of initialisation, few-shot draw, data order and augmentation")
+    device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N; under torchrun each process takes cuda:LOCAL_RANK")
+    precision: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32", choices=PRECISIONS)
+    output_dir: str = _opt("./fastebm_eval", "where metrics.jsonl, summary.json, results.md, the plot and checkpoints go")
+    interpolation: Optional[str] = _opt(None, "resize interpolation (recipe)")
+    crop_pct: Optional[float] = _opt(None, "evaluation centre-crop fraction (recipe; 1 = resize only)")
+
+
+@dataclass
+class FeatureConfig:
+    """Frozen-feature settings shared by linprobe and knn."""
+
+    pool: str = _opt("avg", "feature: avg (mean of patch tokens) or cls (class token)", choices=POOLS)
+    layer: Optional[int] = _opt(None, "block whose output is the feature, 1..depth; none = the last")
+    final_norm: bool = _opt(True, "apply the backbone's final LayerNorm to the chosen block's tokens")
+
+
+@dataclass
+class FinetuneConfig(CommonConfig):
+    """MAE's end-to-end fine-tuning recipe on timm parts."""
+
+    epochs: Optional[int] = _opt(None, "epochs; the schedule spans them (recipe; built-in digits: enough for 1,000 optimiser steps)")
+    max_epochs: Optional[int] = _opt(None, "stop after this many epochs without reshaping the schedule (resume later); none = all")
+    warmup_epochs: Optional[float] = _opt(None, "linear warm-up epochs (recipe; built-in digits: 10 %% of --epochs)")
+    eval_every: Optional[int] = _opt(None, "epochs between validation passes, the last epoch always (recipe; built-in: ~25 per run)")
+    accum_iter: int = _opt(1, "micro-steps accumulated per optimiser step")
+    blr: Optional[float] = _opt(None, "base learning rate: lr = blr * effective batch / 256 (recipe)")
+    lr: Optional[float] = _opt(None, "absolute learning rate (overrides --blr)")
+    min_lr: Optional[float] = _opt(None, "lower bound of the cosine schedule (recipe)")
+    weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms, biases, pos_embed, cls_token)")
+    layer_decay: Optional[float] = _opt(None, "layer-wise lr decay (timm optimizer factory; recipe; 1 = off)")
+    opt: str = _opt("adamw", "optimizer name for timm.optim.create_optimizer_v2")
+    drop_path: Optional[float] = _opt(None, "stochastic depth rate (recipe)")
+    clip_grad: Optional[float] = _opt(None, "clip the gradient norm (none = off, as MAE)")
+    global_pool: str = _opt("avg", "classifier input: avg (mean of normed patch tokens) or token (class token)", choices=GLOBAL_POOLS)
+    smoothing: float = _opt(0.1, "label smoothing")
+    mixup: Optional[float] = _opt(None, "Mixup alpha, 0 = off (recipe: MAE 0.8; built-in 0)")
+    cutmix: Optional[float] = _opt(None, "CutMix alpha, 0 = off (recipe: MAE 1.0; built-in 0)")
+    mixup_prob: float = _opt(1.0, "probability of applying Mixup or CutMix to a batch")
+    mixup_switch_prob: float = _opt(0.5, "probability of CutMix instead of Mixup when both are on")
+    mixup_mode: str = _opt("batch", "how Mixup/CutMix parameters are drawn: batch, pair, elem", choices=("batch", "pair", "elem"))
+    aa: Optional[str] = _opt(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1-mmax9; 'off' = none (recipe)")
+    reprob: Optional[float] = _opt(None, "random-erasing probability (recipe: MAE 0.25; built-in 0)")
+    remode: str = _opt("pixel", "random-erasing fill: pixel, rand, const", choices=("pixel", "rand", "const"))
+    recount: int = _opt(1, "random-erasing count")
+    scale_min: Optional[float] = _opt(None, "smallest RandomResizedCrop area fraction (recipe)")
+    hflip: Optional[float] = _opt(None, "horizontal-flip probability (recipe; 0 for digits)")
+    model_ema: bool = _opt(False, "also keep and evaluate an EMA of the weights (timm ModelEmaV3)")
+    model_ema_decay: float = _opt(0.9999, "EMA decay per optimiser step")
+    head_init_std: float = _opt(2e-5, "std of the new classifier's truncated-normal init (MAE; same for every --init)")
+    resume: Optional[str] = _opt(None, "checkpoint of an interrupted fine-tuning run, or 'auto' (OUTPUT_DIR/checkpoint.pt if present)")
+    dist_timeout: Optional[float] = _opt(None, "seconds a collective waits for a peer under torchrun")
+    save_ckpt: bool = _opt(True, "write OUTPUT_DIR/checkpoint.pt after every evaluated epoch (needed for --resume)")
+
+
+@dataclass
+class LinprobeConfig(CommonConfig, FeatureConfig):
+    """Frozen backbone, MAE's head: BatchNorm without affine + linear layer."""
+
+    epochs: Optional[int] = _opt(None, "epochs over the cached features (recipe)")
+    warmup_epochs: Optional[float] = _opt(None, "linear warm-up epochs (recipe)")
+    blr: Optional[float] = _opt(None, "base learning rate: lr = blr * batch / 256 (recipe)")
+    lr: Optional[float] = _opt(None, "absolute learning rate (overrides --blr)")
+    min_lr: float = _opt(0.0, "lower bound of the cosine schedule")
+    weight_decay: float = _opt(0.0, "weight decay (MAE: 0)")
+    opt: str = _opt("lars", "lars (timm Lars, MAE's setting: no adaptation of the bias) or sgd", choices=("lars", "sgd"))
+    momentum: float = _opt(0.9, "momentum")
+    head_init_std: float = _opt(0.01, "std of the linear head's truncated-normal init (MAE)")
+
+
+@dataclass
+class KnnConfig(CommonConfig, FeatureConfig):
+    """Weighted k-NN on L2-normalised frozen features (DINO's protocol)."""
+
+    k: int = _opt(20, "neighbours that vote")
+    temperature: float = _opt(0.07, "vote weight exp(cosine / temperature)")
+    k_sweep: List[int] = _opt((1, 5, 10, 20, 50, 100, 200), "values of k for the accuracy-vs-k plot and table")
+
+
+CONFIGS: Dict[str, Type[CommonConfig]] = {"finetune": FinetuneConfig, "linprobe": LinprobeConfig, "knn": KnnConfig}
+
+
+# ----------------------------------------------------------------------------- parsing
+def _parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _field_type(f: dataclasses.Field):
+    hint = str(f.type)
+    if "List[int]" in hint:
+        return int
+    base = int if "int" in hint else float if "float" in hint else bool if "bool" in hint else str
+    if base is bool:
+        return _parse_bool
+    if not hint.startswith("Optional"):
+        return base
+
+    def parse(text):
+        if text is None or str(text).strip().lower() in ("none", "null", ""):
+            return None
+        return base(text)
+
+    parse.__name__ = base.__name__
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes become one UsageError line (exit 2) instead of usage text."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
+    parser.add_argument("--config", default=None, help="YAML file whose keys are flag names; command-line flags override it")
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: Dict[str, Any] = dict(default=default, help=f.metadata["help"])
+        if "List" in str(f.type):
+            kw.update(nargs="+", type=int)
+        elif "bool" in str(f.type):
+            kw.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        else:
+            kw["type"] = _field_type(f)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kw)
+
+
+def build_parser(prog: str = "fastebm-eval") -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Downstream evaluation of a pretrained backbone: fine-tuning, "
+                     "linear probe or k-NN, on built-in digits or an ImageNet-style folder.")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,linprobe,knn}", parser_class=_Parser)
+    helps = {"finetune": "end-to-end fine-tuning (MAE recipe on timm parts)",
+             "linprobe": "linear probe on frozen features (MAE head, LARS)",
+             "knn": "weighted k-NN on frozen features (DINO)"}
+    for name in COMMANDS:
+        p = sub.add_parser(name, help=helps[name], description=helps[name],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _add_fields(p, CONFIGS[name])
+    return parser
+
+
+def _load_yaml(path: str, cls) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path!r} does not exist")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config file {path!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path!r} must be a mapping of flag names to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise UsageError(f"config file {path!r}: unknown key {key!r}; keys are flag names such as batch_size")
+        out[name] = _coerce(fields[name], value, f"config key {name}")
+    return out
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """A YAML/Python value checked and converted like the flag would be."""
+    try:
+        if "List" in str(f.type):
+            items = value if isinstance(value, (list, tuple)) else [value]
+            value = [int(v) for v in items]
+        elif value is not None:
+            value = _field_type(f)(value if not isinstance(value, bool) else str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise UsageError(f"{where}: invalid value {value!r}") from None
+    if value is not None and "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise UsageError(f"{where}: {value!r} is not one of {list(f.metadata['choices'])}")
+    return value
+
+
+def parse_args(argv: Optional[List[str]] = None):
+    """Command line -> (command, checked config). Raises UsageError (or SystemExit(0) for --help)."""
+    parser = build_parser()
+    ns, _ = parser.parse_known_args(argv)
+    if ns.command is None:
+        raise UsageError("give a sub-command: finetune, linprobe or knn (see --help)")
+    cls = CONFIGS[ns.command]
+    if getattr(ns, "config", None):
+        sub = parser._subparsers._group_actions[0].choices[ns.command]
+        sub.set_defaults(**_load_yaml(ns.config, cls))
+    ns = parser.parse_args(argv)
+    cfg = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    return ns.command, validate(cfg)
+
+
+def make_config(command: str, cfg=None, **overrides):
+    """Python API: a checked config of ``command`` from a config object, a dict and/or keywords."""
+    if command not in CONFIGS:
+        raise UsageError(f"unknown evaluation {command!r}; choose from {', '.join(COMMANDS)}")
+    cls = CONFIGS[command]
+    values: Dict[str, Any] = {}
+    if cfg is not None:
+        values.update(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))
+    values.update(overrides)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in values if k not in fields)
+    if unknown:
+        raise UsageError(f"{command}: unknown setting(s) {unknown}")
+    checked = {k: _coerce(fields[k], v, f"--{k}") for k, v in values.items()}
+    return validate(cls(**checked))
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+# ----------------------------------------------------------------------------- checks
+def _positive(cfg, names, strict=True):
+    for name in names:
+        v = getattr(cfg, name, None)
+        if v is None:
+            continue
+        if v != v or v in (float("inf"), float("-inf")) or (v <= 0 if strict else v < 0):
+            raise UsageError(f"--{name} must be a finite number {'>' if strict else '>='} 0 (got {v})")
+
+
+def validate(cfg):
+    """Checks what argparse cannot, fills the recipe defaults; raises UsageError naming the flag."""
+    from ..models import PRESETS
+
+    if cfg.ckpt is None and cfg.init is None:
+        raise UsageError("give --ckpt (last.pt, .safetensors or .pth) or --init random|fastebm for the baseline")
+    if cfg.ckpt is not None and cfg.init is not None:
+        raise UsageError("--ckpt and --init exclude each other: --init builds an untrained backbone")
+    if cfg.ckpt is not None and not os.path.isfile(cfg.ckpt):
+        raise UsageError(f"--ckpt: {cfg.ckpt!r} does not exist (give last.pt, an exported .safetensors/.pth)")
+    if cfg.model is not None and cfg.model not in PRESETS:
+        raise UsageError(f"--model: unknown preset {cfg.model!r}; choose from {', '.join(sorted(PRESETS))}")
+    if cfg.data is not None and (cfg.train_dir or cfg.val_dir):
+        raise UsageError("give either --data DIR (with train/ and val/) or --train_dir and --val_dir, not both")
+    if bool(cfg.train_dir) != bool(cfg.val_dir):
+        raise UsageError("--train_dir and --val_dir go together (or use --data DIR with train/ and val/)")
+    for name in ("img_size", "few_shot", "batch_size", "epochs", "max_epochs", "accum_iter", "recount", "k", "layer",
+                 "eval_every"):
+        v = getattr(cfg, name, None)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name} must be >= 1 (got {v})")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise UsageError(f"--num_workers must be >= 0 (got {cfg.num_workers})")
+    _positive(cfg, ["blr", "lr", "temperature", "model_ema_decay", "head_init_std", "layer_decay"])
+    _positive(cfg, ["weight_decay", "min_lr", "warmup_epochs", "smoothing", "mixup", "cutmix", "drop_path", "clip_grad",
+                    "momentum"], strict=False)
+    for name in ("mixup_prob", "mixup_switch_prob", "reprob", "hflip", "scale_min", "crop_pct", "smoothing",
+                 "layer_decay", "drop_path"):
+        v = getattr(cfg, name, None)
+        if v is not None and not (0.0 <= v <= 1.0):
+            raise UsageError(f"--{name} must be between 0 and 1 (got {v})")
+    if getattr(cfg, "k_sweep", None) is not None and any(k < 1 for k in cfg.k_sweep):
+        raise UsageError(f"--k_sweep values must be >= 1 (got {list(cfg.k_sweep)})")
+    dev = cfg.device.strip().lower()
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
+    cfg.device = dev
+    if not cfg.output_dir:
+        raise UsageError("--output_dir must not be empty")
+    if getattr(cfg, "resume", None) not in (None, "auto") and not os.path.isfile(cfg.resume):
+        raise UsageError(f"--resume: {cfg.resume!r} does not exist (give a checkpoint.pt or 'auto')")
+    fill_recipe(cfg)
+    if getattr(cfg, "epochs", None) is None:
+        return cfg  # built-in fine-tuning: the schedule follows the data size (recipes.resolve_schedule)
+    if getattr(cfg, "warmup_epochs", None) is not None and cfg.warmup_epochs > cfg.epochs:
+        raise UsageError(f"--warmup_epochs ({cfg.warmup_epochs}) exceeds --epochs ({cfg.epochs})")
+    if getattr(cfg, "max_epochs", None) is not None and cfg.max_epochs > cfg.epochs:
+        raise UsageError(f"--max_epochs ({cfg.max_epochs}) exceeds --epochs ({cfg.epochs})")
+    return cfg

@@ -1,0 +1,90 @@
+"""Default hyper-parameters of each evaluation, for the built-in digits and for folder data.
+
+Folder data gets MAE's ImageNet recipes (He et al. 2022, "Masked Autoencoders Are Scalable
+Vision Learners", appendix A.1-A.2; ViT-B column): fine-tuning with AdamW, layer decay 0.65,
+RandAugment, Mixup/CutMix, label smoothing and random erasing; linear probing with LARS, a
+BatchNorm (no affine) + linear head and blr 0.1.
+
+The built-in digits (1,300 training / 497 held-out 8x8 digits upsampled to 32 px, ``vit_demo``:
+patch 4, width 128, depth 4) get the same parts adapted to a 32 px, 4-block ViT, a tiny data set
+and a CPU budget: fine-tuning is a fixed 1,000 optimiser steps whatever the number of labels
+(:func:`resolve_schedule`), without Mixup/CutMix, RandAugment and random erasing (in 1,000 steps
+they kept a randomly initialised ViT near chance), no horizontal flip (digits are not
+mirror-symmetric), crops that keep at least 35 % of the digit, no centre crop at evaluation, layer
+decay 0.75 (4 blocks instead of 12); the linear probe's LARS rate suits batch 64. Both were chosen
+on the random-initialisation arm only (docs/evaluation.md records how). The values are the same
+for every ``--init``/``--ckpt``: they are never tuned per arm.
+
+RandAugment: MAE's ``rand-m9-mstd0.5-inc1`` with ``mmax9`` appended. timm's increasing posterize
+maps magnitude 10 to 0 kept bits, which Pillow 13 refuses with a ValueError; the magnitude noise
+(std 0.5 around 9) reaches 10 for ~2 % of draws, so without the cap a run crashes within about a
+thousand images. Capping at 9 keeps at least one bit and changes nothing else.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
+
+RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "builtin": {
+        # epochs/warm-up/eval_every: set from the data size by resolve_schedule (UPDATE_BUDGET steps)
+        "finetune": dict(batch_size=32, blr=4e-3, min_lr=1e-6, layer_decay=0.75, drop_path=0.1, mixup=0.0,
+                         cutmix=0.0, aa="off", reprob=0.0, scale_min=0.35, hflip=0.0, interpolation="bicubic",
+                         crop_pct=1.0),
+        "linprobe": dict(epochs=90, warmup_epochs=10, batch_size=64, blr=100.0, interpolation="bicubic", crop_pct=1.0),
+        "knn": dict(batch_size=256, interpolation="bicubic", crop_pct=1.0),
+    },
+    "folder": {
+        "finetune": dict(epochs=100, warmup_epochs=5, eval_every=1, batch_size=64, blr=5e-4, min_lr=1e-6, layer_decay=0.65,
+                         drop_path=0.1, mixup=0.8, cutmix=1.0, aa=RAND_AUGMENT, reprob=0.25, scale_min=0.08,
+                         hflip=0.5, interpolation="bicubic", crop_pct=0.875),
+        "linprobe": dict(epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, interpolation="bicubic", crop_pct=0.875),
+        "knn": dict(batch_size=256, interpolation="bicubic", crop_pct=0.875),
+    },
+}
+
+
+# Built-in digits: the fine-tuning schedule is a fixed number of optimiser steps, whatever the
+# number of labels, so 100-label and all-label runs get the same optimisation budget.
+UPDATE_BUDGET = 1000
+WARMUP_FRACTION = 0.1  # of the epochs (MAE: 5 of 100 for ViT-B)
+EVALS_PER_RUN = 25  # validation passes of a built-in run (every epoch when it has <= 25)
+
+
+def resolve_schedule(cfg, steps_per_epoch: int) -> None:
+    """Fills the fine-tuning epochs, warm-up and eval_every left unset, once the data size is known.
+
+    Built-in digits: ``epochs = ceil(UPDATE_BUDGET / steps_per_epoch)`` (25 on the 1,300 training
+    digits at batch 32, 334 with 100 labels), warm-up 10 % of it, about 25 validation passes.
+    """
+    from ._compat import UsageError
+
+    if cfg.epochs is None:
+        cfg.epochs = max(1, math.ceil(UPDATE_BUDGET / max(1, steps_per_epoch)))
+    if cfg.warmup_epochs is None:
+        cfg.warmup_epochs = round(WARMUP_FRACTION * cfg.epochs, 2)
+    if cfg.eval_every is None:
+        cfg.eval_every = max(1, cfg.epochs // EVALS_PER_RUN)
+    if cfg.warmup_epochs > cfg.epochs:
+        raise UsageError(f"--warmup_epochs ({cfg.warmup_epochs}) exceeds --epochs ({cfg.epochs})")
+    if cfg.max_epochs is not None and cfg.max_epochs > cfg.epochs:
+        raise UsageError(f"--max_epochs ({cfg.max_epochs}) exceeds --epochs ({cfg.epochs})")
+
+
+def command_of(cfg) -> str:
+    from .config import FinetuneConfig, LinprobeConfig
+
+    return "finetune" if isinstance(cfg, FinetuneConfig) else "linprobe" if isinstance(cfg, LinprobeConfig) else "knn"
+
+
+def data_kind(cfg) -> str:
+    return "builtin" if cfg.data is None and cfg.train_dir is None else "folder"
+
+
+def fill_recipe(cfg) -> None:
+    """Sets every ``None`` field that the recipe of (data kind, command) covers; user values win."""
+    for name, value in RECIPES[data_kind(cfg)][command_of(cfg)].items():
+        if getattr(cfg, name, None) is None:
+            setattr(cfg, name, value)

@@ -1,0 +1,203 @@
+"""What every evaluation run shares: process set-up, seeding, data loaders and its output files.
+
+Outputs of a run in ``--output_dir`` (rank 0 writes; every file atomically):
+``metrics.jsonl`` (one record per epoch, or per k), ``tb/`` (TensorBoard), ``summary.json``
+(the result, the resolved config and the data/model description), ``results.md`` (a short
+Markdown table) and a PNG (accuracy per epoch, or k-NN accuracy against k).
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..data.sampling import generator_for, mix_seed
+from ._compat import UsageError, distributed
+from .config import to_dict
+from .files import atomic_write, atomic_write_json, atomic_write_text
+
+SUMMARY_FILE = "summary.json"
+TABLE_FILE = "results.md"
+EPOCH_STREAM = 21  # seeds each epoch's global RNGs (augmentation, Mixup, drop-path): resume is exact
+
+
+@dataclass
+class Run:
+    """Process facts of one evaluation run."""
+
+    command: str
+    device: torch.device
+    autocast: Optional[torch.dtype]
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+    t_start: float = field(default_factory=time.time)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def say(self, text: str) -> None:
+        if self.is_main:
+            print(text, flush=True)
+
+    def autocast_ctx(self):
+        return torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
+
+    def close(self) -> None:
+        if self.owns_group:
+            distributed.destroy_distributed()
+
+
+def start_run(command: str, cfg) -> Run:
+    """Joins torchrun's process group when launched by it; picks the device and the autocast dtype."""
+    owns = not distributed.is_initialized()
+    try:
+        info = distributed.init_distributed(cfg.device, "auto", getattr(cfg, "dist_timeout", None))
+    except distributed.DistributedSetupError as exc:
+        raise UsageError(str(exc)) from None
+    device = info.device if info.distributed else _resolve_device(cfg.device)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    return Run(command, device, autocast, distributed.rank(), distributed.world_size(), owns and info.distributed)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible; use --device cpu (or auto)")
+        dev = torch.device(name if ":" in name else "cuda:0")
+        if dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) visible")
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Global RNGs as a pure function of (seed, epoch), so a run resumed at an epoch boundary repeats it exactly."""
+    s = mix_seed(seed, EPOCH_STREAM, epoch)
+    random.seed(s)
+    np.random.seed(s % (2 ** 32))
+    torch.manual_seed(s)
+
+
+def num_workers(cfg, kind: str) -> int:
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return 0 if kind == "builtin" else min(8, os.cpu_count() or 1)
+
+
+class ShardSampler(Sampler):
+    """Rank r takes indices r, r + world, ...: every image exactly once over the job (no padding)."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class EpochShuffle(Sampler):
+    """This rank's slice of a (seed, epoch)-seeded permutation, cut to whole global batches (drop_last)."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.epoch = 0
+        self.per_rank = (n // (batch * world)) * batch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        perm = torch.randperm(self.n, generator=generator_for(self.seed, 1, self.epoch)).tolist()
+        return iter(perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
+def loader(dataset, batch_size: int, sampler, workers: int, device: torch.device, seed: int = 0, epoch: int = 0,
+           drop_last: bool = False) -> DataLoader:
+    # An explicit generator: worker seeds then depend on (seed, epoch) only, not on the global RNG.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      generator=generator_for(seed, 3, epoch))
+
+
+def sum_over_ranks(values: Sequence[float]) -> List[float]:
+    t = torch.tensor(list(values), dtype=torch.float64)
+    if distributed.is_initialized():
+        t = distributed.all_reduce_mean(t) * distributed.world_size()
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- outputs
+def prepare_output_dir(run: Run, path: str) -> None:
+    if run.is_main:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--output_dir {path}: cannot create it ({exc.strerror})") from None
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"--output_dir {path} is not writable")
+
+
+def base_summary(run: Run, cfg, bb, data) -> Dict[str, Any]:
+    return {"command": run.command, "status": "completed", "model": bb.preset, "timm_name": bb.timm_name,
+            "init": bb.source, "ckpt": bb.path, "arch": bb.arch, "data": data.description,
+            "num_classes": data.num_classes, "train_images": len(data.train), "val_images": len(data.val),
+            "few_shot": cfg.few_shot, "seed": cfg.seed, "device": str(run.device), "world_size": run.world}
+
+
+def finish(run: Run, cfg, summary: Dict[str, Any], table: str, plot) -> Dict[str, Any]:
+    """summary.json, results.md and the PNG (rank 0); returns the summary."""
+    summary["wall_time_s"] = time.time() - run.t_start
+    summary["config"] = to_dict(cfg)
+    if run.is_main:
+        out = cfg.output_dir
+        atomic_write_text(os.path.join(out, TABLE_FILE), table)
+        if plot is not None:
+            name, draw = plot
+            summary["plot"] = os.path.join(out, name)
+            atomic_write(summary["plot"], draw)
+        atomic_write_json(os.path.join(out, SUMMARY_FILE), summary)
+    distributed.barrier()
+    return summary
+
+
+def what_line(summary: Dict[str, Any]) -> str:
+    init = summary["ckpt"] if summary["init"] in ("checkpoint", "export") else f"--init {summary['init']}"
+    return f"{summary['model'] or 'ViT'} from {init}; {summary['data']}: {summary['train_images']} train / {summary['val_images']} val images"
+
+
+def plot_curves(path: str, xs, curves: Dict[str, Sequence[float]], xlabel: str, title: str, logx: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    for label, ys in curves.items():
+        ax.plot(xs, [100.0 * y for y in ys], marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

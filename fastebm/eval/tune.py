@@ -1,0 +1,298 @@
+"""``fastebm-eval finetune``: end-to-end fine-tuning with MAE's recipe, built from timm's parts.
+
+MAE (He et al. 2022, appendix A.1, ``main_finetune.py``): a timm ViT loaded from the backbone
+with a new head (trunc_normal std 2e-5), AdamW through ``timm.optim.create_optimizer_v2`` with
+layer-wise lr decay and no weight decay on norms, biases and embeddings; lr = blr * effective
+batch / 256 with linear warm-up and per-iteration cosine decay (``timm.scheduler.
+CosineLRScheduler``); ``timm.data.Mixup`` (Mixup 0.8, CutMix 1.0, label smoothing 0.1) with
+``SoftTargetCrossEntropy`` (``LabelSmoothingCrossEntropy`` when Mixup/CutMix are off); RandAugment
+and random erasing from ``timm.data.create_transform``; drop path; optional gradient clipping and
+a weight EMA (``timm.utils.ModelEmaV3``). Top-1/top-5 on the validation set after every epoch.
+
+Exact resume: every epoch reseeds the global RNGs from (seed, epoch) and draws its data order
+from its own generator, and ``checkpoint.pt`` (model, optimiser, EMA, counters, history) is
+written atomically after every evaluated epoch (``--eval_every``); so ``--max_epochs N`` then
+``--resume auto`` reproduces an uninterrupted run bit for bit. SIGTERM/SIGINT stop at the next
+step; the run resumes after the last saved epoch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ._compat import MetricsLogger, StopRequest, TrainingDiverged, UsageError, atomic_torch_save, distributed
+from .backbone import resolve_backbone
+from .datasets import load_eval_data, make_transforms, with_transform
+from .recipes import resolve_schedule
+from .runio import (EpochShuffle, ShardSampler, base_summary, finish, loader, num_workers, plot_curves,
+                    prepare_output_dir, seed_epoch, start_run, sum_over_ranks, what_line)
+from .timm_vit import build_classifier, check_img_size
+
+CKPT_FILE = "checkpoint.pt"
+CKPT_FORMAT = "fastebm-eval-finetune"
+PLOT_FILE = "accuracy.png"
+# Settings that may change between a run and its resumption without changing the run.
+_RESUME_FREE = {"resume", "max_epochs", "output_dir", "num_workers", "device", "dist_timeout", "save_ckpt", "config"}
+
+
+def _check_batches(cfg, n_train: int, world: int) -> None:
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
+        raise UsageError(f"--batch_size {cfg.batch_size} must be even with Mixup/CutMix (timm mixes pairs); "
+                         f"use {cfg.batch_size + 1} or --mixup 0 --cutmix 0")
+    if n_train < cfg.batch_size * world * cfg.accum_iter:
+        raise UsageError(f"{n_train} training images are fewer than one optimiser step needs (batch_size "
+                         f"{cfg.batch_size} x accum_iter {cfg.accum_iter} x {world} process(es)); lower --batch_size")
+
+
+def _load_resume(cfg) -> Optional[Dict[str, Any]]:
+    path = os.path.join(cfg.output_dir, CKPT_FILE) if cfg.resume == "auto" else cfg.resume
+    if cfg.resume is None or not os.path.isfile(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or not a checkpoint
+        raise UsageError(f"--resume {path} cannot be read ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise UsageError(f"--resume {path} is not a fastebm-eval fine-tuning checkpoint")
+    changed = sorted(k for k, v in state["config"].items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v)
+    if changed:
+        warnings.warn(f"resuming {path} with changed settings {changed}; the run is no longer the same run", stacklevel=2)
+    state["path"] = path
+    return state
+
+
+def _criterion(cfg, mixup_on: bool):
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixup_on:
+        return SoftTargetCrossEntropy()
+    return LabelSmoothingCrossEntropy(cfg.smoothing) if cfg.smoothing > 0 else torch.nn.CrossEntropyLoss()
+
+
+def _mixup(cfg, num_classes: int):
+    from timm.data import Mixup
+
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
+                 mode=cfg.mixup_mode, label_smoothing=cfg.smoothing, num_classes=num_classes)
+
+
+def _scheduler(optimizer, cfg, steps_per_epoch: int):
+    from timm.scheduler import CosineLRScheduler
+
+    total = cfg.epochs * steps_per_epoch
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    sched = CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=cfg.min_lr, warmup_t=warmup,
+                              warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    sched.step_update(0)  # applies each group's lr_scale (layer decay) from the very first step
+    return sched
+
+
+@torch.no_grad()
+def evaluate(run, model, dataset, batch_size: int, workers: int) -> Dict[str, float]:
+    """Top-1/top-5 (fractions) and cross-entropy over the whole validation set, exact under torchrun."""
+    model.eval()
+    sums = [0.0, 0.0, 0.0, 0.0]  # correct@1, correct@5, loss sum, count
+    for x, y in loader(dataset, batch_size, ShardSampler(len(dataset), run.rank, run.world), workers, run.device):
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        with run.autocast_ctx():
+            out = model(x)
+        out = out.float()
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        sums[0] += float((top[:, 0] == y).sum())
+        sums[1] += float((top == y.unsqueeze(1)).any(1).sum())
+        sums[2] += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
+        sums[3] += len(y)
+    c1, c5, loss, n = sum_over_ranks(sums)
+    return {"top1": c1 / n, "top5": c5 / n, "loss": loss / n}
+
+
+class _Trainer:
+    """The state of one fine-tuning run and its epoch step (model, optimiser, schedule, EMA)."""
+
+    def __init__(self, run, cfg, model, num_classes: int, steps_per_epoch: int):
+        from timm.optim import create_optimizer_v2
+
+        self.run, self.cfg, self.model = run, cfg, model
+        self.lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size * cfg.accum_iter * run.world / 256
+        self.optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
+                                             layer_decay=None if cfg.layer_decay >= 1 else cfg.layer_decay)
+        self.scheduler = _scheduler(self.optimizer, cfg, steps_per_epoch)
+        self.mixup = _mixup(cfg, num_classes)
+        self.criterion = _criterion(cfg, self.mixup is not None)
+        self.ema = None
+        if cfg.model_ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay)
+        self.wrapped = distributed.wrap_ddp(model, run.device, find_unused_parameters=False) if run.world > 1 else model
+        self.updates = 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def state(self, epoch: int, history: List[Dict]) -> Dict[str, Any]:
+        from .config import to_dict
+
+        return {"format": CKPT_FORMAT, "version": 1, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
+                "epoch": epoch, "updates": self.updates, "history": history, "config": to_dict(self.cfg)}
+
+    def load(self, state: Dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.module.load_state_dict(state["ema"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UsageError(f"--resume {state['path']} does not fit this model/optimiser: {str(exc).splitlines()[0][:200]}") from None
+        self.updates = int(state["updates"])
+        self.scheduler.step_update(self.updates)
+
+    def train_epoch(self, epoch: int, batches, stop: StopRequest, console) -> Dict[str, float]:
+        cfg, run = self.cfg, self.run
+        self.wrapped.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total, seen, t0 = 0.0, 0, time.time()
+        for i, (x, y) in enumerate(batches):
+            x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+            if self.mixup is not None:
+                x, y = self.mixup(x, y)
+            sync = (i + 1) % cfg.accum_iter == 0
+            with distributed.gradient_sync(self.wrapped, sync=sync):
+                with run.autocast_ctx():
+                    loss = self.criterion(self.wrapped(x), y)
+                if distributed.any_rank(not math.isfinite(float(loss.detach()))):  # every rank stops together
+                    raise TrainingDiverged(f"non-finite loss at epoch {epoch}, step {i}; lower --blr or set --clip_grad")
+                (loss / cfg.accum_iter).backward()
+            total, seen = total + float(loss.detach()) * len(x), seen + len(x)
+            if sync:
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.updates += 1
+                self.scheduler.step_update(self.updates)
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.updates)
+                console.step()
+            if distributed.any_rank(stop.requested):
+                return {"stopped": True}
+        avg = sum_over_ranks([total, seen])
+        return {"train_loss": avg[0] / max(avg[1], 1), "lr": max(g["lr"] for g in self.optimizer.param_groups),
+                "img_per_s": avg[1] / max(time.time() - t0, 1e-9)}
+
+
+def run_finetune(cfg) -> Dict[str, Any]:
+    """Runs ``fastebm-eval finetune`` with a checked :class:`~fastebm.eval.config.FinetuneConfig`; returns the summary."""
+    bb = resolve_backbone(cfg)
+    img_size = int(cfg.img_size or bb.arch["img_size"])
+    check_img_size(bb.arch, img_size)
+    data = load_eval_data(cfg, img_size)
+    run = start_run("finetune", cfg)
+    try:
+        _check_batches(cfg, len(data.train), run.world)
+        sampler = EpochShuffle(len(data.train), cfg.batch_size, run.rank, run.world, cfg.seed)
+        steps_per_epoch = len(sampler) // cfg.batch_size // cfg.accum_iter
+        resolve_schedule(cfg, steps_per_epoch)
+        resume = _load_resume(cfg)  # every input is checked before anything is written
+        prepare_output_dir(run, cfg.output_dir)
+        model = build_classifier(bb, data.num_classes, img_size=img_size, global_pool=cfg.global_pool,
+                                 drop_path_rate=cfg.drop_path, head_init_std=cfg.head_init_std, seed=cfg.seed).to(run.device)
+        workers = num_workers(cfg, data.kind)
+        train_ds = with_transform(data.train, make_transforms(cfg, img_size, bb.mean, bb.std, training=True))
+        val_ds = with_transform(data.val, make_transforms(cfg, img_size, bb.mean, bb.std, training=False))
+        trainer = _Trainer(run, cfg, model, data.num_classes, steps_per_epoch)
+        history: List[Dict] = []
+        if resume is not None:
+            trainer.load(resume)
+            history = [r for r in resume["history"] if r["epoch"] <= resume["epoch"]]
+            run.say(f"resumed from {resume['path']} after epoch {resume['epoch']}")
+        start = resume["epoch"] if resume else 0
+        run.say(f"fastebm-eval finetune: {bb.describe()}; {data.description} ({len(data.train)} train / {len(data.val)} val, "
+                f"{data.num_classes} classes); {img_size} px, {cfg.epochs} epochs x {steps_per_epoch} steps, lr {trainer.lr:.3g}, "
+                f"layer decay {cfg.layer_decay}; output {cfg.output_dir}")
+        status = _loop(run, cfg, trainer, sampler, train_ds, val_ds, workers, start, history, resume is not None)
+        return _finish(run, cfg, bb, data, history, status, trainer)
+    finally:
+        run.close()
+
+
+def _loop(run, cfg, trainer, sampler, train_ds, val_ds, workers, start, history, resumed) -> str:
+    from ._compat import Console
+
+    stop_at = cfg.epochs if cfg.max_epochs is None else cfg.max_epochs
+    logger = MetricsLogger(cfg.output_dir, enabled=run.is_main, resume_step=start if resumed else None)
+    console = Console(stop_at * (len(sampler) // cfg.batch_size // cfg.accum_iter), trainer.updates, enabled=run.is_main)
+    stop = StopRequest().install()
+    status = "completed" if stop_at == cfg.epochs else "stopped_at_max_epochs"
+    try:
+        for epoch in range(start, stop_at):
+            seed_epoch(cfg.seed, epoch)
+            sampler.set_epoch(epoch)
+            batches = loader(train_ds, cfg.batch_size, sampler, workers, run.device, cfg.seed, epoch, drop_last=True)
+            stats = trainer.train_epoch(epoch, batches, stop, console)
+            if stats.get("stopped"):
+                status = f"interrupted_{stop.name or 'signal'}".lower()
+                saved = max([r["epoch"] for r in history if "val_top1" in r] or [start])
+                console.message(f"received {stop.name}: stopping; --resume auto continues after epoch {saved}")
+                break
+            rec = {"epoch": epoch + 1, "step": epoch + 1, **stats}
+            boundary = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 in (stop_at, cfg.epochs)
+            if boundary:
+                rec.update({f"val_{k}": v for k, v in evaluate(run, trainer.model, val_ds, cfg.batch_size, workers).items()})
+                if trainer.ema is not None:
+                    rec.update({f"val_ema_{k}": v for k, v in evaluate(run, trainer.ema.module, val_ds, cfg.batch_size, workers).items()})
+                console.message(f"epoch {epoch + 1}/{cfg.epochs}: train loss {rec['train_loss']:.4f}, val top-1 "
+                                f"{100 * rec['val_top1']:.2f} %, top-5 {100 * rec['val_top5']:.2f} %")
+            history.append(rec)
+            logger.log(rec)
+            if cfg.save_ckpt and boundary and run.is_main:  # resume restarts after the last evaluated epoch
+                atomic_torch_save(trainer.state(epoch + 1, history), os.path.join(cfg.output_dir, CKPT_FILE))
+            distributed.barrier()
+    finally:
+        stop.uninstall()
+        console.close()
+        logger.close()
+    return status
+
+
+def _finish(run, cfg, bb, data, history, status, trainer) -> Dict[str, Any]:
+    summary = base_summary(run, cfg, bb, data)
+    summary.update({"status": status, "epochs_done": len(history) and history[-1]["epoch"], "lr": trainer.lr,
+                    "updates": trainer.updates, "history": history})
+    evaluated = [r for r in history if "val_top1" in r]
+    if evaluated:
+        best = max(evaluated, key=lambda r: r["val_top1"])
+        summary.update({"top1": evaluated[-1]["val_top1"], "top5": evaluated[-1]["val_top5"],
+                        "eval_epoch": evaluated[-1]["epoch"], "best_top1": best["val_top1"], "best_epoch": best["epoch"]})
+        if trainer.ema is not None:
+            summary["top1_ema"] = evaluated[-1]["val_ema_top1"]
+    if cfg.save_ckpt:
+        summary["checkpoint"] = os.path.join(cfg.output_dir, CKPT_FILE)
+    curves = {"val top-1": [r["val_top1"] for r in evaluated]}
+    if trainer.ema is not None:
+        curves["val top-1 (EMA)"] = [r["val_ema_top1"] for r in evaluated]
+    plot = (PLOT_FILE, lambda tmp: plot_curves(tmp, [r["epoch"] for r in evaluated], curves, "epoch",
+                                               f"fine-tuning {summary['model'] or 'ViT'} ({summary['init']})"))
+    summary = finish(run, cfg, summary, _table(summary), plot if evaluated else None)
+    if evaluated:
+        run.say(f"finetune: {status}; top-1 {100 * summary['top1']:.2f} % (best {100 * summary['best_top1']:.2f} % at "
+                f"epoch {summary['best_epoch']}); outputs in {os.path.abspath(cfg.output_dir)}")
+    return summary
+
+
+def _table(s: Dict[str, Any]) -> str:
+    h = [r for r in s["history"] if "val_top1" in r]
+    head = f"# Fine-tuning ({what_line(s)})\n\nStatus {s['status']}, lr {s['lr']:.3g}, {s['updates']} optimiser steps.\n\n"
+    if not h:
+        return head + "No epoch was evaluated.\n"
+    pick = sorted(set([r["epoch"] for r in h][:: max(1, len(h) // 10)] + [h[-1]["epoch"], s["best_epoch"]]))
+    rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.4f} | {100 * r['val_top1']:.2f} | {100 * r['val_top5']:.2f} |"
+                     for r in h if r["epoch"] in pick)
+    return (head + f"**top-1 {100 * s['top1']:.2f} %** (epoch {s['eval_epoch']}), best {100 * s['best_top1']:.2f} % at epoch "
+            f"{s['best_epoch']}.\n\n| epoch | train loss | val top-1 (%) | val top-5 (%) |\n|---|---|---|---|\n{rows}\n")

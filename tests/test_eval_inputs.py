@@ -1,0 +1,158 @@
+"""fastebm-eval's command line: config file + overrides, recipes, and every bad input -> exit 2, one line.
+
+A bad input must leave nothing behind: the output folder is not even created.
+"""
+import os
+
+import pytest
+import torch
+
+from fastebm.cli.eval import main
+from fastebm.eval.config import FinetuneConfig, make_config, parse_args
+from fastebm.eval.recipes import RECIPES
+from test_eval_support import image_folder, trained_checkpoint
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("fastebm-eval: error:") and "Traceback" not in err[0]
+    for needle in needles:
+        assert needle in err[0], err[0]
+    return err[0]
+
+
+def test_yaml_config_overrides_and_recipe(tmp_path):
+    cfg_file = tmp_path / "ft.yaml"
+    cfg_file.write_text("epochs: 7\nblr: 0.002\nmixup: 0\nk_sweep_is_not_here: 1\n".replace("k_sweep_is_not_here: 1\n", ""))
+    command, cfg = parse_args(["finetune", "--init", "random", "--config", str(cfg_file), "--blr", "0.005"])
+    assert command == "finetune" and isinstance(cfg, FinetuneConfig)
+    assert cfg.epochs == 7 and cfg.blr == 0.005 and cfg.mixup == 0.0
+    # unset recipe fields come from the built-in recipe
+    assert cfg.layer_decay == RECIPES["builtin"]["finetune"]["layer_decay"] and cfg.hflip == 0.0
+    # folder data takes MAE's ImageNet recipe
+    folder = image_folder(tmp_path / "data")
+    cfg2 = make_config("finetune", init="random", data=folder)
+    assert cfg2.layer_decay == 0.65 and cfg2.hflip == 0.5 and cfg2.epochs == 100
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["knn", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--ckpt", "--init", "--k", "--temperature", "--pool", "--layer", "--few_shot", "--output_dir"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["knn"], "--ckpt"),
+    (["knn", "--init", "random", "--ckpt", "x.pt"], "exclude"),
+    (["knn", "--init", "zeros"], "--init"),
+    (["finetune", "--init", "random", "--batch_size", "0"], "--batch_size"),
+    (["finetune", "--init", "random", "--blr", "-1"], "--blr"),
+    (["finetune", "--init", "random", "--warmup_epochs", "9", "--epochs", "2"], "--warmup_epochs"),
+    (["knn", "--init", "random", "--pool", "max"], "--pool"),
+    (["knn", "--init", "random", "--no_such_flag", "1"], "no_such_flag"),
+    (["linprobe", "--init", "random", "--train_dir", "a"], "--val_dir"),
+    (["frobnicate"], "frobnicate"),
+])
+def test_bad_flags_exit_2(argv, needle, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main(argv + ["--output_dir", str(out)] if argv[0] != "frobnicate" else argv) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def _run_bad(capsys, tmp_path, argv, *needles):
+    out = tmp_path / "never_written"
+    assert main(argv + ["--output_dir", str(out)]) == 2
+    line = _one_line_error(capsys, *needles)
+    assert not out.exists(), "a bad input must not leave a half-made output folder"
+    return line
+
+
+@pytest.mark.parametrize("command", ["finetune", "linprobe", "knn"])
+def test_missing_checkpoint(command, capsys, tmp_path):
+    _run_bad(capsys, tmp_path, [command, "--ckpt", str(tmp_path / "nope.pt")], "nope.pt", "does not exist")
+
+
+def test_truncated_checkpoint(capsys, tmp_path):
+    good = open(trained_checkpoint(), "rb").read()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good[: len(good) // 2])
+    _run_bad(capsys, tmp_path, ["knn", "--ckpt", str(cut)], "cut.pt", "truncated")
+    cut_st = tmp_path / "cut.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"pos_embed": torch.randn(1, 17, 8)}, str(tmp_path / "whole.safetensors"))
+    data = (tmp_path / "whole.safetensors").read_bytes()
+    cut_st.write_bytes(data[: len(data) - 7])
+    _run_bad(capsys, tmp_path, ["knn", "--ckpt", str(cut_st)], "cut.safetensors", "truncated")
+
+
+def test_other_tools_files(capsys, tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint at all\n" * 20)
+    _run_bad(capsys, tmp_path, ["knn", "--ckpt", str(text)], "notes.pt")
+    resnet = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.randn(8, 3, 7, 7), "fc.weight": torch.randn(10, 8)}, resnet)
+    _run_bad(capsys, tmp_path, ["knn", "--ckpt", str(resnet)], "resnet.pth", "not a ViT backbone")
+    optim_only = tmp_path / "optim.pth"
+    torch.save({"step": 3, "lr": 0.1}, optim_only)
+    _run_bad(capsys, tmp_path, ["knn", "--ckpt", str(optim_only)], "optim.pth", "another tool")
+
+
+def test_checkpoint_of_another_architecture_than_the_flags(capsys, tmp_path):
+    _run_bad(capsys, tmp_path, ["knn", "--ckpt", trained_checkpoint(), "--model", "vit_tiny_patch16"],
+             "--model vit_tiny_patch16", "vit_demo")
+
+
+def test_data_without_train_val(capsys, tmp_path):
+    flat = tmp_path / "flat"
+    (flat / "cats").mkdir(parents=True)
+    _run_bad(capsys, tmp_path, ["knn", "--init", "random", "--data", str(flat)], "train/", "val/")
+    _run_bad(capsys, tmp_path, ["knn", "--init", "random", "--data", str(tmp_path / "absent")], "does not exist")
+
+
+def test_class_folders_differ(capsys, tmp_path):
+    root = image_folder(tmp_path / "d", classes=("ant", "bee"), per_class=(2, 2), val_classes=("ant", "wasp"))
+    _run_bad(capsys, tmp_path, ["knn", "--init", "random", "--data", root], "differ", "bee", "wasp")
+
+
+def test_few_shot_larger_than_smallest_class(capsys, tmp_path):
+    root = image_folder(tmp_path / "d", classes=("ant", "bee", "cat"), per_class=(6, 5, 4))
+    _run_bad(capsys, tmp_path, ["finetune", "--init", "random", "--data", root, "--few_shot", "5"],
+             "--few_shot 5", "'cat'", "4 images")
+
+
+@pytest.mark.parametrize("layer", [0, 5, 99])
+def test_layer_outside_model(layer, capsys, tmp_path):
+    line = _run_bad(capsys, tmp_path, ["linprobe", "--ckpt", trained_checkpoint(), "--layer", str(layer)], "--layer")
+    if layer:
+        assert "1..4" in line
+
+
+def test_img_size_not_divisible_by_patch(capsys, tmp_path):
+    _run_bad(capsys, tmp_path, ["knn", "--ckpt", trained_checkpoint(), "--img_size", "18"], "18", "patch size 4")
+
+
+def test_odd_batch_with_mixup(capsys, tmp_path):
+    root = image_folder(tmp_path / "d")
+    _run_bad(capsys, tmp_path, ["finetune", "--init", "random", "--data", root, "--batch_size", "3"], "even")
+
+
+def test_resume_of_foreign_file(capsys, tmp_path):
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"format": "something-else"}, bogus)
+    _run_bad(capsys, tmp_path, ["finetune", "--init", "random", "--resume", str(bogus)], "not a fastebm-eval")
+
+
+def test_make_config_rejects_unknown_settings():
+    from fastebm.eval._compat import UsageError
+
+    with pytest.raises(UsageError, match="bogus"):
+        make_config("knn", init="random", bogus=3)
+    with pytest.raises(UsageError, match="--k"):
+        make_config("knn", init="random", k=0)
+    assert not os.path.exists("./fastebm_eval")
