@@ -3,4 +3,5 @@
 ``COMMANDS`` maps the sub-command names of ``python -m fastebm COMMAND`` to those modules.
 """
 # Each is also installed as the console script fastebm-NAME.
-COMMANDS = {"train": "fastebm.cli.train", "restore": "fastebm.cli.restore", "score": "fastebm.cli.score"}
+COMMANDS = {"train": "fastebm.cli.train", "eval": "fastebm.cli.eval", "export": "fastebm.cli.export",
+            "restore": "fastebm.cli.restore", "score": "fastebm.cli.score"}
