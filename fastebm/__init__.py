@@ -14,11 +14,11 @@ from .threads import prefer_passive_wait as _prefer_passive_wait
 
 _prefer_passive_wait()
 
+__version__ = "0.1.0"  # before the imports below: modules they load read it
+
 from .models import EnergyViT, create_model, list_models  # noqa: E402
 from .restore import RestorationObjective  # noqa: E402
 from .tools import energy_scores, restore_images  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = ["EnergyViT", "RestorationObjective", "create_model", "list_models", "corrupt", "energy_scores",
            "restore_images", "__version__"]

@@ -1,32 +1,29 @@
-"""Checkpoint files: atomic writes, the training-checkpoint format, ``weights_only`` loading, resume discovery.
+"""Checkpoint files: the training-checkpoint format, ``weights_only`` loading, resume discovery.
 
 Used by training (writing ``last.pt``, ``--resume``) and by evaluation (exporting a backbone from a
 checkpoint); it depends on neither. The format is docs/design.md §9.
 
 Layout of ``OUTPUT_DIR``: ``last.pt`` is always the newest *complete* checkpoint; the one it
 replaced is kept as ``last.prev.pt`` so that a damaged ``last.pt`` (disk full, node lost while
-copying) still leaves a run to resume. Every write goes to a temporary file in the same folder, is
-flushed and fsync'ed, and only then renamed over the old name (``os.replace`` is atomic on POSIX).
+copying) still leaves a run to resume. Every write goes through :func:`fastebm.files.atomic_write`.
 
 A checkpoint holds only tensors, numbers, strings, bools, None, lists and dicts, so loading it
-never runs pickled code. Files are created with the usual permissions (``0o666`` minus the
-process's umask), like every other output, although the temporary file behind them comes from
-``mkstemp`` (which makes them ``0600``).
+never runs pickled code.
 """
 from __future__ import annotations
 
 import os
 import pickle
 import re
-import tempfile
 import warnings
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import CheckpointError, OutputError
+from .errors import CheckpointError
+from .files import atomic_write
 
-__all__ = ["FORMAT", "VERSION", "LAST", "PREVIOUS", "REQUIRED_KEYS", "atomic_write", "atomic_torch_save", "new_file_mode",
+__all__ = ["FORMAT", "VERSION", "LAST", "PREVIOUS", "REQUIRED_KEYS", "atomic_torch_save",
            "save_checkpoint", "load_checkpoint", "find_resume_checkpoint"]
 
 FORMAT = "fastebm-train-checkpoint"
@@ -34,77 +31,6 @@ VERSION = 1
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"
 REQUIRED_KEYS = ("format", "model", "optimizer", "step", "config", "rng")
-
-
-def _fsync_dir(path: str) -> None:
-    """Makes the renames in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def current_umask() -> int:
-    """The process's umask (Linux: read from /proc, so no other thread sees a changed umask)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: the only portable way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def new_file_mode() -> int:
-    """Permission bits of a new regular file, as ``open()`` would create it: ``0o666 & ~umask``."""
-    return 0o666 & ~current_umask()
-
-
-def atomic_write(path: str, write: Callable[[BinaryIO], None], *, keep_previous: Optional[str] = None) -> str:
-    """Writes a file so that ``path`` is never seen half-written, even if the process dies.
-
-    ``write(fh)`` fills a temporary file beside ``path`` (binary mode), which is flushed, fsync'ed,
-    given the mode of a normally created file (``0o666 & ~umask``, not mkstemp's ``0600``) and
-    renamed over ``path``. With ``keep_previous``, an existing ``path`` is first renamed to it: if
-    the process dies between the two renames, ``keep_previous`` is complete. On any exception the
-    temporary file is removed and ``path`` is left as it was. Returns ``path``.
-
-    Raises :class:`~fastebm.errors.OutputError` (an ``OSError``) naming ``path`` when the folder
-    cannot be written (permissions, disk full, not a folder); other errors of ``write`` pass through.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        os.fchmod(fd, new_file_mode())
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if keep_previous is not None and os.path.exists(path):
-            os.replace(path, keep_previous)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-        if isinstance(exc, RuntimeError) and "PytorchStreamWriter failed" in str(exc):  # torch.save's OSError
-            raise OutputError(f"cannot write {path}: {str(exc).splitlines()[0][:200]}") from None
-        raise
-    _fsync_dir(folder)
-    return path
 
 
 def atomic_torch_save(obj: Any, path: str) -> str:

@@ -191,7 +191,7 @@ def test_lr_replaces_blr_scaling_and_the_precedence_rules(tmp_path):
 def test_lr_sets_the_learning_rate_of_the_run(tmp_path):
     from test_train_helpers import fast_args, make_image_folder
     from fastebm.checkpoint import load_checkpoint
-    from fastebm.train.metrics import read_metrics
+    from fastebm.runlog import read_metrics
 
     data, out = str(tmp_path / "data"), str(tmp_path / "out")
     make_image_folder(data, n=8)

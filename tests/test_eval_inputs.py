@@ -149,7 +149,7 @@ def test_resume_of_foreign_file(capsys, tmp_path):
 
 
 def test_make_config_rejects_unknown_settings():
-    from fastebm.eval._compat import UsageError
+    from fastebm.errors import UsageError
 
     with pytest.raises(UsageError, match="bogus"):
         make_config("knn", init="random", bogus=3)

@@ -115,8 +115,9 @@ def test_linprobe_lars_exempts_the_bias_and_learns():
     groups = make_optimizer(head, cfg, 1.0).param_groups
     assert [g["always_adapt"] for g in groups] == [True, False]
     assert groups[0]["params"][0] is head[1].weight and groups[1]["params"][0] is head[1].bias
-    # four well separated clusters in 11-d (fresh draw): a working probe separates them
-    centres = 4.0 * torch.randn(4, 11)
+    # four well separated clusters in 11-d (fresh random orthogonal directions, 8 apart along each;
+    # the noise is 0.3 per dimension): a working probe separates them
+    centres = 8.0 * torch.linalg.qr(torch.randn(11, 4))[0].T
     y_tr, y_va = torch.arange(4).repeat(15), torch.arange(4).repeat(7)
     f_tr = centres[y_tr] + 0.3 * torch.randn(len(y_tr), 11) + 5.0
     f_va = centres[y_va] + 0.3 * torch.randn(len(y_va), 11) + 5.0

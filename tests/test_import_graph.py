@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UPPER = ("cli",)
 APPS = ("train", "eval", "tools") + UPPER
 BODY = ("restore", "engines", "models", "energy", "corrupt", "data")
-NEUTRAL = ("errors", "checkpoint", "log", "distributed", "threads")
+NEUTRAL = ("errors", "files", "checkpoint", "log", "distributed", "runlog", "signals", "threads")
 FORBIDDEN = {
     "cli": (),
     "train": UPPER,
@@ -31,9 +31,12 @@ FORBIDDEN = {
     "data": APPS + ("restore", "engines", "models", "energy", "corrupt", "ops"),
     "ops": APPS + BODY + NEUTRAL[1:],
     "errors": APPS + BODY + NEUTRAL[1:] + ("ops",),
-    "checkpoint": APPS + BODY + ("ops", "distributed", "log"),
+    "files": APPS + BODY + NEUTRAL[2:] + ("ops",),  # only fastebm.errors
+    "checkpoint": APPS + BODY + ("ops", "distributed", "log", "runlog", "signals"),
     "log": APPS + BODY + ("ops", "checkpoint"),
     "distributed": APPS + BODY + ("ops", "checkpoint"),
+    "runlog": APPS + BODY + ("ops", "checkpoint", "distributed"),
+    "signals": APPS + BODY + NEUTRAL[:-1] + ("ops",),  # standard library only
     "threads": APPS + BODY + NEUTRAL[:-1] + ("ops",),  # imported first by fastebm/__init__.py: standard library only
 }
 ROOT_MODULES = ("__init__", "__main__")  # the package's public face and launcher sit above everything

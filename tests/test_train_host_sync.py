@@ -21,7 +21,7 @@ from fastebm import distributed as fdist
 from fastebm.cli.train import main
 from fastebm.train import trainer as trainer_mod
 from fastebm.train.faults import INJECT_ENV
-from fastebm.train.metrics import read_metrics
+from fastebm.runlog import read_metrics
 
 # Reads of host tensors that are no device sync on any device: the corruption's check of the sample
 # ids, which the loop passes as the loader's CPU tensor (fastebm/corrupt/api.py, _sample_ids).
@@ -210,7 +210,7 @@ def test_step_unless_skips_exactly_and_steps_like_adamw():
 
 
 def test_stat_vector_names_and_values_match_flatten_stats():
-    from fastebm.train.metrics import flatten_stats
+    from fastebm.runlog import flatten_stats
     from fastebm.train.window import stat_vector
 
     n = int(torch.randint(2, 6, (1,)))

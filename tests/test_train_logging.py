@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from fastebm.train.metrics import Console, MetricsLogger, flatten_stats, read_metrics
+from fastebm.runlog import Console, MetricsLogger, flatten_stats, read_metrics
 
 
 class _Tty(io.StringIO):

@@ -7,7 +7,7 @@ import torch
 from test_train_helpers import fast_args, make_image_folder, read_summary
 import fastebm
 from fastebm.cli.train import main
-from fastebm.train.metrics import read_metrics
+from fastebm.runlog import read_metrics
 from fastebm.checkpoint import load_checkpoint
 
 

@@ -20,7 +20,7 @@ def _fail(message: str, code: int) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from ..data.errors import DataError
-    from ..eval._compat import UsageError
+    from ..errors import UsageError
     from ..eval.config import parse_args
 
     warnings.formatwarning = lambda msg, category, *a, **k: f"{PROG}: warning: {msg}\n"
@@ -29,9 +29,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as exc:
         return _fail(str(exc), 2)
 
-    from ..distributed import DistributedFailure
+    from ..errors import DistributedFailure
     from ..eval import run
-    from ..eval._compat import TrainingDiverged
+    from ..errors import TrainingDiverged
 
     try:
         summary = run(command, cfg)

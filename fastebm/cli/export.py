@@ -17,7 +17,7 @@ PROG = "fastebm-export"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        from ..eval._compat import UsageError
+        from ..errors import UsageError
 
         raise UsageError(f"{message} (see --help)")
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..eval._compat import UsageError
+    from ..errors import UsageError
     from ..eval.export import export_checkpoint, sidecar_path
 
     try:

@@ -26,14 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from ..checkpoint import new_file_mode
+from ..files import atomic_write
 from .folder import UnreadableImage, decode_image
 
 INDEX_VERSION = 1
@@ -96,20 +95,6 @@ def _converted_path(cache_dir: str, path: str, fingerprint: Tuple[int, int]) -> 
     return os.path.join(cache_dir, CONVERTED_DIR, digest[:2], digest + ".png")
 
 
-def _atomic_write(path: str, write) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_")
-    try:
-        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would hide the cache from other users of the data
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def inspect_file(path: str, cache_dir: str) -> Tuple[Tuple[int, int], FileRecord]:
     """(fingerprint, record) of one file; writes the converted copy when one is needed."""
     try:
@@ -126,7 +111,8 @@ def inspect_file(path: str, cache_dir: str) -> Tuple[Tuple[int, int], FileRecord
         return fingerprint, FileRecord(NATIVE, image.width, image.height, "", path)
     target = _converted_path(cache_dir, path, fingerprint)
     if not os.path.exists(target):
-        _atomic_write(target, lambda fh: image.save(fh, format="PNG", compress_level=1))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        atomic_write(target, lambda fh: image.save(fh, format="PNG", compress_level=1))
     return fingerprint, FileRecord(CONVERTED, image.width, image.height, reason, target)
 
 
@@ -214,5 +200,6 @@ def build_index(paths: Sequence[str], cache_dir: str, workers: int = 1) -> FileI
             changed = True
     if changed:
         payload = json.dumps({"version": INDEX_VERSION, "entries": cache}, separators=(",", ":")).encode()
-        _atomic_write(index_path, lambda fh: fh.write(payload))
+        os.makedirs(os.path.dirname(index_path), exist_ok=True)
+        atomic_write(index_path, lambda fh: fh.write(payload))
     return FileIndex(paths, [r for _, r in results], cache_dir)

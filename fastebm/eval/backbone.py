@@ -12,7 +12,7 @@ Three inputs give a :class:`Backbone` (architecture + timm-named weights):
 
 Every file is opened without running pickled code (``torch.load(weights_only=True)`` or
 safetensors). Anything that is not one of these, or whose tensors do not fit the architecture,
-raises :class:`~fastebm.eval._compat.UsageError` (the CLI's exit code 2) naming the file.
+raises :class:`~fastebm.errors.UsageError` (the CLI's exit code 2) naming the file.
 """
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ import torch
 
 from ..corrupt import IMAGENET_MEAN, IMAGENET_STD
 from ..models import PRESETS, TIMM_NAMES
-from ._compat import TRAIN_CHECKPOINT_FORMAT, TRAIN_CHECKPOINT_KEYS, UsageError
+from ..checkpoint import FORMAT as TRAIN_CHECKPOINT_FORMAT
+from ..checkpoint import REQUIRED_KEYS as TRAIN_CHECKPOINT_KEYS
+from ..errors import UsageError
 
 EXPORT_FORMAT = "fastebm-backbone"
 ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")

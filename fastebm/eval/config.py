@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Type
 
 import yaml
 
-from ._compat import UsageError
+from ..errors import UsageError
 from .recipes import fill_recipe
 
 COMMANDS = ("finetune", "linprobe", "knn")

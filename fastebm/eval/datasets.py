@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from ..data.builtin import HELD_OUT_DIGITS, SPLIT_SEED, digits_uint8
 from ..data.folder import IMAGE_EXTENSIONS, decode_image
 from ..data.sampling import generator_for
-from ._compat import UsageError
+from ..errors import UsageError
 
 FEW_SHOT_STREAM = 11  # seeds the few-shot draw, independent of the data order and augmentation
 

@@ -23,8 +23,9 @@ from typing import Any, Dict
 
 import torch
 
-from ._compat import UsageError, atomic_torch_save
-from .files import atomic_write, atomic_write_json
+from ..checkpoint import atomic_torch_save
+from ..errors import UsageError
+from ..files import atomic_write, atomic_write_json
 
 FORMATS = (".safetensors", ".pth")
 
@@ -77,9 +78,9 @@ def write_export(bb, out: str, source: Dict[str, Any] = None) -> str:
     tensors = {k: v.detach().cpu().contiguous() for k, v in bb.state.items()}
     meta = export_metadata(bb, source)
     if ext == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata={"fastebm": json.dumps(meta), "format": "pt"}))
+        atomic_write(out, lambda fh: fh.write(save(tensors, metadata={"fastebm": json.dumps(meta), "format": "pt"})))
     else:
         atomic_torch_save(tensors, out)
     atomic_write_json(sidecar_path(out), meta)

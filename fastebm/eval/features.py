@@ -13,7 +13,8 @@ from typing import Tuple
 
 import torch
 
-from ._compat import UsageError, distributed
+from .. import distributed
+from ..errors import UsageError
 from .runio import Run, ShardSampler, loader
 
 

@@ -76,7 +76,7 @@ def run_knn(cfg) -> Dict:
                         "layer": layer, "pool": cfg.pool, "final_norm": cfg.final_norm, "sweep": sweep,
                         "effective_k_max": min(max(ks), len(f_tr))})
         if run.is_main:
-            from ._compat import MetricsLogger
+            from ..runlog import MetricsLogger
 
             logger = MetricsLogger(cfg.output_dir)
             for r in sweep:
@@ -86,7 +86,7 @@ def run_knn(cfg) -> Dict:
         table = (f"# k-NN ({what_line(summary)})\n\nLayer {layer}, pool {cfg.pool}, final norm {cfg.final_norm}, "
                  f"T {cfg.temperature}; **top-1 {100 * best['top1']:.2f} % at k = {cfg.k}**.\n\n"
                  f"| k | top-1 (%) | top-5 (%) |\n|---|---|---|\n{rows}\n")
-        plot = (PLOT_FILE, lambda tmp: plot_curves(tmp, [r["k"] for r in sweep], {"top-1": [r["top1"] for r in sweep]},
+        plot = (PLOT_FILE, lambda fh: plot_curves(fh, [r["k"] for r in sweep], {"top-1": [r["top1"] for r in sweep]},
                                                    "k (neighbours)", f"k-NN accuracy, T={cfg.temperature}", logx=True))
         summary = finish(run, cfg, summary, table, plot)
         run.say(f"knn: top-1 {100 * best['top1']:.2f} %, top-5 {100 * best['top5']:.2f} % (k {cfg.k}); "

@@ -121,7 +121,7 @@ def run_linprobe(cfg) -> Dict:
         summary = base_summary(run, cfg, bb, data)
         history = []
         if run.is_main:  # the head is tiny: rank 0 trains it on all features
-            from ._compat import MetricsLogger
+            from ..runlog import MetricsLogger
 
             logger = MetricsLogger(cfg.output_dir)
             try:
@@ -134,7 +134,7 @@ def run_linprobe(cfg) -> Dict:
                             "best_epoch": best["epoch"], "layer": layer, "pool": cfg.pool,
                             "final_norm": cfg.final_norm, "history": history, **used})
         table = _table(summary, cfg, layer) if run.is_main else ""
-        plot = (PLOT_FILE, lambda tmp: plot_curves(tmp, [r["epoch"] for r in history], {"val top-1": [r["val_top1"] for r in history]},
+        plot = (PLOT_FILE, lambda fh: plot_curves(fh, [r["epoch"] for r in history], {"val top-1": [r["val_top1"] for r in history]},
                                                    "epoch", f"linear probe ({cfg.opt}, layer {layer}, pool {cfg.pool})"))
         summary = finish(run, cfg, summary, table, plot)
         if run.is_main:

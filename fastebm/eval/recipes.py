@@ -59,7 +59,7 @@ def resolve_schedule(cfg, steps_per_epoch: int) -> None:
     Built-in digits: ``epochs = ceil(UPDATE_BUDGET / steps_per_epoch)`` (25 on the 1,300 training
     digits at batch 32, 334 with 100 labels), warm-up 10 % of it, about 25 validation passes.
     """
-    from ._compat import UsageError
+    from ..errors import UsageError
 
     if cfg.epochs is None:
         cfg.epochs = max(1, math.ceil(UPDATE_BUDGET / max(1, steps_per_epoch)))

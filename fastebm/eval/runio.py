@@ -18,9 +18,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..data.sampling import generator_for, mix_seed
-from ._compat import UsageError, distributed
+from .. import distributed
+from ..errors import UsageError
 from .config import to_dict
-from .files import atomic_write, atomic_write_json, atomic_write_text
+from ..files import atomic_write, atomic_write_json, atomic_write_text
 
 SUMMARY_FILE = "summary.json"
 TABLE_FILE = "results.md"
@@ -182,7 +183,7 @@ def what_line(summary: Dict[str, Any]) -> str:
     return f"{summary['model'] or 'ViT'} from {init}; {summary['data']}: {summary['train_images']} train / {summary['val_images']} val images"
 
 
-def plot_curves(path: str, xs, curves: Dict[str, Sequence[float]], xlabel: str, title: str, logx: bool = False) -> None:
+def plot_curves(path, xs, curves: Dict[str, Sequence[float]], xlabel: str, title: str, logx: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,7 +13,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ._compat import UsageError
+from ..errors import UsageError
 from .backbone import Backbone
 
 

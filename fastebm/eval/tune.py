@@ -25,7 +25,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ._compat import MetricsLogger, StopRequest, TrainingDiverged, UsageError, atomic_torch_save, distributed
+from .. import distributed
+from ..checkpoint import atomic_torch_save
+from ..errors import TrainingDiverged, UsageError
+from ..runlog import MetricsLogger
+from ..signals import StopRequest
 from .backbone import resolve_backbone
 from .datasets import load_eval_data, make_transforms, with_transform
 from .recipes import resolve_schedule
@@ -223,7 +227,7 @@ def run_finetune(cfg) -> Dict[str, Any]:
 
 
 def _loop(run, cfg, trainer, sampler, train_ds, val_ds, workers, start, history, resumed) -> str:
-    from ._compat import Console
+    from ..runlog import Console
 
     stop_at = cfg.epochs if cfg.max_epochs is None else cfg.max_epochs
     logger = MetricsLogger(cfg.output_dir, enabled=run.is_main, resume_step=start if resumed else None)
@@ -277,7 +281,7 @@ def _finish(run, cfg, bb, data, history, status, trainer) -> Dict[str, Any]:
     curves = {"val top-1": [r["val_top1"] for r in evaluated]}
     if trainer.ema is not None:
         curves["val top-1 (EMA)"] = [r["val_ema_top1"] for r in evaluated]
-    plot = (PLOT_FILE, lambda tmp: plot_curves(tmp, [r["epoch"] for r in evaluated], curves, "epoch",
+    plot = (PLOT_FILE, lambda fh: plot_curves(fh, [r["epoch"] for r in evaluated], curves, "epoch",
                                                f"fine-tuning {summary['model'] or 'ViT'} ({summary['init']})"))
     summary = finish(run, cfg, summary, _table(summary), plot if evaluated else None)
     if evaluated:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import os
 import tempfile
 from typing import Any, Dict, Iterable, List, Sequence
 
+from .. import files
 from .errors import ToolInputError
+
+__all__ = ["ensure_output_dir", "atomic_write_text", "write_json", "write_csv", "save_pil", "save_figure", "safe_stem",
+           "unique_columns"]
 
 
 def ensure_output_dir(path: str, flag: str = "-o") -> str:
@@ -28,46 +30,18 @@ def ensure_output_dir(path: str, flag: str = "-o") -> str:
     return path
 
 
-def _file_mode() -> int:
-    """0o666 minus the process umask: what ``open(path, "w")`` would give (mkstemp makes 0o600 files)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: str, data: bytes) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _in_folder(path: str) -> str:
+    """``path``, after creating its folder (per-image outputs go to sub-folders such as strips/)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return path
 
 
 def atomic_write_text(path: str, text: str) -> str:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _plain(value):
-    """JSON-safe value: non-finite floats become None (strict JSON has no NaN/Infinity)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    return files.atomic_write_text(_in_folder(path), text)
 
 
 def write_json(path: str, obj: Any) -> str:
-    return atomic_write_text(path, json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n")
+    return files.atomic_write_json(_in_folder(path), obj)
 
 
 def write_csv(path: str, rows: Sequence[Dict[str, Any]], columns: Iterable[str]) -> str:
@@ -80,15 +54,11 @@ def write_csv(path: str, rows: Sequence[Dict[str, Any]], columns: Iterable[str])
 
 
 def save_pil(image, path: str) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return files.atomic_write(_in_folder(path), lambda fh: image.save(fh, format="PNG"))
 
 
 def save_figure(fig, path: str) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(path, buf.getvalue())
+    return files.atomic_write(_in_folder(path), lambda fh: fig.savefig(fh, format="png"))
 
 
 def safe_stem(name: str, index: int, used: set) -> str:

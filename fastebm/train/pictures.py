@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 from ..corrupt import prepare_batch  # noqa: E402
 from ..eval.psnr import to_unit_range  # noqa: E402
-from .metrics import read_metrics  # noqa: E402
+from ..runlog import read_metrics  # noqa: E402
 from .rng import side_rng  # noqa: E402
 
 GRID_SEED = 4321

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import distributed
 from ..checkpoint import LAST, atomic_write
-from .metrics import read_metrics
+from ..runlog import read_metrics
 
 log = logging.getLogger(__name__)
 

@@ -43,8 +43,9 @@ from .build import (autocast_dtype, batch_plan, build_data, build_objective, che
 from .checkpoint import check_resume_config, keep_epoch_checkpoint, save_collective
 from .config import TrainConfig, save_yaml
 from .evaluation import compare_evaluations, demo_evaluation
-from .faults import RestorationWatch, StartupInterrupted, StopRequest, injected_nan_steps
-from .metrics import Console, MetricsLogger
+from ..runlog import Console, MetricsLogger
+from ..signals import StartupInterrupted, StopRequest
+from .faults import RestorationWatch, injected_nan_steps
 from .optim import build_optimizer, step_unless
 from .rng import restore_rng_state, seed_everything
 from .schedule import lr_at, scaled_lr

@@ -18,7 +18,7 @@ from .. import distributed
 
 
 def stat_vector(stats: Dict[str, Any], device: torch.device) -> Tuple[List[str], torch.Tensor]:
-    """Names and float64 values of :func:`fastebm.train.metrics.flatten_stats`, left on ``device``.
+    """Names and float64 values of :func:`fastebm.runlog.flatten_stats`, left on ``device``.
 
     ``{'loss_t': tensor([a, b]), 'energy': tensor(c)}`` -> (``['loss_t/1', 'loss_t/2', 'energy']``,
     ``tensor([a, b, c], float64)``). Names come from the shapes, so nothing is read from the device;
