@@ -42,7 +42,7 @@ from .metrics import Console
 from .optim import step_unless
 from .schedule import lr_at
 from .startup import TrainerStartup
-from .summary import log_results, metrics_summary, write_summary
+from .summary import log_results, run_summary, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +257,8 @@ class Trainer(TrainerStartup):
         cfg, st = self.cfg, self.state
         if not st.interrupted:
             self.save()
-        summary: Dict[str, Any] = {
-            "status": st.status, "step": st.step, "total_steps": self.total_steps,
-            "epoch": st.step / self.plan.steps_per_epoch, "device": str(self.device), "loader": self.loader,
-            "num_threads": torch.get_num_threads(),
-            "skipped_files": {"count": len(st.bad_files), "files": st.bad_files[:100]},
-            "skipped_steps": st.skipped_steps, "checkpoint": self.last_path}
-        summary.update(metrics_summary(cfg.output_dir))
+        summary = run_summary(st, self.total_steps, self.plan.steps_per_epoch, device=self.device, loader=self.loader,
+                              checkpoint=self.last_path, output_dir=cfg.output_dir)
         if not st.interrupted:
             self._final_outputs(summary)
         if st.bad_files:
