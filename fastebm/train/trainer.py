@@ -8,19 +8,21 @@
         .loop()            the micro-batch stream (torch DataLoader or DALI), then
         for each optimiser step:
             .micro_step()      accum_iter x (prepare_batch -> objective -> backward), sums on the device
-            .optimizer_step()  scheduled lr, clip, skip verdict (one all-reduce), AdamW step unless vetoed
-            .after_step()      metrics line, pictures, stop request (SIGTERM/SIGINT), checkpoint
+            .optimizer_step()  scheduled lr, clip, skip verdict + stop vote (one all-reduce), AdamW step unless vetoed
+            .after_step()      metrics line, pictures, agreed stop request (SIGTERM/SIGINT), checkpoint
         .finish()          final checkpoint, pictures, backbone, [demo] evaluation, summary.json
 
 The process around it (signals, process group, threads) is :func:`fastebm.train.job.train`. A
 SIGTERM/SIGINT before the first step ends the run at once (:class:`~fastebm.train.faults.StartupInterrupted`);
-after it, at the next step boundary with a checkpoint. Loop-carried values live in one
-:class:`~fastebm.train.state.LoopState`; the numbers of the logging interval stay on the device
-(:class:`~fastebm.train.window.MetricsWindow`) and are read to the host at log steps and checkpoints
-only (fp16 alone reads one flag per optimiser step). Every decision that depends on the process
-goes through :mod:`fastebm.distributed` (rank 0 writes files; verdicts are agreed across ranks);
-the module a distributed wrapper wraps is the ``RestorationObjective`` (all T steps and the loss in
-one forward; docs/design.md §8).
+after it, at a step boundary with a checkpoint: the next one in a single process, one or two later
+with a process group (the vote rides in the step's all-reduce, :class:`~fastebm.train.faults.StopVote`).
+Loop-carried values live in one :class:`~fastebm.train.state.LoopState`; the numbers of the logging
+interval stay on the device (:class:`~fastebm.train.window.MetricsWindow`) and are read to the host
+at log steps and checkpoints only. Per optimiser step, fp16 reads its skip flag, and a process
+group's stop vote reads one flag a step late (no wait for the step since). Every decision that
+depends on the process goes through :mod:`fastebm.distributed` (rank 0 writes files; verdicts are
+agreed across ranks); the module a distributed wrapper wraps is the ``RestorationObjective`` (all
+T steps and the loss in one forward; docs/design.md §8).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from ..errors import DataError, TrainingDiverged
 from .build import micro_batch_stream, plain_objective
 from .checkpoint import keep_epoch_checkpoint, save_collective
 from .evaluation import compare_evaluations, demo_evaluation
-from .faults import injected_nan_steps
+from .faults import StopVote, injected_nan_steps
 from .metrics import Console
 from .optim import step_unless
 from .schedule import lr_at
@@ -70,6 +72,7 @@ class Trainer(TrainerStartup):
             self.params = [p for p in self.objective.parameters() if p.requires_grad]
             self._startup_vote()
             self.stop.immediate = False  # from now on a stop request waits for the step boundary and saves
+            self.vote = StopVote(self.stop)
             self.console = Console(self.end_step, st.step, enabled=distributed.is_main())
             self.window.reset()
             try:
@@ -134,7 +137,8 @@ class Trainer(TrainerStartup):
         """Optimiser step ``s`` once all its micro-batches are in; returns its learning rate.
 
         Skipped (weights and AdamW state unchanged) when a loss or the gradient norm is non-finite on
-        any rank: one all-reduce of one flag (none without a process group), applied on the device by
+        any rank: one all-reduce (none without a process group) of that flag and the stop request
+        (:class:`~fastebm.train.faults.StopVote`), applied on the device by
         :func:`~fastebm.train.optim.step_unless`, read at the next log step or checkpoint. fp16 reads
         it here: GradScaler has no way to leave its scale alone for a step vetoed on the device.
         """
@@ -144,16 +148,16 @@ class Trainer(TrainerStartup):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler.is_enabled():
-            bad = distributed.any_rank_flags(window.step_bad.reshape(1))
+            bad = self._agree(window.step_bad)
             norm = torch.full((), float("nan"), device=self.device)
-            if not bool(bad):  # the one host read per optimiser step, fp16 only (see above)
+            if not bool(bad):  # the one device read per optimiser step, fp16 only (see above)
                 self.scaler.unscale_(self.optimizer)
                 norm = self._clip_gradients()
                 self.scaler.step(self.optimizer)  # the scaler itself skips inf/NaN gradients (not counted as skipped)
                 self.scaler.update()
         else:
             norm = self._clip_gradients()
-            bad = distributed.any_rank_flags((window.step_bad | ~torch.isfinite(norm)).reshape(1))
+            bad = self._agree(window.step_bad | ~torch.isfinite(norm))
             step_unless(self.optimizer, bad)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step = s + 1
@@ -161,6 +165,13 @@ class Trainer(TrainerStartup):
         self.console.step()
         window.end_step(s, bad, norm, cfg.batch_size * cfg.accum_iter * self.world)
         return lr
+
+    def _agree(self, bad: torch.Tensor) -> torch.Tensor:
+        """This rank's skip flag -> the verdict of every rank, shape (1,), on the device and not read. The
+        same all-reduce carries the stop vote (:class:`~fastebm.train.faults.StopVote`)."""
+        agreed = distributed.any_rank_flags(self.vote.flags(bad))
+        self.vote.post(agreed)
+        return agreed[:1]
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clips to --clip_grad (if set); the total gradient norm as a plain tensor on the device (not read)."""
@@ -206,7 +217,7 @@ class Trainer(TrainerStartup):
             plain = plain_objective(cfg, self.objective, self.device)  # collective under FSDP2
             if distributed.is_main():
                 self._draw_pictures(plain)
-        if distributed.any_rank(self.stop.requested):  # every rank joins the vote, so all stop together
+        if self.vote.agreed():  # every rank gets the same answer at the same step, so all stop together
             self._stop_at_boundary()
             return True
         # No periodic checkpoint during a run of non-finite steps: the last one before it stays the fallback.
