@@ -161,13 +161,16 @@ class RestorationObjective(nn.Module):
         """``(E(x), dE/dx)`` by autograd; with ``create_graph`` the gradient is itself differentiable.
 
         Declares the attention order: 2 with ``create_graph`` (a first-order-only backend named by
-        the model is then a ValueError), else 1 (``auto`` attention picks a first-order kernel)."""
-        with attention_order(2 if create_graph else 1):
+        the model is then a ValueError), else 1 (``auto`` attention picks a first-order kernel).
+        Under ``torch.no_grad()`` (evaluating the loss without a parameter graph) dE/dx still needs a
+        local backward: grad is enabled for this call only, and both results come back detached."""
+        outer_grad = torch.is_grad_enabled()
+        with attention_order(2 if create_graph else 1), torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             energy = self.model(x)
-            (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
-        return energy, grad
+            (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph and outer_grad)
+        return (energy, grad) if outer_grad else (energy.detach(), grad.detach())
 
     def _engine_grad(self, x: torch.Tensor, keep_graph: bool, op_backend: str):
         """``(E, dE/dx)`` by the configured engine; without ``keep_graph`` the gradient is a constant."""

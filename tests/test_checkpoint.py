@@ -112,7 +112,7 @@ def test_another_tools_checkpoint_is_named_for_what_it_is(tmp_path):
 def test_atomic_write_failure_names_the_path_and_leaves_no_temp_file(tmp_path):
     import errno
 
-    from fastebm.checkpoint import atomic_write
+    from fastebm.files import atomic_write
     from fastebm.errors import OutputError
 
     target = tmp_path / "summary.json"

@@ -224,13 +224,13 @@ def test_eval_is_a_deprecated_alias_of_demo_eval(tmp_path):
 
 def test_error_lines_carry_no_terminal_escapes(monkeypatch, capsys):
     """PyTorch's messages contain ANSI bold; the CLI prints plain single lines."""
-    import fastebm.train.trainer as trainer_mod
+    import fastebm.train.job as job_mod
     from fastebm.errors import CheckpointError
 
     def boom(cfg):
         raise CheckpointError("x.pt: \x1b[1mdo those steps only if you trust it\x1b[0m.\n\t(1) details")
 
-    monkeypatch.setattr(trainer_mod, "train", boom)
+    monkeypatch.setattr(job_mod, "train", boom)
     assert main([]) == 2
     err = capsys.readouterr().err
     assert err == "fastebm-train: error: x.pt: do those steps only if you trust it. (1) details\n"

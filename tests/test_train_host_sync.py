@@ -131,15 +131,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_one_collective_per_optimizer_step_with_a_process_group(tmp_path, monkeypatch):
-    """With a (one-process gloo) process group: one all-reduce per optimiser step, none per micro-step."""
-    data = str(tmp_path / "data")
-    make_image_folder(data, n=12)
+def _one_process_group(monkeypatch):
+    """The environment torchrun gives a one-process job: the run builds a (gloo) process group."""
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+
+
+def test_one_collective_per_optimizer_step_with_a_process_group(tmp_path, monkeypatch):
+    """With a (one-process gloo) process group: one all-reduce per optimiser step, none per micro-step.
+
+    The stop vote rides in that all-reduce: no collective of its own at the step boundary, and one
+    flag read per boundary (the previous step's vote), the only read between log steps.
+    """
+    data = str(tmp_path / "data")
+    make_image_folder(data, n=12)
+    _one_process_group(monkeypatch)
     counter = SyncCounter(monkeypatch)
     out = str(tmp_path / "out")
     try:
@@ -149,7 +158,45 @@ def test_one_collective_per_optimizer_step_with_a_process_group(tmp_path, monkey
     assert counter.reads("micro_step") == {} and counter.reads("optimizer_step") == {}
     assert counter.collective_counts("micro_step") == {}
     assert counter.collective_counts("optimizer_step") == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert counter.collective_counts("after_step") == {}
+    # after_step runs with state.step advanced (1..4; 4 is the log step): step 1 has no earlier vote to read
+    assert {s: n for s, n in counter.reads("after_step").items() if s != 4} == {2: ["__bool__"], 3: ["__bool__"]}
     assert read_summary(out)["step"] == 4
+
+
+@pytest.mark.parametrize("group,stop_step", [(False, 3), (True, 4)])
+def test_stop_request_lands_at_the_agreed_boundary(tmp_path, monkeypatch, group, stop_step):
+    """SIGTERM during step 2's micro-batches: one process stops at the next boundary (step 3); with a
+    process group the vote is read a step later (step 4). Either way one checkpoint at that step,
+    status interrupted_sigterm, exit code 0."""
+    import signal
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    make_image_folder(data, n=12)
+    if group:
+        _one_process_group(monkeypatch)
+    real = trainer_mod.micro_batch_stream
+
+    class SignalledStream:
+        def __init__(self, *args):
+            self.inner = real(*args)
+
+        def iterate(self, start, end):
+            for batch in self.inner.iterate(start, end):
+                if batch["step"] == 2 and batch["micro"] == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)  # fastebm's handler sets the stop flag
+                yield batch
+
+    monkeypatch.setattr(trainer_mod, "micro_batch_stream", SignalledStream)
+    try:
+        assert main(fast_args(out, data, max_steps=8, accum_iter=2, batch_size=2, log_every=3, device="cpu")) == 0
+    finally:
+        fdist.destroy_distributed()
+    summary = read_summary(out)
+    assert summary["status"] == "interrupted_sigterm" and summary["step"] == stop_step
+    from fastebm.checkpoint import load_checkpoint
+
+    assert load_checkpoint(os.path.join(out, "last.pt"))["step"] == stop_step
 
 
 def test_fp16_reads_one_flag_per_optimizer_step(tmp_path, monkeypatch):

@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         cfg = parse_config(argv)
-        from ..train.trainer import train
+        from ..train.job import train
 
         summary = train(cfg)
     except SystemExit as exc:  # --help, --version: argparse printed its text

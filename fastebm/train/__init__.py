@@ -6,7 +6,7 @@ __all__ = ["TrainConfig", "parse_config", "train"]
 
 
 def train(cfg: TrainConfig):
-    """Runs a training job (see :func:`fastebm.train.trainer.train`)."""
-    from .trainer import train as _train
+    """Runs a training job (see :func:`fastebm.train.job.train`)."""
+    from .job import train as _train
 
     return _train(cfg)

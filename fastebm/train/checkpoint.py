@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import distributed
-from ..checkpoint import atomic_write, save_checkpoint
+from ..checkpoint import save_checkpoint
+from ..files import atomic_write
 from ..data.sampling import BatchPlan
 from ..errors import TrainingDiverged
 from .config import TrainConfig

@@ -1,18 +1,74 @@
-"""Fault handling in training: a warning for restorations that make images worse, and a NaN-injection
-test hook (stop requests from signals are :mod:`fastebm.signals`).
+"""Fault handling in training: the stop vote across ranks, a warning for restorations that make
+images worse, and a NaN-injection test hook (stop requests from signals are :mod:`fastebm.signals`).
 
 Non-finite losses are handled by the loop (:class:`fastebm.train.trainer.Trainer`), which raises
 :class:`fastebm.errors.TrainingDiverged` after ``--max_bad_steps`` of them in a row.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
-from typing import Any, Dict, Optional, Set
+from typing import Any, Deque, Dict, Optional, Set, Tuple
+
+import torch
+
+from .. import distributed
+from ..signals import StopRequest
 
 log = logging.getLogger(__name__)
 
 INJECT_ENV = "FASTEBM_INJECT_NAN_AT_STEP"
+
+
+class StopVote:
+    """A :class:`StopRequest` agreed across ranks at step boundaries, without a collective or a
+    device sync of its own.
+
+    Without a process group the answer is the request's own flag (a Python bool; nothing is read
+    from the device). With one, the local request rides in the optimiser step's one all-reduce
+    (:meth:`flags` appends it to the skip flag) and is read a step later: :meth:`post` queues a
+    copy of the agreed flag to host memory behind that all-reduce, and :meth:`agreed` at the next
+    step boundary waits for that copy only (a CUDA event), not for the step queued since. That read
+    is the loop's one host read per optimiser step between log steps. Every rank reads the same
+    all-reduced value at the same boundary, so all stop together, one or two boundaries after the
+    signal (one when it arrives before the step's all-reduce, two when between it and the boundary).
+    """
+
+    def __init__(self, stop: StopRequest):
+        self.stop = stop
+        self.collective = distributed.is_initialized()
+        self._pending: Deque[Tuple[torch.Tensor, Any]] = collections.deque()
+
+    def flags(self, bad: torch.Tensor) -> torch.Tensor:
+        """The step's flags to all-reduce: ``[bad]``, and ``[bad, stop requested here]`` with a process group."""
+        bad = bad.reshape(1)
+        if not self.collective:
+            return bad
+        stop = torch.full((1,), self.stop.requested, dtype=torch.bool, device=bad.device)  # a fill: no copy, no sync
+        return torch.cat((bad, stop))
+
+    def post(self, agreed: torch.Tensor) -> None:
+        """Keeps this step's all-reduced :meth:`flags` for :meth:`agreed` at the next boundary; reads nothing."""
+        if not self.collective:
+            return
+        flag, done = agreed[1], None
+        if flag.is_cuda:
+            flag = flag.to("cpu", non_blocking=True)  # into pinned host memory, queued behind the all-reduce
+            done = torch.cuda.Event()
+            done.record()
+        self._pending.append((flag, done))
+
+    def agreed(self) -> bool:
+        """True: stop at this boundary (the same answer on every rank)."""
+        if not self.collective:
+            return self.stop.requested
+        if len(self._pending) < 2:  # only this step's vote is in: it is read at the next boundary
+            return False
+        flag, done = self._pending.popleft()
+        if done is not None:
+            done.synchronize()  # the previous step's copy, not the work queued after it
+        return bool(flag)
 
 
 class RestorationWatch:

@@ -7,9 +7,11 @@ import os
 from typing import Any, Dict, Optional
 
 import numpy as np
+import torch
 
 from .. import distributed
-from ..checkpoint import LAST, atomic_write
+from ..checkpoint import LAST
+from ..files import atomic_write
 from ..runlog import read_metrics
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,20 @@ def write_summary(output_dir: str, summary: Dict[str, Any]) -> None:
     if distributed.is_main():
         text = json.dumps(summary, indent=2)
         atomic_write(os.path.join(output_dir, SUMMARY_FILE), lambda fh: fh.write(text.encode()))
+
+
+def run_summary(state, total_steps: int, steps_per_epoch: int, *, device, loader: str, checkpoint: str,
+                output_dir: str) -> Dict[str, Any]:
+    """summary.json's fields as the loop leaves them (``state``: the run's LoopState), with
+    :func:`metrics_summary`; the end adds its outputs, the wall time and the config."""
+    summary: Dict[str, Any] = {
+        "status": state.status, "step": state.step, "total_steps": total_steps,
+        "epoch": state.step / steps_per_epoch, "device": str(device), "loader": loader,
+        "num_threads": torch.get_num_threads(),
+        "skipped_files": {"count": len(state.bad_files), "files": state.bad_files[:100]},
+        "skipped_steps": state.skipped_steps, "checkpoint": checkpoint}
+    summary.update(metrics_summary(output_dir))
+    return summary
 
 
 def metrics_summary(output_dir: str) -> Dict[str, Any]:

@@ -1,25 +1,28 @@
 """The training loop of ``fastebm-train``: a :class:`Trainer` whose phases read top to bottom.
 
     Trainer(cfg, info)     set-up: output-folder check, data, loader, model + objective, batch plan,
-                           lr schedule, optimiser (nothing is written yet)
+                           lr schedule, optimiser (nothing is written yet)          } startup.py
     .run()
-        .resume()          --resume: weights, optimiser, RNG streams, loop state from a checkpoint
+        .resume()          --resume: weights, optimiser, RNG streams, loop state    } startup.py
         .start()           output folder, DDP wrapping, config.yaml, metrics, banner, [demo] initial evaluation
         .loop()            the micro-batch stream (torch DataLoader or DALI), then
         for each optimiser step:
             .micro_step()      accum_iter x (prepare_batch -> objective -> backward), sums on the device
-            .optimizer_step()  scheduled lr, clip, skip verdict (one all-reduce), AdamW step unless vetoed
-            .after_step()      metrics line, pictures, stop request (SIGTERM/SIGINT), checkpoint
+            .optimizer_step()  scheduled lr, clip, skip verdict + stop vote (one all-reduce), AdamW step unless vetoed
+            .after_step()      metrics line, pictures, agreed stop request (SIGTERM/SIGINT), checkpoint
         .finish()          final checkpoint, pictures, backbone, [demo] evaluation, summary.json
 
-A SIGTERM/SIGINT before the first step ends the run at once (:class:`StartupInterrupted`, handled by
-:func:`train`); after it, at the next step boundary with a checkpoint. Loop-carried values live in
-one :class:`~fastebm.train.state.LoopState`; the numbers of the logging interval stay on the device
-(:class:`~fastebm.train.window.MetricsWindow`) and are read to the host at log steps and checkpoints
-only (fp16 alone reads one flag per optimiser step). Every decision that
+The process around it (signals, process group, threads) is :func:`fastebm.train.job.train`. A
+SIGTERM/SIGINT before the first step ends the run at once (:class:`~fastebm.train.faults.StartupInterrupted`);
+after it, at a step boundary with a checkpoint: the next one in a single process, one or two later
+with a process group (the vote rides in the step's all-reduce, :class:`~fastebm.train.faults.StopVote`).
+Loop-carried values live in one :class:`~fastebm.train.state.LoopState`; the numbers of the logging
+interval stay on the device (:class:`~fastebm.train.window.MetricsWindow`) and are read to the host
+at log steps and checkpoints only. Per optimiser step, fp16 reads its skip flag, and a process
+group's stop vote reads one flag a step late (no wait for the step since). Every decision that
 depends on the process goes through :mod:`fastebm.distributed` (rank 0 writes files; verdicts are
-agreed across ranks); the module a distributed wrapper wraps is the ``RestorationObjective`` (all T
-steps and the loss in one forward; docs/design.md §8).
+agreed across ranks); the module a distributed wrapper wraps is the ``RestorationObjective`` (all
+T steps and the loss in one forward; docs/design.md §8).
 """
 from __future__ import annotations
 
@@ -31,81 +34,24 @@ from typing import Any, Dict, Optional
 import torch
 
 from .. import distributed
-from ..checkpoint import LAST, find_resume_checkpoint, load_checkpoint
 from ..corrupt import prepare_batch
-from ..data.builtin import BuiltinDemoData
-from ..data.streams import resolve_loader
-from ..errors import CheckpointError, DataError, DistributedFailure, FastEBMError, TrainingDiverged
-from ..models import PRESETS
-from ..threads import configure_threads
-from .build import (autocast_dtype, batch_plan, build_data, build_objective, check_corruption, micro_batch_stream,
-                    plain_objective, preview_images)
-from .checkpoint import check_resume_config, keep_epoch_checkpoint, save_collective
-from .config import TrainConfig, save_yaml
+from ..errors import DataError, TrainingDiverged
+from ..runlog import Console
+from .build import micro_batch_stream, plain_objective
+from .checkpoint import keep_epoch_checkpoint, save_collective
 from .evaluation import compare_evaluations, demo_evaluation
-from ..runlog import Console, MetricsLogger
-from ..signals import StartupInterrupted, StopRequest
-from .faults import RestorationWatch, injected_nan_steps
-from .optim import build_optimizer, step_unless
-from .rng import restore_rng_state, seed_everything
-from .schedule import lr_at, scaled_lr
-from .run_dir import check_output_dir, prepare_output_dir
-from .state import LoopState
-from .summary import interrupted_before_training, log_results, metrics_summary, write_summary
-from .window import MetricsWindow
+from .faults import StopVote, injected_nan_steps
+from .optim import step_unless
+from .schedule import lr_at
+from .startup import TrainerStartup
+from .summary import log_results, run_summary, write_summary
 
 log = logging.getLogger(__name__)
 
 
-class Trainer:
-    """One training job as configured (every process of a torchrun job builds one)."""
-
-    def __init__(self, cfg: TrainConfig, info: distributed.DistInfo, stop: Optional[StopRequest] = None):
-        """Set-up, reading only: the output folder's check, data (a bad folder fails before any model is
-        built), loader, model, plan, optimiser. ``stop``: the signal handling :func:`train` installed
-        (None: the loop installs its own for its duration)."""
-        self.cfg, self.t_start = cfg, time.time()
-        self.device = info.device
-        self.stop, self._owns_stop = (stop, False) if stop is not None else (StopRequest(), True)
-        self.autocast_dtype = autocast_dtype(cfg, self.device)
-        self.rank, self.world = distributed.rank(), distributed.world_size()
-        check_output_dir(cfg)  # collective: rank 0 checks, every rank raises its verdict
-        self.source = build_data(cfg, cfg.img_size or PRESETS[cfg.model]["img_size"])
-        self.is_demo = isinstance(self.source, BuiltinDemoData)
-        self.loader = resolve_loader(cfg.loader, self.device, self.source)
-        self._startup_vote()  # scanning a large folder takes a while: a stop request during it ends here
-        seed_everything(cfg.seed)
-        self.objective = build_objective(cfg).to(self.device)
-        self.model = self.objective.model
-        check_corruption(cfg, self.model.img_size[0], self.model.patch_size)
-        self.plan = batch_plan(cfg, len(self.source), self.world, self.rank)
-        steps_per_epoch = self.plan.steps_per_epoch
-        base_lr = cfg.lr if cfg.lr is not None else scaled_lr(cfg.blr, cfg.batch_size, cfg.accum_iter, self.world)
-        self.schedule = {"base_lr": base_lr,
-                         "min_lr": cfg.min_lr, "warmup_steps": int(round(cfg.warmup_epochs * steps_per_epoch)),
-                         "total_steps": cfg.epochs * steps_per_epoch, "steps_per_epoch": steps_per_epoch}
-        self.total_steps = self.schedule["total_steps"]
-        self.end_step = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
-        if cfg.fsdp and self.world > 1:
-            log.info("fastebm-train: --fsdp: " + distributed.FSDP_SUMMARY)
-            distributed.shard_fsdp(self.objective, self.device)
-        elif cfg.fsdp:
-            log.warning("--fsdp with a single process: nothing to shard, training unsharded")
-        self.optimizer = build_optimizer(self.objective, lr=self.schedule["base_lr"], weight_decay=cfg.weight_decay,
-                                         device=self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
-        self.wrapped = self.objective  # what the loop calls; DDP around the objective under torchrun (start)
-        self.state = LoopState()
-        self.window = MetricsWindow(self.device, cfg.accum_iter)
-        self.resumed_from: Optional[str] = None
-        self.last_path = os.path.join(cfg.output_dir, LAST)
-        self.watch = RestorationWatch(self.schedule["warmup_steps"])
-
-    def _startup_vote(self) -> None:
-        """Before the first step: ends the run on every rank together if any rank got SIGTERM/SIGINT
-        (one process has already raised from the signal handler)."""
-        if distributed.any_rank(self.stop.requested):
-            raise StartupInterrupted(self.stop.name)
+class Trainer(TrainerStartup):
+    """One training job as configured: set-up, resume and start (:class:`~fastebm.train.startup.TrainerStartup`),
+    then the loop and the end (here). Every process of a torchrun job builds one."""
 
     def run(self) -> Dict[str, Any]:
         """Trains from the current state to ``end_step`` (or a stop request); returns the summary."""
@@ -115,63 +61,6 @@ class Trainer:
         self.loop()
         return self.finish()
 
-    # ------------------------------------------------------------------ resume
-    def resume(self) -> None:
-        """Loads ``--resume`` (a path, or ``auto``: OUTPUT_DIR's newest loadable checkpoint) into this run."""
-        cfg = self.cfg
-        if cfg.resume is None:
-            return
-        if cfg.resume == "auto":
-            ckpt, path = find_resume_checkpoint(cfg.output_dir)
-            if ckpt is None:
-                log.info(f"--resume auto: no checkpoint in {cfg.output_dir}; starting from scratch")
-                return
-        else:
-            ckpt, path = load_checkpoint(cfg.resume), cfg.resume
-        check_resume_config(ckpt, cfg, path, self.world)
-        try:
-            distributed.load_from_checkpoint(self.objective, self.optimizer, ckpt["model"], ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit this model/optimiser: "
-                                  f"{str(exc).splitlines()[0][:200]}") from None
-        if ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.state = LoopState.from_checkpoint(ckpt)
-        per_rank = ckpt.get("rng_per_rank") or []
-        restore_rng_state(per_rank[self.rank] if len(per_rank) == self.world else ckpt["rng"])
-        self.resumed_from = path
-        log.info(f"resumed from {path} at step {self.state.step}")
-
-    # ------------------------------------------------------------------ before the first step
-    def start(self) -> None:
-        """DDP wrapping, config.yaml, the metrics log, the banner and the demo's initial evaluation."""
-        cfg, st = self.cfg, self.state
-        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        if restart > 0 and cfg.resume is None:
-            log.warning(f"torchrun restarted this job (attempt {restart + 1}) but --resume is not set: training starts "
-                        f"from scratch; add --resume auto to continue from {self.last_path}")
-        # One forward per backward over the whole objective (all T steps and the loss): DDP wraps it.
-        if self.world > 1 and not distributed.is_sharded(self.objective):
-            self.wrapped = distributed.wrap_ddp(self.objective, self.device)
-        st.status = "completed" if self.end_step == self.total_steps else "stopped_at_max_steps"
-        if distributed.is_main():  # every check has passed: only now is the output folder touched
-            prepare_output_dir(cfg)
-            save_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-        self.metrics = MetricsLogger(cfg.output_dir, enabled=distributed.is_main(),
-                                     resume_step=st.step if self.resumed_from else None)
-        self.preview = preview_images(self.source)
-        n_params = sum(p.numel() for p in self.model.parameters()) / 1e6
-        log.info(f"fastebm-train: {cfg.model} ({self.model.img_size[0]} px, {n_params:.2f} M params) on {self.device}, "
-                 f"{'built-in demo data' if self.is_demo else cfg.data} ({len(self.source)} samples, "
-                 f"{self.loader} loader), {self.plan.steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-                 f"lr {self.schedule['base_lr']:.3g}{' (--lr)' if cfg.lr is not None else ''}, "
-                 f"tasks {','.join(cfg.tasks)}, T={cfg.steps}; output {cfg.output_dir}")
-        if self.is_demo and cfg.demo_eval and not st.eval_init and st.step == 0 and distributed.is_main():
-            st.eval_init = demo_evaluation(self.objective, self.source, cfg, self.device)
-            log.info(f"initial model: psnr gain {st.eval_init['psnr_gain_db']:+.2f} dB, "
-                     f"linear probe {st.eval_init['linprobe_acc']:.3f}")
-
-    # ------------------------------------------------------------------ the loop
     def loop(self) -> None:
         """Every micro-batch from the current step to ``end_step``; stops early on a stop request."""
         cfg, st = self.cfg, self.state
@@ -183,6 +72,7 @@ class Trainer:
             self.params = [p for p in self.objective.parameters() if p.requires_grad]
             self._startup_vote()
             self.stop.immediate = False  # from now on a stop request waits for the step boundary and saves
+            self.vote = StopVote(self.stop)
             self.console = Console(self.end_step, st.step, enabled=distributed.is_main())
             self.window.reset()
             try:
@@ -247,7 +137,8 @@ class Trainer:
         """Optimiser step ``s`` once all its micro-batches are in; returns its learning rate.
 
         Skipped (weights and AdamW state unchanged) when a loss or the gradient norm is non-finite on
-        any rank: one all-reduce of one flag (none without a process group), applied on the device by
+        any rank: one all-reduce (none without a process group) of that flag and the stop request
+        (:class:`~fastebm.train.faults.StopVote`), applied on the device by
         :func:`~fastebm.train.optim.step_unless`, read at the next log step or checkpoint. fp16 reads
         it here: GradScaler has no way to leave its scale alone for a step vetoed on the device.
         """
@@ -257,16 +148,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler.is_enabled():
-            bad = distributed.any_rank_flags(window.step_bad.reshape(1))
+            bad = self._agree(window.step_bad)
             norm = torch.full((), float("nan"), device=self.device)
-            if not bool(bad):  # the one host read per optimiser step, fp16 only (see above)
+            if not bool(bad):  # the one device read per optimiser step, fp16 only (see above)
                 self.scaler.unscale_(self.optimizer)
                 norm = self._clip_gradients()
                 self.scaler.step(self.optimizer)  # the scaler itself skips inf/NaN gradients (not counted as skipped)
                 self.scaler.update()
         else:
             norm = self._clip_gradients()
-            bad = distributed.any_rank_flags((window.step_bad | ~torch.isfinite(norm)).reshape(1))
+            bad = self._agree(window.step_bad | ~torch.isfinite(norm))
             step_unless(self.optimizer, bad)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step = s + 1
@@ -274,6 +165,13 @@ class Trainer:
         self.console.step()
         window.end_step(s, bad, norm, cfg.batch_size * cfg.accum_iter * self.world)
         return lr
+
+    def _agree(self, bad: torch.Tensor) -> torch.Tensor:
+        """This rank's skip flag -> the verdict of every rank, shape (1,), on the device and not read. The
+        same all-reduce carries the stop vote (:class:`~fastebm.train.faults.StopVote`)."""
+        agreed = distributed.any_rank_flags(self.vote.flags(bad))
+        self.vote.post(agreed)
+        return agreed[:1]
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clips to --clip_grad (if set); the total gradient norm as a plain tensor on the device (not read)."""
@@ -319,7 +217,7 @@ class Trainer:
             plain = plain_objective(cfg, self.objective, self.device)  # collective under FSDP2
             if distributed.is_main():
                 self._draw_pictures(plain)
-        if distributed.any_rank(self.stop.requested):  # every rank joins the vote, so all stop together
+        if self.vote.agreed():  # every rank gets the same answer at the same step, so all stop together
             self._stop_at_boundary()
             return True
         # No periodic checkpoint during a run of non-finite steps: the last one before it stays the fallback.
@@ -370,13 +268,8 @@ class Trainer:
         cfg, st = self.cfg, self.state
         if not st.interrupted:
             self.save()
-        summary: Dict[str, Any] = {
-            "status": st.status, "step": st.step, "total_steps": self.total_steps,
-            "epoch": st.step / self.plan.steps_per_epoch, "device": str(self.device), "loader": self.loader,
-            "num_threads": torch.get_num_threads(),
-            "skipped_files": {"count": len(st.bad_files), "files": st.bad_files[:100]},
-            "skipped_steps": st.skipped_steps, "checkpoint": self.last_path}
-        summary.update(metrics_summary(cfg.output_dir))
+        summary = run_summary(st, self.total_steps, self.plan.steps_per_epoch, device=self.device, loader=self.loader,
+                              checkpoint=self.last_path, output_dir=cfg.output_dir)
         if not st.interrupted:
             self._final_outputs(summary)
         if st.bad_files:
@@ -408,39 +301,3 @@ class Trainer:
 
 def one_line_reason(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200]
-
-
-def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Runs one training job as configured; returns the summary (also written to summary.json).
-
-    Under torchrun every process calls this: it joins the process group (NCCL on CUDA, gloo on
-    CPU), trains its slice of every global batch under DDP (or FSDP2 with ``--fsdp``) and leaves
-    the group at the end. Raises the errors of :mod:`fastebm.errors`: UsageError, DataError,
-    CheckpointError, TrainingDiverged, DistributedSetupError, and DistributedFailure naming the
-    peer that died or hung.
-    """
-    owns_group = not distributed.is_initialized()
-    # Installed first: a signal during start-up (data scan, demo evaluation) ends the run cleanly too.
-    stop = StopRequest(immediate=not distributed.launched_by_torchrun()).install()
-    trainer, info = None, None
-    try:
-        info = distributed.init_distributed(cfg.device, cfg.dist_backend, cfg.dist_timeout)
-        configure_threads(None if cfg.threads == "auto" else int(cfg.threads), info.local_world_size)
-        stop.immediate = not info.distributed  # several processes leave start-up together (Trainer._startup_vote)
-        trainer = Trainer(cfg, info, stop)
-        return trainer.run()
-    except StartupInterrupted as exc:
-        if trainer is not None and hasattr(trainer, "metrics"):
-            trainer.metrics.close()
-        resumed = trainer.resumed_from if trainer is not None else None
-        return interrupted_before_training(cfg, exc.name, trainer.state.step if resumed else 0, resumed)
-    except (FastEBMError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        if info is not None and info.distributed and distributed.is_collective_failure(exc):
-            raise DistributedFailure(distributed.explain_failure(exc)) from exc
-        raise
-    finally:
-        stop.uninstall()
-        if owns_group:
-            distributed.destroy_distributed()
