@@ -265,7 +265,10 @@ def test_scattered_bad_files_match_the_torch_loader_on_one_and_two_ranks(dali, f
     plan = BatchPlan(len(source), 3, 2, 1, 0, seed=source.seed)
     got, ref = _dali_equals_torch(source, plan, index, (0, 2 * plan.steps_per_epoch))
     _assert_substitution_rule(source, plan, ref, bad)
-    assert {b.split(" (", 1)[0] for batch in got for b in batch["bad"]} == bad  # all met in two epochs
+    # Which bad files two epochs meet depends on the drawn order (an epoch drops its last partial step):
+    # the rule above checked each report exactly; here, that some were met and only bad ones.
+    met = {b.split(" (", 1)[0] for batch in got for b in batch["bad"]}
+    assert met and met <= bad
     for rank in range(2):  # the file list spans both ranks: each rank's substitutes are still the torch loader's
         _dali_equals_torch(source, BatchPlan(len(source), 3, 1, 2, rank, seed=source.seed), index, (1, 3))
 
