@@ -84,7 +84,11 @@ class RestorationObjective(nn.Module):
         steps: number of gradient steps ``T`` (>= 1).
         grad_mode: ``"exact"`` or ``"truncated"`` (see the module docstring).
         alpha_init: initial step size of every step; each step learns its own
-            ``alpha_t = softplus(a_t)``.
+            ``alpha_t = softplus(a_t)``. Default 10: with AdamW the logits move ~lr per step, so over a
+            short run the step sizes stay near their start and this is effectively a hyper-parameter.
+            Measured on vit_demo (2 epochs, built-in data, 3 seeds): linear probe 0.893 +- 0.004 at 10
+            vs 0.867 at 3 and 0.838 +- 0.011 at 1 (0.1: 0.64, 30: 0.87, one seed); k-NN, 100-label probe
+            and fine-tuning improve too (issue 12).
         learn_alpha: if False the step sizes stay fixed.
         noise_sigma: standard deviation of optional Langevin noise added after each step (0 = off).
         engine: how ``dE/dx`` with a graph is computed: ``"eager"`` (default),
@@ -107,7 +111,7 @@ class RestorationObjective(nn.Module):
         model: nn.Module,
         steps: int = 2,
         grad_mode: str = "exact",
-        alpha_init: float = 1.0,
+        alpha_init: float = 10.0,
         learn_alpha: bool = True,
         noise_sigma: float = 0.0,
         engine: str = "eager",
