@@ -24,7 +24,8 @@ import yaml
 from .errors import UsageError
 
 __all__ = ["ArgumentParser", "option", "parse_bool", "optional", "field_type", "field_choices", "is_list",
-           "add_config_flag", "add_field_flags", "coerce", "read_yaml_mapping", "read_config_file", "to_dict"]
+           "add_config_flag", "add_field_flags", "coerce", "read_yaml_mapping", "read_config_file", "to_dict",
+           "check_device"]
 
 NONE_WORDS = ("none", "null", "")  # what an Optional flag reads as None
 
@@ -190,3 +191,11 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
     """A settings dataclass as a plain dict (tuples and lists as new lists) for checkpoints, JSON and YAML."""
     return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), (list, tuple)) else v)
             for f in dataclasses.fields(cfg)}
+
+
+def check_device(value: str) -> str:
+    """A ``--device`` value lower-cased and stripped: auto, cpu, cuda or cuda:N; UsageError otherwise."""
+    dev = value.strip().lower()
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (got {value!r})")
+    return dev

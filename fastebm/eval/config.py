@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Type
 
 from ..errors import UsageError
-from ..settings import ArgumentParser, add_config_flag, add_field_flags, coerce, read_config_file, to_dict
+from ..settings import (ArgumentParser, add_config_flag, add_field_flags, check_device, coerce, read_config_file,
+                        to_dict)
 from ..settings import option as _opt
 from .recipes import fill_recipe
 
@@ -212,10 +213,7 @@ def validate(cfg):
             raise UsageError(f"--{name} must be between 0 and 1 (got {v})")
     if getattr(cfg, "k_sweep", None) is not None and any(k < 1 for k in cfg.k_sweep):
         raise UsageError(f"--k_sweep values must be >= 1 (got {list(cfg.k_sweep)})")
-    dev = cfg.device.strip().lower()
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
-    cfg.device = dev
+    cfg.device = check_device(cfg.device)
     if not cfg.output_dir:
         raise UsageError("--output_dir must not be empty")
     if getattr(cfg, "resume", None) not in (None, "auto") and not os.path.isfile(cfg.resume):
