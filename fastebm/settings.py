@@ -55,7 +55,8 @@ def parse_bool(text: Any) -> bool:
 
 
 def optional(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``conv`` that also reads none/null/empty (and ``None``) as None; keeps ``conv``'s name for argparse's messages."""
+    """``conv`` that also reads none/null/empty (and ``None``) as None; keeps ``conv``'s name for
+    argparse's messages."""
     def parse(text):
         if text is None or str(text).strip().lower() in NONE_WORDS:
             return None
@@ -110,7 +111,8 @@ def add_config_flag(parser: argparse.ArgumentParser) -> None:
                         help="YAML file whose keys are flag names; command-line flags override it")
 
 
-def add_field_flags(parser: argparse.ArgumentParser, cls: type, aliases: Mapping[str, str] = types.MappingProxyType({})) -> None:
+def add_field_flags(parser: argparse.ArgumentParser, cls: type,
+                    aliases: Mapping[str, str] = types.MappingProxyType({})) -> None:
     """One flag ``--NAME`` per field of dataclass ``cls`` (destination NAME), plus ``--ALIAS`` for
     every ``aliases`` entry ``ALIAS -> NAME``; defaults are the fields' defaults. A bool flag alone
     means true (``--flag``, ``--flag false``)."""

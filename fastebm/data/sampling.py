@@ -144,7 +144,8 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return self.num_samples // (self.global_micro_batch * self.accum_iter)
 
-    def epoch_parts(self, start_step: int, end_step: Optional[int] = None) -> Iterator[Tuple[int, List[Tuple[int, int]]]]:
+    def epoch_parts(self, start_step: int,
+                    end_step: Optional[int] = None) -> Iterator[Tuple[int, List[Tuple[int, int]]]]:
         """Steps [start_step, end_step) (``None``: without end) cut at epoch boundaries: per part, its
         epoch and its ``(step, micro)`` schedule in order. The loaders start one reader per part, so a
         run resumed mid-epoch reads only the rest of that epoch."""
