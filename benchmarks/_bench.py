@@ -180,18 +180,13 @@ class RowLog:
 
 
 def atomic_write(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (no half-written file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``text`` as the whole of ``path``, its folder made first, through fastebm's atomic writer
+    (:func:`fastebm.files.atomic_write_text`: temp file + rename, never half-written). Imported here,
+    not at the top: importing fastebm imports torch (not triton), and this module stays light."""
+    from fastebm.files import atomic_write_text
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def write_report(report: dict, markdown: str, out_dir: str, stem: str) -> str:

@@ -13,18 +13,29 @@ Modules log to ``logging.getLogger(__name__)`` (the ``fastebm`` tree). A command
   same ``PROG: warning:`` prefix, on stderr, by every rank that raises one.
 
 Library use without :func:`setup_logging` prints nothing below WARNING, as usual for logging.
+:func:`one_line` makes any message (an exception's, a library's) one plain console line.
 """
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 
 from .distributed.process import is_main
 
-__all__ = ["setup_logging"]
+__all__ = ["setup_logging", "one_line"]
 
 _ROOT = "fastebm"
+
+# CSI sequences (colours, bold: ESC [ ... letter), other ESC sequences, then any control character left.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def one_line(text) -> str:
+    """``str(text)`` as one plain line: terminal escape sequences and control characters (that some
+    library messages carry) removed, line breaks and tabs folded into single spaces."""
+    return " ".join(_ESCAPES.sub("", str(text).replace("\t", " ")).split())
 
 
 class _RankZeroFilter(logging.Filter):

@@ -27,15 +27,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_tiles import (acc_const, dot_t, load_row, load_tile, log2e, mask_tile, program_ids, sbar_tile,
-                              store_row, store_tile)
+from .attention_tiles import (dot_t, load_row, load_row_stats, load_tile, probs, program_tile, sbar_tile, scales,
+                              store_row, store_tile, u_tile)
 
 
 @triton.jit
-def _probs(q, k, lse2, offs_m, NQ, offs_n, NK, qk_scale, DOT_PREC: tl.constexpr, EVEN_N: tl.constexpr):
-    # P of one (query tile, key tile) pair; padded keys get P = 0 (padded query rows are never stored).
-    p = tl.exp2(qk_scale * dot_t(q, k, DOT_PREC) - lse2[:, None])
-    return mask_tile(p, offs_m, NQ, offs_n, NK, True, EVEN_N)
+def _query_tiles(q_base, g_base, gq_base, offs_m, offs_d, stride_qn, stride_qd, stride_gn, stride_gd, stride_gqn,
+                 stride_gqd, NQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr):
+    # Q, G (= dO) and gQ rows offs_m of one (batch, head): the query side of every product.
+    q = load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
+    g = load_tile(g_base, offs_m, offs_d, stride_gn, stride_gd, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
+    gq = load_tile(gq_base, offs_m, offs_d, stride_gqn, stride_gqd, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
+    return q, g, gq
+
+
+@triton.jit
+def _key_tiles(k_base, v_base, gk_base, gv_base, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+               stride_gkn, stride_gkd, stride_gvn, stride_gvd, NK, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               EVEN_N: tl.constexpr):
+    # K, V, gK and gV rows offs_n of one (batch, head): the key side of every product.
+    k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
+    v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
+    gk = load_tile(gk_base, offs_n, offs_d, stride_gkn, stride_gkd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
+    gv = load_tile(gv_base, offs_n, offs_d, stride_gvn, stride_gvd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
+    return k, v, gk, gv
 
 
 @triton.jit(do_not_specialize=["NQ", "NK"])
@@ -49,19 +64,13 @@ def _attn_dbwd_row_kernel(
     HEAD_DIM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    scale = acc_const(scale_hi, scale_lo, ACC)
-    qk_scale = scale * log2e(ACC)
-    tile, h, b = program_ids()
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, stride_qd, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
-    g = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, stride_dod, NQ, HEAD_DIM, BLOCK_D,
-                  EVEN_M)
-    gq = load_tile(GQ + b * stride_gqb + h * stride_gqh, offs_m, offs_d, stride_gqn, stride_gqd, NQ, HEAD_DIM, BLOCK_D,
-                   EVEN_M)
+    scale, qk_scale = scales(scale_hi, scale_lo, ACC)
+    offs_m, offs_d, h, b = program_tile(BLOCK_M, BLOCK_D)
+    q, g, gq = _query_tiles(Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                            GQ + b * stride_gqb + h * stride_gqh, offs_m, offs_d, stride_qn, stride_qd, stride_don,
+                            stride_dod, stride_gqn, stride_gqd, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
     row = (b * H + h) * NQ
-    lse2 = load_row(LSE + row, offs_m, NQ, EVEN_M) * log2e(ACC)
-    delta = load_row(DELTA + row, offs_m, NQ, EVEN_M)
+    lse2, delta = load_row_stats(LSE, DELTA, row, offs_m, NQ, ACC, EVEN_M)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     gk_base = GK + b * stride_gkb + h * stride_gkh
@@ -73,12 +82,10 @@ def _attn_dbwd_row_kernel(
     c2 = tl.zeros([BLOCK_M], ACC)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
-        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
-        gk = load_tile(gk_base, offs_n, offs_d, stride_gkn, stride_gkd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
-        gv = load_tile(gv_base, offs_n, offs_d, stride_gvn, stride_gvd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
-        p = _probs(q, k, lse2, offs_m, NQ, offs_n, NK, qk_scale, DOT_PREC, EVEN_N)
-        u = scale * (dot_t(gq, k, DOT_PREC) + dot_t(q, gk, DOT_PREC))
+        k, v, gk, gv = _key_tiles(k_base, v_base, gk_base, gv_base, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, stride_gkn, stride_gkd, stride_gvn, stride_gvd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
+        p = probs(q, k, lse2[:, None], offs_n, NK, qk_scale, DOT_PREC, EVEN_N)
+        u = u_tile(q, gq, k, gk, scale, DOT_PREC)
         dp = dot_t(g, v, DOT_PREC)
         r += tl.sum(p * u, 1)
         c1 += tl.sum(p * (dot_t(g, gv, DOT_PREC) + u * (dp - delta[:, None])), 1)
@@ -91,15 +98,13 @@ def _attn_dbwd_row_kernel(
     gbar = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
-        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
-        gk = load_tile(gk_base, offs_n, offs_d, stride_gkn, stride_gkd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
-        gv = load_tile(gv_base, offs_n, offs_d, stride_gvn, stride_gvd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
+        k, v, gk, gv = _key_tiles(k_base, v_base, gk_base, gv_base, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, stride_gkn, stride_gkd, stride_gvn, stride_gvd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
         # All products first, then the accumulations: fewer spills here than the column kernel's
         # order (compile_check on sm_90: none in bf16 d = 64, about half in fp32).
-        p = _probs(q, k, lse2, offs_m, NQ, offs_n, NK, qk_scale, DOT_PREC, EVEN_N)
+        p = probs(q, k, lse2[:, None], offs_n, NK, qk_scale, DOT_PREC, EVEN_N)
         dp_c = dot_t(g, v, DOT_PREC) - delta[:, None]
-        u_r = scale * (dot_t(gq, k, DOT_PREC) + dot_t(q, gk, DOT_PREC)) - r[:, None]
+        u_r = u_tile(q, gq, k, gk, scale, DOT_PREC) - r[:, None]
         sbar = sbar_tile(p, dot_t(g, gv, DOT_PREC), u_r, dp_c, rdc[:, None])
         qbar += tl.dot((p * dp_c).to(gk.dtype), gk, input_precision=DOT_PREC)  # dS gK
         qbar += tl.dot(sbar.to(k.dtype), k, input_precision=DOT_PREC)  # Sbar K
@@ -123,17 +128,12 @@ def _attn_dbwd_col_kernel(
     HEAD_DIM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    scale = acc_const(scale_hi, scale_lo, ACC)
-    qk_scale = scale * log2e(ACC)
-    tile, h, b = program_ids()
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = load_tile(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
-    v = load_tile(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
-    gk = load_tile(GK + b * stride_gkb + h * stride_gkh, offs_n, offs_d, stride_gkn, stride_gkd, NK, HEAD_DIM, BLOCK_D,
-                   EVEN_N)
-    gv = load_tile(GV + b * stride_gvb + h * stride_gvh, offs_n, offs_d, stride_gvn, stride_gvd, NK, HEAD_DIM, BLOCK_D,
-                   EVEN_N)
+    scale, qk_scale = scales(scale_hi, scale_lo, ACC)
+    offs_n, offs_d, h, b = program_tile(BLOCK_N, BLOCK_D)
+    k, v, gk, gv = _key_tiles(K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                              GK + b * stride_gkb + h * stride_gkh, GV + b * stride_gvb + h * stride_gvh, offs_n, offs_d,
+                              stride_kn, stride_kd, stride_vn, stride_vd, stride_gkn, stride_gkd, stride_gvn, stride_gvd,
+                              NK, HEAD_DIM, BLOCK_D, EVEN_N)
     q_base = Q + b * stride_qb + h * stride_qh
     g_base = DO + b * stride_dob + h * stride_doh
     gq_base = GQ + b * stride_gqb + h * stride_gqh
@@ -143,21 +143,18 @@ def _attn_dbwd_col_kernel(
     vbar = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start_m in range(0, NQ, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
-        g = load_tile(g_base, offs_m, offs_d, stride_don, stride_dod, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
-        gq = load_tile(gq_base, offs_m, offs_d, stride_gqn, stride_gqd, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
-        lse2 = load_row(LSE + row, offs_m, NQ, EVEN_M) * log2e(ACC)
-        delta = load_row(DELTA + row, offs_m, NQ, EVEN_M)
+        q, g, gq = _query_tiles(q_base, g_base, gq_base, offs_m, offs_d, stride_qn, stride_qd, stride_don, stride_dod,
+                                stride_gqn, stride_gqd, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
+        lse2, delta = load_row_stats(LSE, DELTA, row, offs_m, NQ, ACC, EVEN_M)
         r = load_row(R + row, offs_m, NQ, EVEN_M)
         rdc = r * delta + load_row(C + row, offs_m, NQ, EVEN_M)
         # Each product is consumed as soon as it is formed: at most four (BLOCK_N, BLOCK_M) tiles
         # live. Chosen by compile_check on sm_90: this order has no spills in bf16 d = 64 with
         # 64-row query tiles, where the row kernel's order (all products first) spills.
-        p_t = tl.exp2(qk_scale * dot_t(k, q, DOT_PREC) - lse2[None, :])
-        p_t = mask_tile(p_t, offs_n, NK, offs_m, NQ, True, EVEN_M)  # padded key rows are never stored
+        p_t = probs(k, q, lse2[None, :], offs_m, NQ, qk_scale, DOT_PREC, EVEN_M)
         dp_c = dot_t(v, g, DOT_PREC) - delta[None, :]
         kbar += tl.dot((p_t * dp_c).to(gq.dtype), gq, input_precision=DOT_PREC)  # dS^T gQ
-        u_r = scale * (dot_t(k, gq, DOT_PREC) + dot_t(gk, q, DOT_PREC)) - r[None, :]
+        u_r = u_tile(gk, k, gq, q, scale, DOT_PREC) - r[None, :]
         vbar += tl.dot((p_t * u_r).to(g.dtype), g, input_precision=DOT_PREC)  # Dd^T G
         sbar_t = sbar_tile(p_t, dot_t(gv, g, DOT_PREC), u_r, dp_c, rdc[None, :])
         kbar += tl.dot(sbar_t.to(q.dtype), q, input_precision=DOT_PREC)  # Sbar^T Q

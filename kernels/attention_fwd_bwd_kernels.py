@@ -9,8 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_tiles import (acc_const, dot_t, ln2, load_row, load_tile, log2e, mask_tile, program_ids,
-                              store_row, store_tile)
+from .attention_tiles import (dot_t, ln2, load_row_stats, load_tile, probs, program_tile, scales, store_row,
+                              store_tile)
 
 # Sequence lengths are not specialised (do_not_specialize): Triton would otherwise compile a kernel
 # per "N divisible by 16 / N == 1 / other", and they only enter masks and loop bounds.
@@ -32,10 +32,8 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    qk_scale = acc_const(scale_hi, scale_lo, ACC) * log2e(ACC)
-    tile, h, b = program_ids()
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    _, qk_scale = scales(scale_hi, scale_lo, ACC)
+    offs_m, offs_d, h, b = program_tile(BLOCK_M, BLOCK_D)
     q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, stride_qd, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -81,9 +79,7 @@ def _attn_bwd_delta_kernel(
     H, NQ,
     HEAD_DIM: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr,
 ):
-    tile, h, b = program_ids()
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_m, offs_d, h, b = program_tile(BLOCK_M, BLOCK_D)
     o = load_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_on, stride_od, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
     do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, stride_dod, NQ, HEAD_DIM, BLOCK_D,
                    EVEN_M)
@@ -99,11 +95,8 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    scale = acc_const(scale_hi, scale_lo, ACC)
-    qk_scale = scale * log2e(ACC)
-    tile, h, b = program_ids()
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    scale, qk_scale = scales(scale_hi, scale_lo, ACC)
+    offs_n, offs_d, h, b = program_tile(BLOCK_N, BLOCK_D)
     k = load_tile(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
     v = load_tile(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
     q_base = Q + b * stride_qb + h * stride_qh
@@ -116,10 +109,8 @@ def _attn_bwd_dkdv_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
         do = load_tile(do_base, offs_m, offs_d, stride_don, stride_dod, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
-        lse2 = load_row(LSE + row, offs_m, NQ, EVEN_M) * log2e(ACC)
-        delta = load_row(DELTA + row, offs_m, NQ, EVEN_M)
-        p_t = tl.exp2(qk_scale * dot_t(k, q, DOT_PREC) - lse2[None, :])
-        p_t = mask_tile(p_t, offs_n, NK, offs_m, NQ, True, EVEN_M)  # padded key rows are never stored
+        lse2, delta = load_row_stats(LSE, DELTA, row, offs_m, NQ, ACC, EVEN_M)
+        p_t = probs(k, q, lse2[None, :], offs_m, NQ, qk_scale, DOT_PREC, EVEN_M)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         ds_t = p_t * (dot_t(v, do, DOT_PREC) - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
@@ -138,17 +129,13 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    scale = acc_const(scale_hi, scale_lo, ACC)
-    qk_scale = scale * log2e(ACC)
-    tile, h, b = program_ids()
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    scale, qk_scale = scales(scale_hi, scale_lo, ACC)
+    offs_m, offs_d, h, b = program_tile(BLOCK_M, BLOCK_D)
     q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, stride_qd, NQ, HEAD_DIM, BLOCK_D, EVEN_M)
     do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, stride_dod, NQ, HEAD_DIM, BLOCK_D,
                    EVEN_M)
     row = (b * H + h) * NQ
-    lse2 = load_row(LSE + row, offs_m, NQ, EVEN_M) * log2e(ACC)
-    delta = load_row(DELTA + row, offs_m, NQ, EVEN_M)
+    lse2, delta = load_row_stats(LSE, DELTA, row, offs_m, NQ, ACC, EVEN_M)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
@@ -157,8 +144,7 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
         v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, NK, HEAD_DIM, BLOCK_D, EVEN_N)
-        p = tl.exp2(qk_scale * dot_t(q, k, DOT_PREC) - lse2[:, None])
-        p = mask_tile(p, offs_m, NQ, offs_n, NK, True, EVEN_N)  # padded query rows are never stored
+        p = probs(q, k, lse2[:, None], offs_n, NK, qk_scale, DOT_PREC, EVEN_N)
         ds = p * (dot_t(do, v, DOT_PREC) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 

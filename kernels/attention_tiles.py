@@ -3,8 +3,8 @@
 Conventions of every kernel in ``fastebm.kernels.attention``:
 
 - Grid ``(tiles, H, B)``: the tile index is the fastest axis, so consecutive programs work on one
-  (batch, head) and share its K/V (or Q) tiles from L2; :func:`program_ids` returns
-  ``(tile, h, b)`` with ``h`` and ``b`` as int64 (offsets of large tensors overflow int32).
+  (batch, head) and share its K/V (or Q) tiles from L2; :func:`program_tile` returns the program's
+  rows, the head-dim columns and ``h``, ``b`` as int64 (offsets of large tensors overflow int32).
 - Input tensors arrive with their four strides ``(b, h, n, d)``, so views (the ViT's q/k/v are
   slices of one qkv projection) are read in place; the JIT specialises a unit stride to a constant.
   Outputs and row statistics (``LSE``, ``DELTA``, ``R``, ``C``) are contiguous, allocated by the wrappers.
@@ -30,11 +30,6 @@ LN2_LO = tl.constexpr(float(np.float32(_LN2 - float(np.float32(_LN2)))))
 
 
 @triton.jit
-def program_ids():
-    return tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2).to(tl.int64)
-
-
-@triton.jit
 def acc_const(hi, lo, ACC: tl.constexpr):
     # A constant (or the scale) that arrives as two float32 halves, summed in the accumulation dtype.
     return tl.cast(hi, ACC) + tl.cast(lo, ACC)
@@ -48,6 +43,22 @@ def log2e(ACC: tl.constexpr):
 @triton.jit
 def ln2(ACC: tl.constexpr):
     return acc_const(LN2_HI, LN2_LO, ACC)
+
+
+@triton.jit
+def scales(scale_hi, scale_lo, ACC: tl.constexpr):
+    # The softmax scale s, and qk_scale = s log2 e that turns scores into base-2 exponents.
+    scale = acc_const(scale_hi, scale_lo, ACC)
+    return scale, scale * log2e(ACC)
+
+
+@triton.jit
+def program_tile(BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # (rows of this program's resident tile, head-dim columns, head, batch) on the (tiles, H, B) grid.
+    tile = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    return tile * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK_D), h, b
 
 
 @triton.jit
@@ -103,25 +114,38 @@ def store_row(base, x, offs_row, N, EVEN_ROWS: tl.constexpr):
 
 
 @triton.jit
-def mask_tile(x, offs_row, NR, offs_col, NC, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
-    # x where (row, col) is inside (NR, NC), else 0; no work on an even launch. Padded rows/columns
-    # read zeros, but exp2(0 - lse) is not 0 (and inf for lse < ~-88 in float32), so probabilities
-    # of padded pairs are zeroed explicitly.
-    if EVEN_ROWS:
-        if not EVEN_COLS:
-            x = tl.where((offs_col < NC)[None, :], x, 0.0)
-    else:
-        if EVEN_COLS:
-            x = tl.where((offs_row < NR)[:, None], x, 0.0)
-        else:
-            x = tl.where((offs_row < NR)[:, None] & (offs_col < NC)[None, :], x, 0.0)
-    return x
-
-
-@triton.jit
 def dot_t(a, b, DOT_PREC: tl.constexpr):
     # a b^T; b^T is a shared-memory operand layout, not a register-tile transpose.
     return tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
+
+
+@triton.jit
+def load_row_stats(LSE, DELTA, row, offs_m, NQ, ACC: tl.constexpr, EVEN_M: tl.constexpr):
+    # (lse log2 e, delta) of query rows offs_m: what the base-2 probabilities subtract, and rowsum(O dO).
+    lse2 = load_row(LSE + row, offs_m, NQ, EVEN_M) * log2e(ACC)
+    return lse2, load_row(DELTA + row, offs_m, NQ, EVEN_M)
+
+
+@triton.jit
+def probs(a, b, lse2, offs_col, NC, qk_scale, DOT_PREC: tl.constexpr, EVEN_COLS: tl.constexpr):
+    # The softmax probabilities recomputed from the saved lse: P = exp2(qk_scale Q K^T - lse2[:, None])
+    # for (a, b) = (Q, K), or P^T for (a, b) = (K, Q) and lse2[None, :] (the caller broadcasts lse2).
+    # Only the columns (offs_col < NC) are masked: padded rows are never stored. Padded rows and
+    # columns read zeros, but exp2(0 - lse) is not 0 (and inf for lse < ~-88 in float32), so
+    # probabilities of padded pairs are zeroed explicitly; no work on an even launch.
+    p = tl.exp2(qk_scale * dot_t(a, b, DOT_PREC) - lse2)
+    if not EVEN_COLS:
+        p = tl.where((offs_col < NC)[None, :], p, 0.0)
+    return p
+
+
+@triton.jit
+def u_tile(a, ga, b, gb, scale, DOT_PREC: tl.constexpr):
+    # s (ga b^T + a gb^T): U = s (gQ K^T + Q gK^T), the scores' derivative along the cotangents
+    # (docs/design.md §5), for (a, ga, b, gb) = (Q, gQ, K, gK); U^T = s (K gQ^T + gK Q^T) for
+    # (gK, K, gQ, Q) (the form is symmetric in swapping each tile with its cotangent). The column
+    # kernel passes that order: it sums K gQ^T first, which spills less there (compile_check, sm_90).
+    return scale * (dot_t(ga, b, DOT_PREC) + dot_t(a, gb, DOT_PREC))
 
 
 @triton.jit

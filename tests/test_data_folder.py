@@ -1,4 +1,5 @@
 """--data folders: scanning, conversion to RGB, deterministic crops, bad files and bad folders."""
+import itertools
 import os
 import subprocess
 import sys
@@ -61,6 +62,19 @@ def test_global_batch_is_split_across_ranks():
     # every sample of an epoch is used at most once
     seen = [k.index for s in range(single.steps_per_epoch) for m in range(accum) for k in single.micro_batch_keys(s, m)]
     assert len(seen) == len(set(seen))
+
+
+def test_epoch_parts_cover_the_steps_once_cut_at_epoch_boundaries():
+    plan = BatchPlan(97, 4, accum_iter=3, seed=1)  # 8 steps per epoch
+    spe = plan.steps_per_epoch
+    for start, end in ((0, 1), (5, 21), (spe, 2 * spe), (11, None)):
+        parts = list(itertools.islice(plan.epoch_parts(start, end), 4))
+        flat = [sm for _, sm in parts for sm in sm]
+        want_end = end if end is not None else (start // spe + 4) * spe  # four parts of an endless run
+        assert flat == [(s, m) for s in range(start, want_end) for m in range(3)]
+        for epoch, schedule in parts:  # one epoch per part, and each part as long as possible
+            assert {s // spe for s, _ in schedule} == {epoch}
+        assert [e for e, _ in parts] == list(range(start // spe, start // spe + len(parts)))
 
 
 def test_corrupt_files_are_skipped_and_reported(tmp_path, capsys):

@@ -256,6 +256,18 @@ class Job:
             time.sleep(0.1)
         raise AssertionError(f"no worker with RANK={rank} under launcher {self.proc.pid}")
 
+    def signal_worker(self, rank: int, sig: int, after: str, timeout: float):
+        """Once /after/ is in the output, sends ``sig`` to worker ``rank``; returns (the job's exit code,
+        seconds from the signal to its end). Kills what is left of the job whatever happens."""
+        try:
+            self.wait_for(after)
+            t0 = time.time()
+            os.kill(self.worker_pid(rank), sig)
+            code = self.finish(timeout)
+            return code, time.time() - t0
+        finally:
+            self.kill()
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)  # the job's own session, started by this test
@@ -354,14 +366,7 @@ def test_cli_killed_rank_fails_fast_naming_it(image_folder, tmp_path):
     assert script, "the fastebm-train console script is not installed (pip install -e .)"
     args = train_args(image_folder, str(tmp_path / "k"), 2, "--max_steps", "12")[len(TRAIN):]
     job = Job(torchrun_cmd(2, script, *args))
-    try:
-        job.wait_for(r"^step 1/12")
-        t0 = time.time()
-        os.kill(job.worker_pid(1), signal.SIGKILL)
-        code = job.finish(120)
-        elapsed = time.time() - t0
-    finally:
-        job.kill()
+    code, elapsed = job.signal_worker(1, signal.SIGKILL, after=r"^step 1/12", timeout=120)
     assert code != 0
     assert elapsed < 120
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)[\s\S]*?exitcode\s*:\s*-9", job.output), job.output[-3000:]
@@ -371,14 +376,7 @@ def test_cli_hung_rank_times_out_naming_it(image_folder, tmp_path):
     """SIGSTOP freezes rank 1: rank 0's next collective times out (--dist_timeout 10) and names rank 1."""
     job = Job(torchrun_cmd(2, *train_args(image_folder, str(tmp_path / "h"), 2, "--max_steps", "12",
                                           "--dist_timeout", "10")))
-    try:
-        job.wait_for(r"^step 1/12")
-        t0 = time.time()
-        os.kill(job.worker_pid(1), signal.SIGSTOP)
-        code = job.finish(150)
-        elapsed = time.time() - t0
-    finally:
-        job.kill()
+    code, elapsed = job.signal_worker(1, signal.SIGSTOP, after=r"^step 1/12", timeout=150)
     assert code != 0
     assert elapsed < 120, f"took {elapsed:.0f} s"
     assert re.search(r"fastebm-train: error: rank 0 of 2: .*rank 1 has shown no sign of life", job.output), job.output[-3000:]

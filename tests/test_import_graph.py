@@ -2,9 +2,10 @@
 
     cli -> train / eval -> restore / engines / models / energy / corrupt / data -> ops -> kernels
 
-plus neutral modules (errors, checkpoint, log, distributed, threads) that train and eval share and that import
-none of the layers above ops. Imports inside functions count too (``ast.walk`` sees them). Every
-module of the package must belong to a layer, so a new module cannot slip past the rules.
+plus neutral modules (errors, files, settings, checkpoint, log, distributed, runlog, signals, threads) that
+train and eval share and that import none of the layers above ops. Imports inside functions count too
+(``ast.walk`` sees them). Every module of the package must belong to a layer, so a new module cannot slip
+past the rules.
 """
 import ast
 from pathlib import Path
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 UPPER = ("cli",)
 APPS = ("train", "eval", "tools") + UPPER
 BODY = ("restore", "engines", "models", "energy", "corrupt", "data")
-NEUTRAL = ("errors", "files", "checkpoint", "log", "distributed", "runlog", "signals", "threads")
+NEUTRAL = ("errors", "files", "settings", "checkpoint", "log", "distributed", "runlog", "signals", "threads")
 FORBIDDEN = {
     "cli": (),
     "train": UPPER,
@@ -32,7 +33,8 @@ FORBIDDEN = {
     "ops": APPS + BODY + NEUTRAL[1:],
     "errors": APPS + BODY + NEUTRAL[1:] + ("ops",),
     "files": APPS + BODY + NEUTRAL[2:] + ("ops",),  # only fastebm.errors
-    "checkpoint": APPS + BODY + ("ops", "distributed", "log", "runlog", "signals"),
+    "settings": APPS + BODY + NEUTRAL[3:] + ("files", "ops"),  # only fastebm.errors
+    "checkpoint": APPS + BODY + ("ops", "settings", "distributed", "log", "runlog", "signals"),
     "log": APPS + BODY + ("ops", "checkpoint"),
     "distributed": APPS + BODY + ("ops", "checkpoint"),
     "runlog": APPS + BODY + ("ops", "checkpoint", "distributed"),

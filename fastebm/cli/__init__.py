@@ -1,4 +1,5 @@
-"""Command-line entry points: one module per command, each with ``main(argv) -> exit code``.
+"""Command-line entry points: one module per command, each with ``main(argv) -> exit code``, which is
+``_run.run(PROG, body)``: one table from errors to exit codes and one error line for every command.
 
 ``COMMANDS`` maps the sub-command names of ``python -m fastebm COMMAND`` to those modules.
 """

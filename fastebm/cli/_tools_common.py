@@ -1,28 +1,15 @@
-"""Shared pieces of the fastebm-restore / fastebm-score command lines: one-line errors, exit code 2."""
+"""Shared pieces of the fastebm-restore / fastebm-score command lines: tiling flags, checks, the command as typed."""
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from ..tools.errors import ToolInputError
 
-
-class ToolParser(argparse.ArgumentParser):
-    """argparse whose mistakes become one ToolInputError line (exit 2) instead of usage text."""
-
-    def error(self, message):
-        raise ToolInputError(f"{message} (see --help)")
-
-
-def fail(prog: str, message: str, code: int = 2) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    return code
-
-
-def warn(prog: str, message: str) -> None:
-    print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 def add_tiling_flags(parser: argparse.ArgumentParser, batch_default: int) -> None:
@@ -45,3 +32,12 @@ def command_line(prog: str, argv: Optional[List[str]]) -> str:
     """The command as typed (for results files): ``prog`` and the arguments, shell-quoted."""
     args = sys.argv[1:] if argv is None else list(argv)
     return " ".join([prog] + [shlex.quote(a) for a in args])
+
+
+def skip_recorder(skipped: List[dict]) -> Callable[[str, str], None]:
+    """The tools' ``on_skip(name, reason)``: appends ``{"path", "reason"}`` to ``skipped`` and warns."""
+    def on_skip(name: str, reason: str) -> None:
+        skipped.append({"path": name, "reason": reason})
+        log.warning(f"skipped unreadable image {name}: {reason}")
+
+    return on_skip

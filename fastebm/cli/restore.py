@@ -7,7 +7,8 @@ Writes into OUT: ``strips/NNNN_name.png`` (clean | corrupted | after each step, 
 energy), ``restored/NNNN_name.png`` (the final image at the input's size), ``metrics.csv`` and
 ``results.json`` (per image PSNR/SSIM of corrupted and restored, energy after each step; settings,
 step sizes, means, skipped files), ``index.html`` (contact sheet) and ``grid.png`` (the first strips).
-Exit codes: 0 done (unreadable files are skipped and listed), 2 bad input (one line on stderr).
+Exit codes (:mod:`fastebm.cli._run`): 0 done (unreadable files are skipped and listed), 2 bad input
+(one line on stderr).
 """
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ import os
 import sys
 from typing import List, Optional
 
-from ._tools_common import ToolParser, add_tiling_flags, command_line, fail, positive, warn
+from ..settings import ArgumentParser
+from ._run import run
+from ._tools_common import add_tiling_flags, command_line, positive, skip_recorder
 
 PROG = "fastebm-restore"
 TASKS = ("mim", "sort", "sr", "denoise", "colorize")
 
 
-def build_parser() -> ToolParser:
-    p = ToolParser(prog=PROG, description="Corrupt images (or take corrupted ones), restore them by gradient descent "
-                   "on a fastebm model's energy, and write strips, PSNR/SSIM and energies.")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description="Corrupt images (or take corrupted ones), restore them by gradient "
+                       "descent on a fastebm model's energy, and write strips, PSNR/SSIM and energies.")
     p.add_argument("images", nargs="+", metavar="IMAGES_OR_DIR",
                    help="image files, folders (searched recursively) or builtin:digits|photos|noise|blurred_digits")
     p.add_argument("--ckpt", required=True, help="a fastebm-train checkpoint (OUTPUT_DIR/last.pt)")
@@ -55,7 +58,7 @@ def _row(result, stem: str, strip_rel: str, restored_rel: str) -> dict:
     return row
 
 
-def run(args, argv: Optional[List[str]] = None) -> dict:
+def run_tool(args, argv: Optional[List[str]] = None) -> dict:
     from ..tools.checkpoint import load_objective
     from ..tools.descent import model_geometry, step_sizes
     from ..tools.errors import ToolInputError
@@ -82,10 +85,7 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
     params = task_params(task, mask_ratio, args.sr_factor, args.sigma) if task else {}
     steps = args.steps or objective.steps
     skipped: List[dict] = []
-
-    def on_skip(name, reason):
-        skipped.append({"path": name, "reason": reason})
-        warn(PROG, f"skipped unreadable image {name}: {reason}")
+    on_skip = skip_recorder(skipped)
 
     rows, strips, used = [], [], set()
     for result in iter_restorations(objective, items, task, steps=steps, params=params, seed=args.seed,
@@ -136,13 +136,7 @@ def _mean_text(mean: dict, task: Optional[str]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..tools.errors import ToolInputError
-
-    try:
-        run(build_parser().parse_args(argv), argv)
-    except ToolInputError as exc:
-        return fail(PROG, str(exc))
-    return 0
+    return run(PROG, lambda: run_tool(build_parser().parse_args(argv), argv))
 
 
 if __name__ == "__main__":

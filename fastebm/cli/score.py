@@ -8,7 +8,8 @@ crops, uniform noise and Gaussian-blurred held-out digits, scored by the checkpo
 random-initialised model of the same architecture (``--seed``). Writes into OUT: ``energies.csv``
 (model, set, role, path, energy[, energy_after_k]), ``ood.json`` and ``ood.md`` (AUROC, AUPR-in,
 AUPR-out, FPR at 95 % TPR per model, score and out-set; score = -energy, in-distribution positive)
-and ``energy_hist.png``. Exit codes: 0 done, 2 bad input (one line on stderr).
+and ``energy_hist.png``. Exit codes (:mod:`fastebm.cli._run`): 0 done, 2 bad input (one line on
+stderr).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import os
 import sys
 from typing import List, Optional
 
-from ._tools_common import ToolParser, add_tiling_flags, command_line, fail, positive, warn
+from ..settings import ArgumentParser
+from ._run import run
+from ._tools_common import add_tiling_flags, command_line, positive, skip_recorder
 
 PROG = "fastebm-score"
 DEFAULT_CKPT = os.path.join("fastebm_out", "last.pt")  # where fastebm-train (no arguments) writes the demo
@@ -24,9 +27,10 @@ BUILTIN_IN = "builtin:digits"
 BUILTIN_OUT = ("builtin:photos", "builtin:noise", "builtin:blurred_digits")
 
 
-def build_parser() -> ToolParser:
-    p = ToolParser(prog=PROG, description="Energy of every image under a fastebm model, and OOD metrics of in- vs "
-                   "out-of-distribution sets. With no data arguments: held-out digits vs photo crops, noise, blurred digits.")
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description="Energy of every image under a fastebm model, and OOD metrics of in- vs "
+                       "out-of-distribution sets. With no data arguments: held-out digits vs photo crops, noise, "
+                       "blurred digits.")
     p.add_argument("--ckpt", default=None, help=f"a fastebm-train checkpoint (default {DEFAULT_CKPT}, the demo's)")
     p.add_argument("--in", dest="in_specs", nargs="+", default=None, metavar="DIR",
                    help="the in-distribution set: folders, files or builtin:NAME (together one set)")
@@ -51,7 +55,7 @@ def _set_name(spec: str, taken: set) -> str:
     return name
 
 
-def run(args, argv: Optional[List[str]] = None) -> dict:
+def run_tool(args, argv: Optional[List[str]] = None) -> dict:
     from ..tools.checkpoint import load_objective, random_init_objective
     from ..tools.descent import model_geometry
     from ..tools.errors import ToolInputError
@@ -88,10 +92,7 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
     for spec in ood_specs:
         sets[_set_name(spec, taken)] = collect_images([spec], img_size, what="--ood")
     skipped: List[dict] = []
-
-    def on_skip(name, reason):
-        skipped.append({"path": name, "reason": reason})
-        warn(PROG, f"skipped unreadable image {name}: {reason}")
+    on_skip = skip_recorder(skipped)
 
     rows, metrics, energies = score_sets(models, sets, in_name if ood_specs else None, steps=args.restore_steps,
                                          resize=args.resize, overlap=args.overlap, batch_size=args.batch_size,
@@ -117,13 +118,7 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..tools.errors import ToolInputError
-
-    try:
-        run(build_parser().parse_args(argv), argv)
-    except ToolInputError as exc:
-        return fail(PROG, str(exc))
-    return 0
+    return run(PROG, lambda: run_tool(build_parser().parse_args(argv), argv))
 
 
 if __name__ == "__main__":

@@ -204,19 +204,12 @@ class DaliMicroBatchStream:
     # ------------------------------------------------------------------ iteration
     def iterate(self, start_step: int, end_step: Optional[int] = None) -> Iterator[Dict]:
         """Micro-batches of optimiser steps [start_step, end_step), epoch after epoch; each carries 'step' and 'micro'."""
-        spe = self.plan.steps_per_epoch
-        step = start_step
-        while end_step is None or step < end_step:
-            epoch_end = (step // spe + 1) * spe
-            stop = epoch_end if end_step is None else min(epoch_end, end_step)
-            yield from self._epoch_part(step, stop)
-            step = stop
+        for epoch, schedule in self.plan.epoch_parts(start_step, end_step):
+            yield from self._epoch_part(epoch, schedule)
 
-    def _epoch_part(self, step: int, stop: int) -> Iterator[Dict]:
+    def _epoch_part(self, epoch: int, schedule: List[Tuple[int, int]]) -> Iterator[Dict]:
         p = self.plan
-        epoch = step // p.steps_per_epoch
-        schedule = [(s, m) for s in range(step, stop) for m in range(p.accum_iter)]
-        first_micro = (step - epoch * p.steps_per_epoch) * p.accum_iter
+        first_micro = (schedule[0][0] - epoch * p.steps_per_epoch) * p.accum_iter
         order = epoch_order(p.num_samples, p.seed, epoch).numpy()
         done = 0
         while done < len(schedule):

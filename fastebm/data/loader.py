@@ -109,12 +109,7 @@ class MicroBatchStream:
 
     def iterate(self, start_step: int, end_step: Optional[int] = None) -> Iterator[Dict]:
         """Micro-batches of steps [start_step, end_step); each carries 'step' and 'micro'."""
-        spe = self.plan.steps_per_epoch
-        step = start_step
-        while end_step is None or step < end_step:
-            epoch_end = (step // spe + 1) * spe
-            stop = epoch_end if end_step is None else min(epoch_end, end_step)
-            schedule = [(s, m) for s in range(step, stop) for m in range(self.plan.accum_iter)]
+        for epoch, schedule in self.plan.epoch_parts(start_step, end_step):
             batches = [self.plan.micro_batch_keys(s, m) for s, m in schedule]
             # An explicit generator: creating a DataLoader iterator otherwise draws a worker base seed
             # from the global torch RNG, which would make a resumed run's RNG stream differ.
@@ -122,10 +117,9 @@ class MicroBatchStream:
                                 collate_fn=collate, pin_memory=self.pin_memory,
                                 worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
                                 prefetch_factor=4 if self.num_workers > 0 else None,
-                                generator=generator_for(self.plan.seed, LOADER_STREAM, step // spe))
+                                generator=generator_for(self.plan.seed, LOADER_STREAM, epoch))
             for (s, m), batch in zip(schedule, loader):
                 if "fatal" in batch:
                     raise DataError(f"--data: {batch['fatal']}")
                 batch["step"], batch["micro"] = s, m
                 yield batch
-            step = stop

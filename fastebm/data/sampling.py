@@ -144,6 +144,19 @@ class BatchPlan:
     def steps_per_epoch(self) -> int:
         return self.num_samples // (self.global_micro_batch * self.accum_iter)
 
+    def epoch_parts(self, start_step: int,
+                    end_step: Optional[int] = None) -> Iterator[Tuple[int, List[Tuple[int, int]]]]:
+        """Steps [start_step, end_step) (``None``: without end) cut at epoch boundaries: per part, its
+        epoch and its ``(step, micro)`` schedule in order. The loaders start one reader per part, so a
+        run resumed mid-epoch reads only the rest of that epoch."""
+        spe = self.steps_per_epoch
+        step = start_step
+        while end_step is None or step < end_step:
+            epoch = step // spe
+            stop = (epoch + 1) * spe if end_step is None else min((epoch + 1) * spe, end_step)
+            yield epoch, [(s, m) for s in range(step, stop) for m in range(self.accum_iter)]
+            step = stop
+
     def micro_batch_keys(self, step: int, micro: int) -> List[SampleKey]:
         """Keys of this rank's samples for micro-step ``micro`` of optimiser step ``step`` (global)."""
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Type
 
-import yaml
-
 from ..errors import UsageError
+from ..settings import (ArgumentParser, add_config_flag, add_field_flags, check_device, coerce, read_config_file,
+                        to_dict)
+from ..settings import option as _opt
 from .recipes import fill_recipe
 
 COMMANDS = ("finetune", "linprobe", "knn")
@@ -23,10 +24,6 @@ INITS = ("random", "fastebm")
 POOLS = ("cls", "avg")
 GLOBAL_POOLS = ("avg", "token")
 PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def _opt(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -126,104 +123,19 @@ CONFIGS: Dict[str, Type[CommonConfig]] = {"finetune": FinetuneConfig, "linprobe"
 
 
 # ----------------------------------------------------------------------------- parsing
-def _parse_bool(text: str) -> bool:
-    low = str(text).strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _field_type(f: dataclasses.Field):
-    hint = str(f.type)
-    if "List[int]" in hint:
-        return int
-    base = int if "int" in hint else float if "float" in hint else bool if "bool" in hint else str
-    if base is bool:
-        return _parse_bool
-    if not hint.startswith("Optional"):
-        return base
-
-    def parse(text):
-        if text is None or str(text).strip().lower() in ("none", "null", ""):
-            return None
-        return base(text)
-
-    parse.__name__ = base.__name__
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose mistakes become one UsageError line (exit 2) instead of usage text."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see --help)")
-
-
-def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
-    parser.add_argument("--config", default=None, help="YAML file whose keys are flag names; command-line flags override it")
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: Dict[str, Any] = dict(default=default, help=f.metadata["help"])
-        if "List" in str(f.type):
-            kw.update(nargs="+", type=int)
-        elif "bool" in str(f.type):
-            kw.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
-        else:
-            kw["type"] = _field_type(f)
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{f.name}", **kw)
-
-
 def build_parser(prog: str = "fastebm-eval") -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description="Downstream evaluation of a pretrained backbone: fine-tuning, "
-                     "linear probe or k-NN, on built-in digits or an ImageNet-style folder.")
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,linprobe,knn}", parser_class=_Parser)
+    parser = ArgumentParser(prog=prog, description="Downstream evaluation of a pretrained backbone: fine-tuning, "
+                            "linear probe or k-NN, on built-in digits or an ImageNet-style folder.")
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,linprobe,knn}", parser_class=ArgumentParser)
     helps = {"finetune": "end-to-end fine-tuning (MAE recipe on timm parts)",
              "linprobe": "linear probe on frozen features (MAE head, LARS)",
              "knn": "weighted k-NN on frozen features (DINO)"}
     for name in COMMANDS:
         p = sub.add_parser(name, help=helps[name], description=helps[name],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        _add_fields(p, CONFIGS[name])
+        add_config_flag(p)
+        add_field_flags(p, CONFIGS[name])
     return parser
-
-
-def _load_yaml(path: str, cls) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise UsageError(f"config file {path!r} does not exist")
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as exc:
-        raise UsageError(f"config file {path!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"config file {path!r} must be a mapping of flag names to values")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in fields:
-            raise UsageError(f"config file {path!r}: unknown key {key!r}; keys are flag names such as batch_size")
-        out[name] = _coerce(fields[name], value, f"config key {name}")
-    return out
-
-
-def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
-    """A YAML/Python value checked and converted like the flag would be."""
-    try:
-        if "List" in str(f.type):
-            items = value if isinstance(value, (list, tuple)) else [value]
-            value = [int(v) for v in items]
-        elif value is not None:
-            value = _field_type(f)(value if not isinstance(value, bool) else str(value))
-    except (ValueError, TypeError, argparse.ArgumentTypeError):
-        raise UsageError(f"{where}: invalid value {value!r}") from None
-    if value is not None and "choices" in f.metadata and value not in f.metadata["choices"]:
-        raise UsageError(f"{where}: {value!r} is not one of {list(f.metadata['choices'])}")
-    return value
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -235,7 +147,7 @@ def parse_args(argv: Optional[List[str]] = None):
     cls = CONFIGS[ns.command]
     if getattr(ns, "config", None):
         sub = parser._subparsers._group_actions[0].choices[ns.command]
-        sub.set_defaults(**_load_yaml(ns.config, cls))
+        sub.set_defaults(**read_config_file(ns.config, cls))
     ns = parser.parse_args(argv)
     cfg = cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
     return ns.command, validate(cfg)
@@ -248,18 +160,14 @@ def make_config(command: str, cfg=None, **overrides):
     cls = CONFIGS[command]
     values: Dict[str, Any] = {}
     if cfg is not None:
-        values.update(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))
+        values.update(to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))
     values.update(overrides)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in values if k not in fields)
     if unknown:
         raise UsageError(f"{command}: unknown setting(s) {unknown}")
-    checked = {k: _coerce(fields[k], v, f"--{k}") for k, v in values.items()}
+    checked = {k: coerce(cls, fields[k], v, f"--{k}") for k, v in values.items()}
     return validate(cls(**checked))
-
-
-def to_dict(cfg) -> Dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -305,10 +213,7 @@ def validate(cfg):
             raise UsageError(f"--{name} must be between 0 and 1 (got {v})")
     if getattr(cfg, "k_sweep", None) is not None and any(k < 1 for k in cfg.k_sweep):
         raise UsageError(f"--k_sweep values must be >= 1 (got {list(cfg.k_sweep)})")
-    dev = cfg.device.strip().lower()
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
-    cfg.device = dev
+    cfg.device = check_device(cfg.device)
     if not cfg.output_dir:
         raise UsageError("--output_dir must not be empty")
     if getattr(cfg, "resume", None) not in (None, "auto") and not os.path.isfile(cfg.resume):

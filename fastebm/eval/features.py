@@ -9,13 +9,16 @@ in dataset order.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, NamedTuple, Tuple
 
 import torch
 
 from .. import distributed
 from ..errors import UsageError
-from .runio import Run, ShardSampler, loader
+from .backbone import resolve_backbone
+from .datasets import load_eval_data, make_transforms, with_transform
+from .runio import Run, ShardSampler, loader, num_workers, prepare_output_dir, start_run
+from .timm_vit import build_classifier, check_img_size
 
 
 def check_layer(layer, depth: int) -> int:
@@ -58,3 +61,44 @@ def extract(run: Run, model, dataset, *, layer: int, pool: str, final_norm: bool
     for idx, f, y in parts:
         f_all[idx], y_all[idx] = f, y
     return f_all, y_all
+
+
+class FrozenFeatures(NamedTuple):
+    """What :func:`frozen_features` hands to the linear probe and k-NN."""
+
+    run: Run
+    bb: Any  # the Backbone
+    data: Any  # the EvalData
+    layer: int
+    train: Tuple[torch.Tensor, torch.Tensor]  # (features (N, D) float32, labels (N,) int64), dataset order
+    val: Tuple[torch.Tensor, torch.Tensor]
+
+
+def frozen_features(command: str, cfg, settings: str, batch_size: int) -> FrozenFeatures:
+    """The start shared by ``fastebm-eval linprobe`` and ``knn``: the backbone (image size and
+    ``--layer`` checked against it), the data, the run (process group, ``--output_dir``), a start-up
+    line ending in ``settings``, then the features of the training and validation sets under the
+    evaluation transform, extracted ``batch_size`` images at a time. Raises UsageError (bad flags,
+    data or output folder) before any feature is computed; closes the run if anything fails, else the
+    caller closes ``.run``."""
+    bb = resolve_backbone(cfg)
+    img_size = int(cfg.img_size or bb.arch["img_size"])
+    check_img_size(bb.arch, img_size)
+    layer = check_layer(cfg.layer, bb.arch["depth"])
+    data = load_eval_data(cfg, img_size)
+    run = start_run(command, cfg)
+    try:
+        prepare_output_dir(run, cfg.output_dir)
+        model = build_classifier(bb, 0, img_size=img_size, global_pool="avg", drop_path_rate=0.0,
+                                 head_init_std=1.0, seed=cfg.seed).to(run.device)
+        run.say(f"fastebm-eval {command}: {bb.describe()}; {data.description}; layer {layer}, pool {cfg.pool}, "
+                f"{settings}")
+        tf = make_transforms(cfg, img_size, bb.mean, bb.std, training=False)
+        kw = dict(layer=layer, pool=cfg.pool, final_norm=cfg.final_norm, batch_size=batch_size,
+                  workers=num_workers(cfg, data.kind))
+        train = extract(run, model, with_transform(data.train, tf), **kw)
+        val = extract(run, model, with_transform(data.val, tf), **kw)
+    except BaseException:
+        run.close()
+        raise
+    return FrozenFeatures(run, bb, data, layer, train, val)

@@ -13,11 +13,8 @@ from typing import Dict, Sequence
 
 import torch
 
-from .backbone import resolve_backbone
-from .datasets import load_eval_data, make_transforms, with_transform
-from .features import check_layer, extract
-from .runio import base_summary, finish, num_workers, plot_curves, prepare_output_dir, start_run, what_line
-from .timm_vit import build_classifier, check_img_size
+from .features import frozen_features
+from .runio import base_summary, finish, plot_curves, what_line
 
 PLOT_FILE = "knn_accuracy.png"
 
@@ -50,23 +47,9 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 def run_knn(cfg) -> Dict:
     """Runs ``fastebm-eval knn`` with a checked :class:`~fastebm.eval.config.KnnConfig`; returns the summary."""
-    bb = resolve_backbone(cfg)
-    img_size = int(cfg.img_size or bb.arch["img_size"])
-    check_img_size(bb.arch, img_size)
-    layer = check_layer(cfg.layer, bb.arch["depth"])
-    data = load_eval_data(cfg, img_size)
-    run = start_run("knn", cfg)
+    run, bb, data, layer, (f_tr, y_tr), (f_va, y_va) = frozen_features(
+        "knn", cfg, f"k {cfg.k}, T {cfg.temperature}", cfg.batch_size)
     try:
-        prepare_output_dir(run, cfg.output_dir)
-        model = build_classifier(bb, 0, img_size=img_size, global_pool="avg", drop_path_rate=0.0,
-                                 head_init_std=1.0, seed=cfg.seed).to(run.device)
-        run.say(f"fastebm-eval knn: {bb.describe()}; {data.description}; layer {layer}, pool {cfg.pool}, "
-                f"k {cfg.k}, T {cfg.temperature}")
-        tf = make_transforms(cfg, img_size, bb.mean, bb.std, training=False)
-        workers = num_workers(cfg, data.kind)
-        kw = dict(layer=layer, pool=cfg.pool, final_norm=cfg.final_norm, batch_size=cfg.batch_size, workers=workers)
-        f_tr, y_tr = extract(run, model, with_transform(data.train, tf), **kw)
-        f_va, y_va = extract(run, model, with_transform(data.val, tf), **kw)
         ks = sorted(set(list(cfg.k_sweep) + [cfg.k]))
         scores = knn_classify(f_tr, y_tr, f_va, data.num_classes, ks, cfg.temperature)
         sweep = [{"k": k, "top1": topk_accuracy(scores[k], y_va, 1), "top5": topk_accuracy(scores[k], y_va, 5)} for k in ks]

@@ -20,12 +20,9 @@ import torch
 import torch.nn as nn
 
 from ..data.sampling import generator_for
-from .backbone import resolve_backbone
-from .datasets import load_eval_data, make_transforms, with_transform
-from .features import check_layer, extract
+from .features import frozen_features
 from .neighbors import topk_accuracy
-from .runio import base_summary, finish, num_workers, plot_curves, prepare_output_dir, start_run, what_line
-from .timm_vit import build_classifier, check_img_size
+from .runio import base_summary, finish, plot_curves, what_line
 
 PLOT_FILE = "accuracy.png"
 
@@ -101,23 +98,9 @@ def train_head(cfg, f_tr, y_tr, f_va, y_va, num_classes: int, log=None):
 
 def run_linprobe(cfg) -> Dict:
     """Runs ``fastebm-eval linprobe`` with a checked :class:`~fastebm.eval.config.LinprobeConfig`."""
-    bb = resolve_backbone(cfg)
-    img_size = int(cfg.img_size or bb.arch["img_size"])
-    check_img_size(bb.arch, img_size)
-    layer = check_layer(cfg.layer, bb.arch["depth"])
-    data = load_eval_data(cfg, img_size)
-    run = start_run("linprobe", cfg)
+    run, bb, data, layer, (f_tr, y_tr), (f_va, y_va) = frozen_features(
+        "linprobe", cfg, f"{cfg.opt}, {cfg.epochs} epochs on cached features", max(64, min(cfg.batch_size, 1024)))
     try:
-        prepare_output_dir(run, cfg.output_dir)
-        model = build_classifier(bb, 0, img_size=img_size, global_pool="avg", drop_path_rate=0.0,
-                                 head_init_std=1.0, seed=cfg.seed).to(run.device)
-        run.say(f"fastebm-eval linprobe: {bb.describe()}; {data.description}; layer {layer}, pool {cfg.pool}, "
-                f"{cfg.opt}, {cfg.epochs} epochs on cached features")
-        tf = make_transforms(cfg, img_size, bb.mean, bb.std, training=False)
-        kw = dict(layer=layer, pool=cfg.pool, final_norm=cfg.final_norm, batch_size=max(64, min(cfg.batch_size, 1024)),
-                  workers=num_workers(cfg, data.kind))
-        f_tr, y_tr = extract(run, model, with_transform(data.train, tf), **kw)
-        f_va, y_va = extract(run, model, with_transform(data.val, tf), **kw)
         summary = base_summary(run, cfg, bb, data)
         history = []
         if run.is_main:  # the head is tiny: rank 0 trains it on all features

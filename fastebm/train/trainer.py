@@ -36,6 +36,7 @@ import torch
 from .. import distributed
 from ..corrupt import prepare_batch
 from ..errors import DataError, TrainingDiverged
+from ..log import one_line
 from ..runlog import Console
 from .build import micro_batch_stream, plain_objective
 from .checkpoint import keep_epoch_checkpoint, save_collective
@@ -87,7 +88,7 @@ class Trainer(TrainerStartup):
                 if not self._loader_died_on_stop(exc):
                     raise
                 log.warning(f"a data-loader worker died of the {self.stop.name} meant for this run "
-                            f"({one_line_reason(exc)}); stopping as asked")
+                            f"({one_line(exc)[:200]}); stopping as asked")
                 self._stop_at_boundary()
             finally:
                 self.console.close()
@@ -297,7 +298,3 @@ class Trainer(TrainerStartup):
         from .pictures import draw_pictures  # matplotlib: imported only when a picture is due
 
         draw_pictures(self.cfg, objective, self.preview, self.device, self.state.step)
-
-
-def one_line_reason(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200]

@@ -11,6 +11,7 @@ from typing import Any, Dict, List
 
 from ...corrupt import SAMPLE_TASKS
 from ...errors import UsageError
+from ...settings import check_device
 from .fields import TrainConfig
 
 
@@ -106,10 +107,7 @@ def _check_run(cfg: TrainConfig) -> None:
     """Workers, device, threads, resume/overwrite, output folder, loader, process-group timeout."""
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise UsageError(f"--num_workers must be >= 0 (got {cfg.num_workers})")
-    dev = cfg.device.strip().lower()
-    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (got {cfg.device!r})")
-    cfg.device = dev
+    cfg.device = check_device(cfg.device)
     threads = str(cfg.threads).strip().lower()
     if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
         raise UsageError(f"--threads must be auto or a whole number >= 1 (got {cfg.threads!r})")

@@ -6,8 +6,7 @@ The defaults run the built-in demo (``fastebm-train`` with no arguments).
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from ... import distributed
@@ -16,6 +15,8 @@ from ...data.streams import LOADERS
 from ...energy import ENERGIES
 from ...engines import ENGINES
 from ...restore import GRAD_MODES
+from ...settings import option as _opt
+from ...settings import to_dict
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
@@ -29,10 +30,6 @@ def attn_backend_choices() -> List[str]:
     from ...ops import available_backends
 
     return ["auto", *available_backends()]
-
-
-def _opt(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -99,7 +96,7 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         """A plain dict (strings, numbers, bools, lists, None) for checkpoints and config.yaml."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), (list, tuple)) else v) for f in dataclasses.fields(self)}
+        return to_dict(self)
 
     @property
     def task_params(self) -> Dict[str, Dict[str, Any]]:
