@@ -10,9 +10,11 @@ from PIL import Image
 from test_train_helpers import fast_args, read_summary
 from fastebm.cli.train import main
 from fastebm.data.errors import DataError
-from fastebm.data.folder import ImageFolderData, scan_image_files
+from fastebm.data.folder import ImageFolderData, decode_image, scan_image_files
 from fastebm.data.loader import MicroBatchStream
-from fastebm.data.sampling import BatchPlan, resolve_sample, spread_order, substitute_order
+from fastebm.data.sampling import (AUGMENT_STREAM, BatchPlan, epoch_order, generator_for, resolve_sample, spread_order,
+                                    substitute_order)
+from fastebm.data.transforms import crop_flip_resize
 
 
 def _seed():
@@ -126,6 +128,26 @@ def _collect(source, plan, workers, start, end):
     return [(b["step"], b["images"], b["labels"], b["positions"], b["bad"]) for b in batches]
 
 
+def assert_substitution_rule(source, plan, batches, bad_paths):
+    """Each sample of ``batches`` against the rule written out here from its definition: the first file
+    not in ``bad_paths`` along [index] + substitute_order(n, seed, epoch, index), cropped and flipped
+    with the draw of the requested index; ``bad`` lists the files passed on the way, sample after sample."""
+    n = len(source)
+    for batch in batches:
+        epoch = batch["step"] // plan.steps_per_epoch
+        passed = []
+        for row, pos in enumerate(batch["positions"].tolist()):
+            index = int(epoch_order(n, plan.seed, epoch)[pos])
+            walk = [index] + list(substitute_order(n, plan.seed, epoch, index))
+            k = next(k for k, i in enumerate(walk) if source.paths[i] not in bad_paths)
+            passed += [source.paths[i] for i in walk[:k]]
+            assert batch["labels"][row] == source.labels[walk[k]]
+            expected = crop_flip_resize(decode_image(source.paths[walk[k]]), source.img_size,
+                                        generator_for(source.seed, AUGMENT_STREAM, epoch, index))
+            assert torch.equal(batch["images"][row], expected)
+        assert [b.split(" (", 1)[0] for b in batch["bad"]] == passed
+
+
 def test_substitutes_are_exact_across_worker_counts_and_resume(tmp_path):
     seed = _seed()
     data = tmp_path / "data"
@@ -145,8 +167,9 @@ def test_substitutes_are_exact_across_worker_counts_and_resume(tmp_path):
     labels = torch.cat([r[2] for r in ref])
     assert (labels == 0).sum() == 0  # class 0 is 'a_partial': nothing from it reaches a batch
     assert len(set(labels.tolist())) >= 4
-    images = torch.cat([r[1] for r in ref])
-    assert len({bytes(x.numpy()) for x in images}) == len(images)  # no two identical crops
+    # each sample is the rule's file with the requested sample's own crop draw (not the substitute's)
+    assert_substitution_rule(source, plan, [{"step": r[0], "images": r[1], "labels": r[2], "positions": r[3], "bad": r[4]}
+                                            for r in ref], set(bad))
     reported = {b.split(" (", 1)[0] for r in ref for b in r[4]}
     assert reported <= set(bad) and len(reported) >= 10
 

@@ -24,7 +24,7 @@ from fastebm.data.loader import MicroBatchStream
 from fastebm.data.sampling import AUGMENT_STREAM, BatchPlan, epoch_order, generator_for, substitute_order
 from fastebm.data.streams import build_stream, resolve_loader
 from fastebm.data.transforms import crop_flip_resize
-from test_data_bad_files import make_damaged_folder
+from test_data_bad_files import assert_substitution_rule, make_damaged_folder
 
 IMG = 24
 
@@ -129,26 +129,6 @@ def _assert_pixels_match(got, ref):
     assert diffs.mean() < 0.3 and mirrored.mean() > 20 * diffs.mean(), (diffs.mean(), mirrored.mean())
 
 
-def _assert_substitution_rule(source, plan, batches, bad_paths):
-    """Each sample of ``batches`` against the rule written out here from its definition: the first file
-    not in ``bad_paths`` along [index] + substitute_order(n, seed, epoch, index), cropped and flipped
-    with the draw of the requested index; ``bad`` lists the files passed on the way, sample after sample."""
-    n = len(source)
-    for batch in batches:
-        epoch = batch["step"] // plan.steps_per_epoch
-        passed = []
-        for row, pos in enumerate(batch["positions"].tolist()):
-            index = int(epoch_order(n, plan.seed, epoch)[pos])
-            walk = [index] + list(substitute_order(n, plan.seed, epoch, index))
-            k = next(k for k, i in enumerate(walk) if source.paths[i] not in bad_paths)
-            passed += [source.paths[i] for i in walk[:k]]
-            assert batch["labels"][row] == source.labels[walk[k]]
-            expected = crop_flip_resize(decode_image(source.paths[walk[k]]), IMG,
-                                        generator_for(source.seed, AUGMENT_STREAM, epoch, index))
-            assert torch.equal(batch["images"][row], expected)
-        assert [b.split(" (", 1)[0] for b in batch["bad"]] == passed
-
-
 def _dali_equals_torch(source, plan, index, steps):
     """The DALI stream's and the torch loader's batches of ``steps``; keys, reports and pixels compared."""
     ref = _batches(MicroBatchStream(source, plan), *steps)
@@ -246,7 +226,7 @@ def test_a_run_of_80_bad_files_sorted_first_matches_the_torch_loader(dali, tmp_p
     index = _index(source, tmp_path)
     assert [p for p, r in zip(index.paths, index.records) if r.kind == BAD] == bad
     got, ref = _dali_equals_torch(source, plan, index, (0, plan.steps_per_epoch + 2))  # crosses an epoch
-    _assert_substitution_rule(source, plan, ref, set(bad))
+    assert_substitution_rule(source, plan, ref, set(bad))
     labels = torch.cat([b["labels"] for b in got])
     assert (labels == 0).sum() == 0 and len(set(labels.tolist())) == 3  # class 0 is the damaged folder
     assert sum(len(b["bad"]) for b in got) > 64
@@ -264,7 +244,7 @@ def test_scattered_bad_files_match_the_torch_loader_on_one_and_two_ranks(dali, f
                                                          "dog/junk.png"}
     plan = BatchPlan(len(source), 3, 2, 1, 0, seed=source.seed)
     got, ref = _dali_equals_torch(source, plan, index, (0, 2 * plan.steps_per_epoch))
-    _assert_substitution_rule(source, plan, ref, bad)
+    assert_substitution_rule(source, plan, ref, bad)
     # Which bad files two epochs meet depends on the drawn order (an epoch drops its last partial step):
     # the rule above checked each report exactly; here, that some were met and only bad ones.
     met = {b.split(" (", 1)[0] for batch in got for b in batch["bad"]}
