@@ -9,7 +9,7 @@ in dataset order.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -74,25 +74,30 @@ class FrozenFeatures(NamedTuple):
     val: Tuple[torch.Tensor, torch.Tensor]
 
 
-def frozen_features(command: str, cfg, settings: str, batch_size: int) -> FrozenFeatures:
+def frozen_features(command: str, cfg, settings: Union[str, Callable[[], str]], batch_size: int,
+                    prepare: Optional[Callable[[Any], None]] = None) -> FrozenFeatures:
     """The start shared by ``fastebm-eval linprobe`` and ``knn``: the backbone (image size and
     ``--layer`` checked against it), the data, the run (process group, ``--output_dir``), a start-up
     line ending in ``settings``, then the features of the training and validation sets under the
     evaluation transform, extracted ``batch_size`` images at a time. Raises UsageError (bad flags,
     data or output folder) before any feature is computed; closes the run if anything fails, else the
-    caller closes ``.run``."""
+    caller closes ``.run``. ``prepare(data)``, if given, runs once the data is loaded and before the
+    run starts (the linear probe sizes its schedule from the number of labels); ``settings`` may be a
+    callable, read after it."""
     bb = resolve_backbone(cfg)
     img_size = int(cfg.img_size or bb.arch["img_size"])
     check_img_size(bb.arch, img_size)
     layer = check_layer(cfg.layer, bb.arch["depth"])
     data = load_eval_data(cfg, img_size)
+    if prepare is not None:
+        prepare(data)
     run = start_run(command, cfg)
     try:
         prepare_output_dir(run, cfg.output_dir)
         model = build_classifier(bb, 0, img_size=img_size, global_pool="avg", drop_path_rate=0.0,
                                  head_init_std=1.0, seed=cfg.seed).to(run.device)
         run.say(f"fastebm-eval {command}: {bb.describe()}; {data.description}; layer {layer}, pool {cfg.pool}, "
-                f"{settings}")
+                f"{settings() if callable(settings) else settings}")
         tf = make_transforms(cfg, img_size, bb.mean, bb.std, training=False)
         kw = dict(layer=layer, pool=cfg.pool, final_norm=cfg.final_norm, batch_size=batch_size,
                   workers=num_workers(cfg, data.kind))

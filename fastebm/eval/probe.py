@@ -9,19 +9,24 @@ here the weight's parameter group has ``always_adapt=True`` and the bias's ``Fal
 
 Difference from MAE: the backbone is frozen and deterministic, so the features are computed once
 (resize + centre crop, no training augmentation) and the head trains on the cached features,
-which makes a 90-epoch probe take seconds on small data.
+which makes a 90-epoch probe take seconds on small data. On the built-in digits the probe is a
+fixed number of steps whatever the number of labels (:func:`~fastebm.eval.recipes.resolve_probe_schedule`).
+
+:func:`fold_head` turns the trained head into one linear layer (the BatchNorm's running statistics
+folded in). ``fastebm-eval finetune --head_init probe`` (LP-FT) loads :func:`logistic_head`'s probe.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..data.sampling import generator_for
-from .features import frozen_features
+from .features import extract, frozen_features
 from .neighbors import topk_accuracy
+from .recipes import resolve_probe_schedule
 from .runio import base_summary, finish, plot_curves, what_line
 
 PLOT_FILE = "accuracy.png"
@@ -64,12 +69,33 @@ def evaluate_head(head, f: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
     return {"top1": topk_accuracy(scores, y, 1), "top5": topk_accuracy(scores, y, 5), "loss": loss}
 
 
+@torch.no_grad()
+def fold_head(head: nn.Sequential) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight (C, D), bias (C,)), float32, of one linear layer computing ``head`` in eval mode.
+
+    ``head`` is :func:`make_head`'s ``BatchNorm1d(affine=False)`` + ``Linear``; in eval mode the norm
+    is ``(f - running_mean) / sqrt(running_var + eps)``, so ``W' = W / sqrt(var + eps)`` (per input
+    feature) and ``b' = b - W' @ running_mean``.
+    """
+    norm, linear = head[0], head[1]
+    inv_std = (norm.running_var.double() + norm.eps).rsqrt()
+    w = linear.weight.double() * inv_std.unsqueeze(0)
+    b = linear.bias.double() - w @ norm.running_mean.double()
+    return w.float(), b.float()
+
+
+def probe_steps(cfg, n_train: int) -> Tuple[int, int]:
+    """(batch, steps per epoch) of a probe on ``n_train`` features (drop_last, as MAE)."""
+    batch = min(cfg.batch_size, n_train)
+    return batch, n_train // batch
+
+
 def train_head(cfg, f_tr, y_tr, f_va, y_va, num_classes: int, log=None):
-    """Trains MAE's probe head on cached features; returns (head, per-epoch history)."""
+    """Trains MAE's probe head on cached features; returns (head, settings used, per-epoch history)."""
     torch.manual_seed(cfg.seed)
     head = make_head(f_tr.shape[1], num_classes, cfg.head_init_std, cfg.seed)
-    batch = min(cfg.batch_size, len(f_tr))
-    steps = len(f_tr) // batch  # drop_last, as MAE
+    batch, steps = probe_steps(cfg, len(f_tr))
+    resolve_probe_schedule(cfg, steps)
     lr = cfg.lr if cfg.lr is not None else cfg.blr * batch / 256
     optimizer = make_optimizer(head, cfg, lr)
     scheduler = make_scheduler(optimizer, cfg, lr, steps)
@@ -93,13 +119,70 @@ def train_head(cfg, f_tr, y_tr, f_va, y_va, num_classes: int, log=None):
         history.append(rec)
         if log is not None:
             log(rec)
-    return head, {"lr": lr, "batch_size": batch, "steps_per_epoch": steps}, history
+    return head, {"lr": lr, "batch_size": batch, "steps_per_epoch": steps, "epochs": cfg.epochs}, history
+
+
+LPFT_C = 1.0  # inverse L2 strength of LP-FT's logistic regression (scikit-learn's default; fastebm's demo probe)
+
+
+def logistic_head(f_tr: torch.Tensor, y_tr: torch.Tensor, num_classes: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight (C, D), bias (C,)), float32: a multinomial logistic regression on standardised features
+    (scikit-learn ``StandardScaler`` + ``LogisticRegression(C=LPFT_C)``), folded into one linear layer
+    on the raw features: ``W' = W / scale``, ``b' = b - W' @ mean``. Two classes (scikit-learn fits one
+    logit) become the equivalent pair ``(-z/2, z/2)``. Raises UsageError when a class has no image."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from ..errors import UsageError
+
+    x, y = f_tr.double().numpy(), y_tr.numpy()
+    if sorted(set(y.tolist())) != list(range(num_classes)):
+        raise UsageError(f"--head_init probe needs training images of every class; the labelled set has classes "
+                         f"{sorted(set(y.tolist()))} of {num_classes}")
+    scaler = StandardScaler().fit(x)
+    clf = LogisticRegression(C=LPFT_C, max_iter=5000, random_state=seed).fit(scaler.transform(x), y)
+    coef, bias = clf.coef_, clf.intercept_
+    if num_classes == 2:
+        coef, bias = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-bias / 2, bias / 2])
+    w = coef / scaler.scale_[None]
+    b = bias - w @ scaler.mean_
+    return torch.from_numpy(w).float(), torch.from_numpy(b).float()
+
+
+def fit_probe_head(run, ft_cfg, model, train_ds, val_ds, workers: int) -> Dict:
+    """LP-FT's first stage: ``model.head`` <- a linear probe of the frozen ``model`` (returns its record).
+
+    LP-FT (Kumar, Raghunathan, Jones, Ma, Liang, "Fine-Tuning can Distort Pretrained Features and
+    Underperform Out-of-Distribution", ICLR 2022, section 3): fit a logistic-regression probe on
+    the pretrained features, then fine-tune everything starting from that head, so the first
+    fine-tuning steps do not push the backbone with the gradients of a random head. The probe is
+    theirs (an L2-regularised logistic regression, :func:`logistic_head`), not MAE's LARS head: that
+    one has no weight decay and on a few separable labels grows without bound (logits of ~1e4 on
+    100 digits), which saturates the fine-tuning loss. Features: what the classifier pools
+    (``global_pool`` avg: mean of the normed patch tokens; token: the class token) of ``train_ds``
+    (the labelled training images through the evaluation transform). ``val_ds`` only scores the
+    probe (``top1``: this linear probe on the same labels). Collective under torchrun (feature
+    extraction); every rank fits the same head, and DDP starts from rank 0's weights anyway.
+    """
+    pool = "avg" if ft_cfg.global_pool == "avg" else "cls"
+    kw = dict(layer=len(model.blocks), pool=pool, final_norm=True, batch_size=max(64, ft_cfg.batch_size), workers=workers)
+    f_tr, y_tr = extract(run, model, train_ds, **kw)
+    f_va, y_va = extract(run, model, val_ds, **kw)
+    w, b = logistic_head(f_tr, y_tr, model.head.out_features, ft_cfg.seed)
+    scores = f_va @ w.T + b
+    with torch.no_grad():
+        model.head.weight.copy_(w.to(model.head.weight))
+        model.head.bias.copy_(b.to(model.head.bias))
+    return {"top1": topk_accuracy(scores, y_va, 1), "top5": topk_accuracy(scores, y_va, 5),
+            "train_top1": topk_accuracy(f_tr @ w.T + b, y_tr, 1), "pool": pool, "C": LPFT_C}
 
 
 def run_linprobe(cfg) -> Dict:
     """Runs ``fastebm-eval linprobe`` with a checked :class:`~fastebm.eval.config.LinprobeConfig`."""
     run, bb, data, layer, (f_tr, y_tr), (f_va, y_va) = frozen_features(
-        "linprobe", cfg, f"{cfg.opt}, {cfg.epochs} epochs on cached features", max(64, min(cfg.batch_size, 1024)))
+        "linprobe", cfg, lambda: f"{cfg.opt}, {cfg.epochs} epochs on cached features", max(64, min(cfg.batch_size, 1024)),
+        prepare=lambda data: resolve_probe_schedule(cfg, probe_steps(cfg, len(data.train))[1]))
     try:
         summary = base_summary(run, cfg, bb, data)
         history = []

@@ -9,6 +9,12 @@ CosineLRScheduler``); ``timm.data.Mixup`` (Mixup 0.8, CutMix 1.0, label smoothin
 and random erasing from ``timm.data.create_transform``; drop path; optional gradient clipping and
 a weight EMA (``timm.utils.ModelEmaV3``). Top-1/top-5 on the validation set after every epoch.
 
+The new head (``--head_init``): MAE's ``random`` (trunc_normal), ``zero``, or ``probe``: LP-FT
+(Kumar et al., ICLR 2022), a linear probe fitted on the frozen features of the same labelled
+images and loaded as the head before fine-tuning (:func:`fastebm.eval.probe.fit_probe_head`; the
+built-in digits' default, docs/quality.md). Each epoch also records the training accuracy
+(running, on the augmented batches in train mode; not with Mixup/CutMix, whose targets are mixed).
+
 Exact resume: every epoch reseeds the global RNGs from (seed, epoch) and draws its data order
 from its own generator, and ``checkpoint.pt`` (model, optimiser, EMA, counters, history) is
 written atomically after every evaluated epoch (``--eval_every``); so ``--max_epochs N`` then
@@ -32,6 +38,7 @@ from ..runlog import MetricsLogger
 from ..signals import StopRequest
 from .backbone import resolve_backbone
 from .datasets import load_eval_data, make_transforms, with_transform
+from .probe import fit_probe_head
 from .recipes import resolve_schedule
 from .runio import (EpochShuffle, ShardSampler, base_summary, finish, loader, num_workers, plot_curves,
                     prepare_output_dir, seed_epoch, start_run, sum_over_ranks, what_line)
@@ -138,13 +145,15 @@ class _Trainer:
         self.wrapped = distributed.wrap_ddp(model, run.device, find_unused_parameters=False) if run.world > 1 else model
         self.updates = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.probe: Optional[Dict[str, Any]] = None  # LP-FT's probe record (--head_init probe)
 
     def state(self, epoch: int, history: List[Dict]) -> Dict[str, Any]:
         from .config import to_dict
 
         return {"format": CKPT_FORMAT, "version": 1, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
-                "epoch": epoch, "updates": self.updates, "history": history, "config": to_dict(self.cfg)}
+                "epoch": epoch, "updates": self.updates, "history": history, "config": to_dict(self.cfg),
+                "probe": self.probe}
 
     def load(self, state: Dict[str, Any]) -> None:
         try:
@@ -155,13 +164,14 @@ class _Trainer:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UsageError(f"--resume {state['path']} does not fit this model/optimiser: {str(exc).splitlines()[0][:200]}") from None
         self.updates = int(state["updates"])
+        self.probe = state.get("probe")
         self.scheduler.step_update(self.updates)
 
     def train_epoch(self, epoch: int, batches, stop: StopRequest, console) -> Dict[str, float]:
         cfg, run = self.cfg, self.run
         self.wrapped.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total, seen, t0 = 0.0, 0, time.time()
+        total, seen, correct, t0 = 0.0, 0, 0, time.time()
         for i, (x, y) in enumerate(batches):
             x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
             if self.mixup is not None:
@@ -169,7 +179,10 @@ class _Trainer:
             sync = (i + 1) % cfg.accum_iter == 0
             with distributed.gradient_sync(self.wrapped, sync=sync):
                 with run.autocast_ctx():
-                    loss = self.criterion(self.wrapped(x), y)
+                    out = self.wrapped(x)
+                    loss = self.criterion(out, y)
+                if self.mixup is None:
+                    correct += int((out.detach().argmax(1) == y).sum())
                 if distributed.any_rank(not math.isfinite(float(loss.detach()))):  # every rank stops together
                     raise TrainingDiverged(f"non-finite loss at epoch {epoch}, step {i}; lower --blr or set --clip_grad")
                 (loss / cfg.accum_iter).backward()
@@ -186,9 +199,12 @@ class _Trainer:
                 console.step()
             if distributed.any_rank(stop.requested):
                 return {"stopped": True}
-        avg = sum_over_ranks([total, seen])
-        return {"train_loss": avg[0] / max(avg[1], 1), "lr": max(g["lr"] for g in self.optimizer.param_groups),
-                "img_per_s": avg[1] / max(time.time() - t0, 1e-9)}
+        avg = sum_over_ranks([total, seen, correct])
+        stats = {"train_loss": avg[0] / max(avg[1], 1), "lr": max(g["lr"] for g in self.optimizer.param_groups),
+                 "img_per_s": avg[1] / max(time.time() - t0, 1e-9)}
+        if self.mixup is None:
+            stats["train_top1"] = avg[2] / max(avg[1], 1)
+        return stats
 
 
 def run_finetune(cfg) -> Dict[str, Any]:
@@ -210,7 +226,9 @@ def run_finetune(cfg) -> Dict[str, Any]:
         workers = num_workers(cfg, data.kind)
         train_ds = with_transform(data.train, make_transforms(cfg, img_size, bb.mean, bb.std, training=True))
         val_ds = with_transform(data.val, make_transforms(cfg, img_size, bb.mean, bb.std, training=False))
+        probe = _init_head(run, cfg, model, train_ds, val_ds, workers) if resume is None else None
         trainer = _Trainer(run, cfg, model, data.num_classes, steps_per_epoch)
+        trainer.probe = probe
         history: List[Dict] = []
         if resume is not None:
             trainer.load(resume)
@@ -224,6 +242,20 @@ def run_finetune(cfg) -> Dict[str, Any]:
         return _finish(run, cfg, bb, data, history, status, trainer)
     finally:
         run.close()
+
+
+def _init_head(run, cfg, model, train_ds, val_ds, workers) -> Optional[Dict[str, Any]]:
+    """``--head_init``: random is build_classifier's (MAE); zero; probe fits LP-FT's head (returns its record)."""
+    if cfg.head_init == "zero":
+        with torch.no_grad():
+            model.head.weight.zero_()
+            model.head.bias.zero_()
+    if cfg.head_init != "probe":
+        return None
+    # the probe sees the labelled training images as the validation set is seen: no augmentation
+    probe = fit_probe_head(run, cfg, model, with_transform(train_ds, val_ds.transform), val_ds, workers)
+    run.say(f"--head_init probe (LP-FT): linear probe top-1 {100 * probe['top1']:.2f} % on the same labels, loaded as the head")
+    return probe
 
 
 def _loop(run, cfg, trainer, sampler, train_ds, val_ds, workers, start, history, resumed) -> str:
@@ -268,7 +300,12 @@ def _loop(run, cfg, trainer, sampler, train_ds, val_ds, workers, start, history,
 def _finish(run, cfg, bb, data, history, status, trainer) -> Dict[str, Any]:
     summary = base_summary(run, cfg, bb, data)
     summary.update({"status": status, "epochs_done": len(history) and history[-1]["epoch"], "lr": trainer.lr,
-                    "updates": trainer.updates, "history": history})
+                    "updates": trainer.updates, "head_init": cfg.head_init, "history": history})
+    if trainer.probe is not None:
+        summary["probe"] = trainer.probe
+    trained = [r for r in history if "train_top1" in r]
+    if trained:
+        summary["train_top1"] = trained[-1]["train_top1"]
     evaluated = [r for r in history if "val_top1" in r]
     if evaluated:
         best = max(evaluated, key=lambda r: r["val_top1"])
@@ -292,11 +329,19 @@ def _finish(run, cfg, bb, data, history, status, trainer) -> Dict[str, Any]:
 
 def _table(s: Dict[str, Any]) -> str:
     h = [r for r in s["history"] if "val_top1" in r]
-    head = f"# Fine-tuning ({what_line(s)})\n\nStatus {s['status']}, lr {s['lr']:.3g}, {s['updates']} optimiser steps.\n\n"
+    head = (f"# Fine-tuning ({what_line(s)})\n\nStatus {s['status']}, lr {s['lr']:.3g}, {s['updates']} optimiser steps, "
+            f"head init {s['head_init']}.\n\n")
+    if "probe" in s:
+        head += f"LP-FT: the head started as the linear probe of the same labels (top-1 {100 * s['probe']['top1']:.2f} %).\n\n"
     if not h:
         return head + "No epoch was evaluated.\n"
     pick = sorted(set([r["epoch"] for r in h][:: max(1, len(h) // 10)] + [h[-1]["epoch"], s["best_epoch"]]))
-    rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.4f} | {100 * r['val_top1']:.2f} | {100 * r['val_top5']:.2f} |"
-                     for r in h if r["epoch"] in pick)
+
+    def train_acc(r):
+        return f"{100 * r['train_top1']:.2f}" if "train_top1" in r else "-"
+
+    rows = "\n".join(f"| {r['epoch']} | {r['train_loss']:.4f} | {train_acc(r)} | {100 * r['val_top1']:.2f} | "
+                     f"{100 * r['val_top5']:.2f} |" for r in h if r["epoch"] in pick)
     return (head + f"**top-1 {100 * s['top1']:.2f} %** (epoch {s['eval_epoch']}), best {100 * s['best_top1']:.2f} % at epoch "
-            f"{s['best_epoch']}.\n\n| epoch | train loss | val top-1 (%) | val top-5 (%) |\n|---|---|---|---|\n{rows}\n")
+            f"{s['best_epoch']}.\n\n| epoch | train loss | train top-1 (%) | val top-1 (%) | val top-5 (%) |\n"
+            f"|---|---|---|---|---|\n{rows}\n")

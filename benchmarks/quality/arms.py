@@ -1,0 +1,132 @@
+"""The arms of the quality benchmark and the exact commands of every job (pretraining, evaluation).
+
+An arm is a backbone recipe: an untrained initialisation (timm's or fastebm's), a fastebm-train
+run with some flags, or the MAE baseline (mae.py) at equal epochs or at equal training FLOPs.
+Every arm is evaluated by the same fastebm-eval commands with their built-in recipes (nothing is
+tuned per arm): linear probe and fine-tuning on 100 labels (``--few_shot 10``) and on all 1,300,
+k-NN on all labels, a re-probe of each fine-tuned backbone on its labels, and diagnose.py.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PRETRAIN_EPOCHS = 2  # the study's pretraining budget for every fastebm arm (fastebm-train's default is 1)
+
+# What every fastebm-train run of the study adds to the arm's flags: the budget, one thread, and no
+# built-in before/after evaluation or mid-run checkpoints (fastebm-eval does the evaluation).
+TRAIN_COMMON = ["--epochs", str(PRETRAIN_EPOCHS), "--demo_eval", "false", "--threads", "1", "--save_every", "0"]
+
+
+@dataclass
+class Arm:
+    name: str
+    label: str
+    kind: str  # "init", "fastebm", "mae"
+    init: Optional[str] = None  # kind init: random (timm) or fastebm
+    flags: List[str] = field(default_factory=list)  # kind fastebm: fastebm-train flags
+    mae_budget: Optional[str] = None  # kind mae: "epochs" (same epochs) or "flops" (same training FLOPs)
+    eval_flags: List[str] = field(default_factory=list)  # added to every fastebm-eval command
+
+
+ARMS: Dict[str, Arm] = {a.name: a for a in [
+    Arm("random_timm", "random init (timm)", "init", init="random"),
+    Arm("random_fastebm", "random init (fastebm)", "init", init="fastebm"),
+    Arm("fastebm", "fastebm defaults (T 2, exact)", "fastebm"),
+    Arm("fastebm_T1", "fastebm --steps 1", "fastebm", flags=["--steps", "1"]),
+    Arm("fastebm_truncated", "fastebm --grad_mode truncated", "fastebm", flags=["--grad_mode", "truncated"]),
+    Arm("fastebm_linear", "fastebm --energy linear", "fastebm", flags=["--energy", "linear"]),
+    Arm("fastebm_mim", "fastebm --tasks mim", "fastebm", flags=["--tasks", "mim"]),
+    Arm("mae_epochs", "MAE, same epochs", "mae", mae_budget="epochs"),
+    Arm("mae_flops", "MAE, same training FLOPs", "mae", mae_budget="flops"),
+    # cheaper configurations (item 3): not in the default set (--arms adds them)
+    Arm("fastebm_1ep", "fastebm --epochs 1", "fastebm", flags=["--epochs", "1"]),
+    Arm("fastebm_16px", "fastebm --img_size 16 (eval at 32 px)", "fastebm", flags=["--img_size", "16"],
+        eval_flags=["--img_size", "32"]),
+    Arm("fastebm_T1_mim", "fastebm --steps 1 --tasks mim", "fastebm", flags=["--steps", "1", "--tasks", "mim"]),
+]}
+DEFAULT_ARMS = ["random_timm", "random_fastebm", "fastebm", "fastebm_T1", "fastebm_truncated", "fastebm_linear",
+                "fastebm_mim", "mae_epochs", "mae_flops"]
+QUICK_ARMS = ["random_timm", "fastebm"]
+REFERENCE = "fastebm"  # the arm the acceptance checks are about (the shipped defaults)
+
+
+@dataclass
+class Budget:
+    """Per-job sizes: the default study, or --quick's tiny ones (plumbing only)."""
+
+    quick: bool = False
+
+    def pretrain_extra(self) -> List[str]:
+        return ["--max_steps", "2", "--grid_every", "0"] if self.quick else []
+
+    def mae_max_steps(self) -> Optional[int]:
+        return 2 if self.quick else None
+
+    def label_sets(self) -> Dict[str, List[str]]:
+        # quick: "all" is a 30-per-class subset so that its fine-tuning is a few steps
+        return {"100": ["--few_shot", "10"], "all": ["--few_shot", "30"] if self.quick else []}
+
+    def finetune_extra(self) -> List[str]:
+        return ["--epochs", "1"] if self.quick else []
+
+    def linprobe_extra(self) -> List[str]:
+        return ["--epochs", "60", "--warmup_epochs", "5"] if self.quick else []
+
+
+def train_epochs(arm: Arm) -> float:
+    flags = arm.flags
+    return float(flags[flags.index("--epochs") + 1]) if "--epochs" in flags else float(PRETRAIN_EPOCHS)
+
+
+def pretrain_command(arm: Arm, seed: int, out: str, budget: Budget, mae_epochs: float = None) -> Optional[List[str]]:
+    """argv of the arm's pretraining (None for an untrained init)."""
+    if arm.kind == "init":
+        return None
+    if arm.kind == "fastebm":
+        flags = list(TRAIN_COMMON)
+        if "--epochs" in arm.flags:
+            i = flags.index("--epochs")
+            del flags[i:i + 2]
+        return [sys.executable, "-m", "fastebm", "train", "--output_dir", out, "--seed", str(seed), *flags,
+                *arm.flags, *budget.pretrain_extra()]
+    cmd = [sys.executable, os.path.join(HERE, "mae.py"), "--output_dir", out, "--seed", str(seed), "--epochs", f"{mae_epochs:.4f}"]
+    if budget.mae_max_steps():
+        cmd += ["--max_steps", str(budget.mae_max_steps())]
+    return cmd
+
+
+def source_flags(arm: Arm, seed: int, pretrain_dir: str) -> List[str]:
+    """How fastebm-eval gets the arm's backbone."""
+    if arm.kind == "init":
+        return ["--init", arm.init]
+    return ["--ckpt", os.path.join(pretrain_dir, "backbone.pth"), *arm.eval_flags]
+
+
+def eval_commands(arm: Arm, seed: int, pretrain_dir: str, out: str, budget: Budget) -> Dict[str, List[List[str]]]:
+    """{job part: [argv, ...]} for one (arm, seed): the frozen evaluations, and one fine-tuning per label set."""
+    src = source_flags(arm, seed, pretrain_dir)
+    ev = [sys.executable, "-m", "fastebm", "eval"]
+    common = ["--seed", str(seed)]
+    parts = {"frozen": []}
+    for labels, few in budget.label_sets().items():
+        parts["frozen"].append([*ev, "linprobe", *src, *common, *few, *budget.linprobe_extra(),
+                                "--output_dir", os.path.join(out, f"lp_{labels}")])
+    parts["frozen"].append([*ev, "knn", *src, *common, *budget.label_sets()["all"], "--output_dir", os.path.join(out, "knn_all")])
+    diag_src = ["--init", arm.init] if arm.kind == "init" else ["--ckpt", os.path.join(pretrain_dir, "backbone.pth")]
+    parts["frozen"].append([sys.executable, os.path.join(HERE, "diagnose.py"), *diag_src, *common,
+                            "--out", os.path.join(out, "diag.json")])
+    for labels, few in budget.label_sets().items():
+        ft = os.path.join(out, f"ft_{labels}")
+        # the re-probe reads the fine-tuned checkpoint, already at the evaluation size
+        parts[f"ft_{labels}"] = [
+            [*ev, "finetune", *src, *common, *few, *budget.finetune_extra(), "--output_dir", ft],
+            [*ev, "linprobe", "--ckpt", os.path.join(ft, "checkpoint.pt"), *common, *few, *budget.linprobe_extra(),
+             "--output_dir", ft + "_reprobe"],
+            [sys.executable, os.path.join(HERE, "train_accuracy.py"), "--ckpt", os.path.join(ft, "checkpoint.pt"),
+             "--out", ft + "_train.json"],
+        ]
+    return parts

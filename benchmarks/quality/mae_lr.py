@@ -1,0 +1,74 @@
+"""How the MAE baseline's base learning rate (mae.MAE_BLR) was picked: once, on the TRAINING digits.
+
+For each base lr of the grid, mae.py pretrains seed 0 for the epochs that buy fastebm's training
+FLOPs (the budget of the stretch comparison), then fastebm-eval linprobe (its built-in recipe made
+explicit) is fitted on valsplit.py's 1,000 training digits and scored on its 300 validation
+digits; the base lr with the best validation top-1 is MAE_BLR. The 497 test digits are not used.
+
+    python benchmarks/quality/mae_lr.py --out DIR [--blr 0.006 0.012 0.024 0.048] [--jobs 2]
+
+Writes DIR/mae_lr.json (every grid point: val top-1, final MAE loss, the commands).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from valsplit import builtin_recipe, write_split  # noqa: E402
+
+
+def main() -> int:
+    import flops
+    from arms import PRETRAIN_EPOCHS
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--blr", type=float, nargs="+", default=[0.006, 0.012, 0.024, 0.048])
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    split = os.path.join(args.out, "valsplit")
+    counts = write_split(split)
+    epochs = PRETRAIN_EPOCHS * flops.fastebm_step_flops([]) / flops.mae_step_flops()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    probe = builtin_recipe("linprobe")
+    probe_epochs = math.ceil(1800 / (counts["train"] // probe["batch_size"]))
+
+    def one(blr):
+        pdir = os.path.join(args.out, f"mae_blr{blr:g}")
+        pre = [sys.executable, os.path.join(HERE, "mae.py"), "--output_dir", pdir, "--seed", "0", "--epochs", f"{epochs:.4f}",
+               "--blr", str(blr)]
+        lp = [sys.executable, "-m", "fastebm", "eval", "linprobe", "--ckpt", os.path.join(pdir, "backbone.pth"), "--data", split,
+              "--num_workers", "0", "--epochs", str(probe_epochs), "--warmup_epochs", str(round(probe_epochs / 9, 2)),
+              "--output_dir", pdir + "_lp"] + [a for k, v in probe.items() for a in (f"--{k}", str(v))]
+        for cmd, done, log in ((pre, os.path.join(pdir, "summary.json"), pdir + ".log"),
+                               (lp, os.path.join(pdir + "_lp", "summary.json"), pdir + "_lp.log")):
+            if not os.path.exists(done):
+                with open(log, "w") as fh:
+                    subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=True)
+        pre_s = json.load(open(os.path.join(pdir, "summary.json")))
+        lp_s = json.load(open(os.path.join(pdir + "_lp", "summary.json")))
+        return {"blr": blr, "val_top1": lp_s["top1"], "final_loss": pre_s["final_loss"], "steps": pre_s["steps"],
+                "commands": [" ".join(pre[1:]), " ".join(lp[1:])]}
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(one, args.blr))
+    best = max(rows, key=lambda r: r["val_top1"])
+    result = {"epochs": epochs, "split": counts, "rows": rows, "best_blr": best["blr"]}
+    with open(os.path.join(args.out, "mae_lr.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    for r in rows:
+        print(f"blr {r['blr']:g}: val top-1 {r['val_top1']:.3f}, final loss {r['final_loss']:.4f}")
+    print(f"best blr {best['blr']:g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

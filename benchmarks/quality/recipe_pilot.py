@@ -1,0 +1,95 @@
+"""How the built-in fine-tuning recipe was chosen (docs/quality.md): fastebm-eval finetune on a
+validation split of the TRAINING digits (valsplit.py: 1,000 train / 300 val), never the test digits.
+
+Grid: head init (random = MAE's trunc_normal, probe = LP-FT) x optimiser steps x base lr, on two
+backbones (timm's random init, and a fastebm one given with --fastebm), 100 and 1,000 labels.
+Every run is the built-in recipe made explicit (folder data would otherwise get MAE's ImageNet one).
+
+    python benchmarks/quality/recipe_pilot.py --out DIR --fastebm S0/backbone.pth [--seeds 0] [--jobs 2]
+
+Writes DIR/pilot.json (one row per run: val top-1, running train top-1, the probe's val top-1) and
+prints a table. Runs already in DIR are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from valsplit import builtin_recipe, write_split  # noqa: E402
+
+RECIPES = {  # name: (head_init, optimiser steps, blr)
+    "random_1000": ("random", 1000, 4e-3), "probe_1000": ("probe", 1000, 4e-3),
+    "random_300": ("random", 300, 4e-3), "probe_300": ("probe", 300, 4e-3), "probe_300_lowlr": ("probe", 300, 1e-3),
+}
+
+
+def command(split: str, arm: str, labels: int, recipe: str, seed: int, out: str) -> list:
+    head_init, steps, blr = RECIPES[recipe]
+    n = 100 if labels == 100 else 1000
+    epochs = math.ceil(steps / (n // 32))
+    flags = dict(builtin_recipe("finetune"), head_init=head_init, blr=blr, epochs=epochs,
+                 warmup_epochs=round(0.1 * epochs, 2), eval_every=max(1, epochs // 5))
+    cmd = [sys.executable, "-m", "fastebm.cli.eval", "finetune", "--data", split, "--num_workers", "0", "--seed", str(seed),
+           "--save_ckpt", "false", "--output_dir", out]
+    cmd += ["--init", "random"] if arm == "random" else ["--ckpt", arm]
+    if labels == 100:
+        cmd += ["--few_shot", "10"]
+    for k, v in flags.items():
+        cmd += [f"--{k}", str(v)]
+    return cmd
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--fastebm", required=True, help="backbone.pth of a fastebm run (seed S: S is replaced by the seed)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    split = os.path.join(args.out, "valsplit")
+    write_split(split)
+    jobs = []
+    for seed, arm, labels, recipe in itertools.product(args.seeds, ["random", "fastebm"], [100, 1000], args.recipes):
+        name = f"{arm}_{labels}_{recipe}_s{seed}"
+        out = os.path.join(args.out, name)
+        src = "random" if arm == "random" else args.fastebm.replace("_sS", f"_s{seed}")
+        jobs.append((name, out, command(split, src, labels, recipe, seed, out), dict(arm=arm, labels=labels, recipe=recipe, seed=seed)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(job):
+        name, out, cmd, meta = job
+        if not os.path.exists(os.path.join(out, "summary.json")):
+            with open(out + ".log", "w") as log:
+                subprocess.run(["nice", "-n", "10", *cmd], env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+        return name
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for name in pool.map(run, jobs):
+            print("done", name, flush=True)
+    rows = []
+    for name, out, cmd, meta in jobs:
+        try:
+            s = json.load(open(os.path.join(out, "summary.json")))
+        except OSError:
+            continue
+        rows.append(dict(meta, val_top1=s["top1"], train_top1=s.get("train_top1"), probe_top1=(s.get("probe") or {}).get("top1"),
+                         wall_s=s["wall_time_s"], command=" ".join(cmd[1:])))
+    with open(os.path.join(args.out, "pilot.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+    for r in rows:
+        print(f"{r['arm']:8s} {r['labels']:5d} {r['recipe']:16s} s{r['seed']} val {r['val_top1']:.3f} train {r['train_top1']:.3f} "
+              f"probe {r['probe_top1'] if r['probe_top1'] is None else round(r['probe_top1'], 3)} {r['wall_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

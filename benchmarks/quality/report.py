@@ -1,0 +1,259 @@
+"""The quality benchmark's outputs: quality.json, quality.md (mean +- std over seeds) and quality.png.
+
+Metrics per (arm, seed), from the runs' own summary.json files (top-1 fractions on the 497
+held-out digits unless said otherwise):
+
+* ``ft_100`` / ``ft_all``: fine-tuning with 100 labels / all labels (fastebm-eval finetune, last epoch);
+* ``lp_100`` / ``lp_all``: linear probe on the same labels (fastebm-eval linprobe); ``knn_all``: k-NN;
+* ``ft_*_train``: the fine-tuning's training accuracy in its last epoch (augmented batches, train mode);
+  ``ft_*_train_clean``: the fine-tuned classifier on its labelled training images (train_accuracy.py);
+* ``ft_*_probe``: LP-FT's starting head (the logistic-regression probe on the same labels);
+* ``ft_*_reprobe``: fastebm-eval linprobe of the fine-tuned backbone on the same labels (did
+  fine-tuning keep or damage the features?);
+* diagnostics (diagnose.py): fragility, final-block token std, attention entropy, effective rank.
+
+The "stronger random init" of a metric is whichever of the two random-init arms has the higher mean.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+from typing import Dict, List
+
+import numpy as np
+
+METRICS = ["ft_100", "lp_100", "ft_all", "lp_all", "knn_all"]
+FIT = ["ft_100_train", "ft_100_train_clean", "ft_100_probe", "ft_100_reprobe", "ft_all_train", "ft_all_train_clean",
+       "ft_all_probe", "ft_all_reprobe"]
+DIAG = ["fragility", "last_token_std", "attn_entropy", "erank_pooled"]
+TITLES = {"ft_100": "fine-tune, 100 labels", "lp_100": "linear probe, 100 labels", "ft_all": "fine-tune, 1,300 labels",
+          "lp_all": "linear probe, 1,300 labels", "knn_all": "k-NN (k 20), 1,300 labels"}
+RANDOM_ARMS = ("random_timm", "random_fastebm")
+
+
+def _load(path: str):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def seed_metrics(edir: str) -> Dict[str, float]:
+    """The metrics of one (arm, seed) from its evaluation folder (absent runs are left out)."""
+    out = {}
+    for name in ("lp_100", "lp_all", "knn_all"):
+        s = _load(os.path.join(edir, name, "summary.json"))
+        if s:
+            out[name] = s["top1"]
+    for labels in ("100", "all"):
+        s = _load(os.path.join(edir, f"ft_{labels}", "summary.json"))
+        if s and "top1" in s:
+            out[f"ft_{labels}"] = s["top1"]
+            if "train_top1" in s:
+                out[f"ft_{labels}_train"] = s["train_top1"]
+            if s.get("probe"):
+                out[f"ft_{labels}_probe"] = s["probe"]["top1"]
+            out[f"ft_{labels}_steps"] = s["updates"]
+        r = _load(os.path.join(edir, f"ft_{labels}_reprobe", "summary.json"))
+        if r:
+            out[f"ft_{labels}_reprobe"] = r["top1"]
+        t = _load(os.path.join(edir, f"ft_{labels}_train.json"))
+        if t:
+            out[f"ft_{labels}_train_clean"] = t["train_eval_top1"]
+    d = _load(os.path.join(edir, "diag.json"))
+    if d:
+        out.update(fragility=d["fragility"], last_token_std=d["blocks"][-1]["token_std"],
+                   attn_entropy=float(np.mean([b["attn_entropy"] for b in d["blocks"]])), erank_pooled=d["erank_pooled"])
+    return out
+
+
+def pretrain_record(pdir: str) -> Dict:
+    s = _load(os.path.join(pdir, "summary.json")) or {}
+    keys = ("status", "final_loss", "first_loss", "wall_time_s", "step", "steps")
+    return {k: s[k] for k in keys if k in s}
+
+
+def mean_std(values: List[float]):
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return None, None, 0
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None), len(v)
+
+
+def fmt(m, s, digits=3) -> str:
+    if m is None:
+        return "-"
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else "")
+
+
+def acceptance(arms: Dict, ref: str = "fastebm") -> List[Dict]:
+    """The issue's acceptance checks, each with the numbers it compares (means over seeds)."""
+    checks = []
+    if ref not in arms:
+        return checks
+    m = {a: {k: v["mean"] for k, v in r["summary"].items()} for a, r in arms.items()}
+    randoms = [a for a in RANDOM_ARMS if a in m]
+    for metric in METRICS:
+        if randoms and metric in m[ref]:
+            best = max(randoms, key=lambda a: m[a].get(metric, -1))
+            if metric in m[best]:
+                checks.append({"check": f"{ref} {metric} > stronger random init ({best})", "ours": m[ref][metric],
+                               "theirs": m[best][metric], "pass": m[ref][metric] > m[best][metric]})
+    for labels in ("100", "all"):
+        ft, lp = m[ref].get(f"ft_{labels}"), m[ref].get(f"lp_{labels}")
+        if ft is not None and lp is not None:
+            checks.append({"check": f"{ref} ft_{labels} > lp_{labels} (same labels)", "ours": ft, "theirs": lp, "pass": ft > lp})
+    if "mae_flops" in m:
+        for labels in ("100", "all"):
+            ours, theirs = m[ref].get(f"ft_{labels}"), m["mae_flops"].get(f"ft_{labels}")
+            if ours is not None and theirs is not None:
+                checks.append({"check": f"stretch: {ref} ft_{labels} >= MAE at equal FLOPs", "ours": ours, "theirs": theirs,
+                               "pass": ours >= theirs})
+    return checks
+
+
+def environment() -> Dict:
+    import sklearn
+    import timm
+    import torch
+
+    import fastebm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(__file__)).stdout.strip())
+    except OSError:
+        commit, dirty = None, None
+    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
+            "git_dirty": dirty, "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "sklearn": sklearn.__version__, "fastebm": getattr(fastebm, "__version__", None), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count()}
+
+
+def collect(jobs, meta: Dict, fl: Dict) -> Dict:
+    import arms as A
+
+    arms = {}
+    for name in meta["arms"]:
+        arm = A.ARMS[name]
+        per_seed = {}
+        for seed in meta["seeds"]:
+            rec = {"metrics": seed_metrics(os.path.join(meta["work_dir"], "eval", f"{name}_s{seed}"))}
+            if arm.kind != "init":
+                rec["pretrain"] = pretrain_record(os.path.join(meta["work_dir"], "pretrain", f"{name}_s{seed}"))
+                pj = [j for j in jobs if j.arm == name and j.seed == seed and j.part == "pretrain"]
+                if pj and pj[0].rc not in (0, None):
+                    rec["pretrain"]["failed_rc"] = pj[0].rc
+            per_seed[str(seed)] = rec
+        keys = sorted({k for r in per_seed.values() for k in r["metrics"]})
+        summary = {}
+        for k in keys:
+            mu, sd, n = mean_std([r["metrics"].get(k) for r in per_seed.values()])
+            summary[k] = {"mean": mu, "std": sd, "n": n}
+        arms[name] = {"label": arm.label, "kind": arm.kind, "flags": arm.flags, "seeds": per_seed, "summary": summary,
+                      "flops": fl["arms"].get(name)}
+    return arms
+
+
+def markdown(data: Dict) -> str:
+    arms, meta = data["arms"], data["meta"]
+    lines = [f"# Learning quality on the built-in digits ({'QUICK plumbing run, not results' if meta['quick'] else 'benchmark'})", "",
+             f"Top-1 on the 497 held-out digits, mean ± sample std over seeds {', '.join(map(str, meta['seeds']))}; "
+             f"pretraining {data['settings']['pretrain_epochs']} epochs ({data['flops']['steps_per_epoch']} steps of batch 32 "
+             f"per epoch); fine-tuning {data['settings']['finetune_steps']} optimiser steps with LP-FT "
+             f"(`--head_init {data['settings']['head_init']}`); linear probe {data['settings']['probe_steps']} LARS steps. "
+             f"{meta['jobs']} jobs x 1 thread, {meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.1f} CPU min; "
+             f"load average {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at the end. "
+             f"{data['env']['date_utc']}, commit {str(data['env']['git_commit'])[:10]}{' (dirty)' if data['env']['git_dirty'] else ''}.", "",
+             "| arm | pretraining: GFLOP/step x steps | wall s (1 thread) | " + " | ".join(TITLES[m] for m in METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for name, r in arms.items():
+        f = r["flops"]
+        cost = "0" if not f else f"{f['gflop_per_step']:.1f} x {f['steps']} = {1000 * f['pflop']:.2f} TFLOP"
+        walls = [v["pretrain"].get("wall_time_s") for v in r["seeds"].values() if "pretrain" in v]
+        wall = fmt(*mean_std(walls)[:2], digits=0) if any(w is not None for w in walls) else "-"
+        cells = [fmt(r["summary"].get(m, {}).get("mean"), r["summary"].get(m, {}).get("std")) for m in METRICS]
+        fails = [s for s, v in r["seeds"].items() if v.get("pretrain", {}).get("failed_rc")]
+        label = r["label"] + (f" (pretraining failed: seeds {', '.join(fails)})" if fails else "")
+        lines.append(f"| {label} | {cost} | {wall} | " + " | ".join(cells) + " |")
+    lines += ["", "Did fine-tuning fit, and what did it do to the features: training top-1 in the last epoch "
+              "(augmented) and on the clean training images after fine-tuning, the LP-FT probe it started from, "
+              "and a linear probe of the fine-tuned backbone (same labels):", "",
+              "| arm | 100: FT train (aug.) | 100: FT train (clean) | 100: LP-FT start | 100: re-probe after FT | "
+              "1,300: FT train (aug.) | 1,300: FT train (clean) | 1,300: LP-FT start | 1,300: re-probe after FT |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in arms.items():
+        lines.append(f"| {r['label']} | " + " | ".join(fmt(r["summary"].get(m, {}).get("mean"), r["summary"].get(m, {}).get("std"))
+                                                      for m in FIT) + " |")
+    lines += ["", "Diagnostics (diagnose.py, seed means): fragility = feature shift after one +-1e-3 step on every weight "
+              "in units of the between-image spread; last block's per-token std (the final LayerNorm divides by it); "
+              "mean attention entropy / log N; effective rank of the pooled features.", "",
+              "| arm | " + " | ".join(DIAG) + " |", "|---|" + "---|" * len(DIAG)]
+    for name, r in arms.items():
+        lines.append(f"| {r['label']} | " + " | ".join(fmt(r["summary"].get(m, {}).get("mean"), None) for m in DIAG) + " |")
+    if data["checks"]:
+        lines += ["", "Acceptance checks (means):", ""]
+        lines += [f"- {'PASS' if c['pass'] else 'FAIL'}: {c['check']}: {c['ours']:.3f} vs {c['theirs']:.3f}" for c in data["checks"]]
+    lines += ["", f"FLOPs per training step (torch FlopCounterMode, batch 32, forward + backward incl. the double backward): "
+              f"fastebm defaults {data['flops']['fastebm_defaults_gflop_per_step']:.2f} G, MAE {data['flops']['mae_gflop_per_step']:.2f} G "
+              f"(x{data['flops']['ratio']:.1f}); MAE at equal FLOPs trains {data['flops']['mae_equal_flops_epochs']:.2f} epochs.",
+              "", f"Command: `{meta['argv']}`. Every job's commands are in quality.json (`jobs`)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(data["arms"])
+    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        s = data["arms"][name]["summary"]
+        means = [s.get(m, {}).get("mean") or 0.0 for m in METRICS]
+        errs = [s.get(m, {}).get("std") or 0.0 for m in METRICS]
+        ax.bar(np.arange(len(METRICS)) + (i - (len(names) - 1) / 2) * width, means, width, yerr=errs, capsize=2,
+               label=data["arms"][name]["label"])
+    ax.set_xticks(np.arange(len(METRICS)), [TITLES[m] for m in METRICS], fontsize=8)
+    ax.set_ylabel("top-1 on 497 held-out digits")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    ax.set_title(f"fastebm quality benchmark (mean ± std over seeds {data['meta']['seeds']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(output_dir: str, meta: Dict, fl: Dict, jobs, budget) -> List[str]:
+    import arms as A
+    from fastebm.eval.recipes import PROBE_UPDATE_BUDGET, RECIPES, UPDATE_BUDGET
+
+    os.makedirs(output_dir, exist_ok=True)
+    data = {"meta": meta, "env": environment(),
+            "settings": {"pretrain_epochs": A.PRETRAIN_EPOCHS, "train_common_flags": A.TRAIN_COMMON,
+                         "finetune_steps": UPDATE_BUDGET if not budget.quick else "quick", "probe_steps": PROBE_UPDATE_BUDGET,
+                         "head_init": RECIPES["builtin"]["finetune"]["head_init"], "reference_arm": A.REFERENCE},
+            "flops": fl, "arms": collect(jobs, meta, fl), "jobs": [j.record() for j in jobs]}
+    data["checks"] = acceptance(data["arms"], A.REFERENCE)
+    paths = [os.path.join(output_dir, n) for n in ("quality.json", "quality.md", "quality.png")]
+
+    def text(content):
+        def write_text(path):
+            with open(path, "w") as fh:
+                fh.write(content)
+        return write_text
+
+    for path, write_fn in zip(paths, (text(json.dumps(data, indent=1)), text(markdown(data)), lambda p: plot(data, p))):
+        tmp = path + ".tmp" + os.path.splitext(path)[1]  # atomic: a crash never leaves a half-written output
+        write_fn(tmp)
+        os.replace(tmp, path)
+    return paths

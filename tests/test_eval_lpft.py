@@ -1,0 +1,150 @@
+"""fastebm-eval finetune --head_init (LP-FT), the training accuracy, and the built-in probe schedule.
+
+* the LP-FT head against scikit-learn's own pipeline (StandardScaler + LogisticRegression): the
+  folded linear layer gives the same decision function, for many classes and for two;
+* MAE's probe head folded into one linear layer against the head itself in eval mode;
+* end to end: a fine-tuning run that starts from the probe and barely moves (lr 1e-12) scores
+  exactly what its probe scored, and its head is the probe that a reference pipeline (a separate
+  feature extraction + scikit-learn) fits; ``zero`` starts from a zero head;
+* the built-in linear probe's step budget whatever the number of labels.
+"""
+import numpy as np
+import pytest
+import torch
+
+import fastebm.eval as fe
+from fastebm.cli.eval import main
+from fastebm.eval.config import make_config
+from fastebm.eval.probe import fold_head, logistic_head, make_head
+from fastebm.eval.recipes import PROBE_UPDATE_BUDGET, RECIPES, resolve_probe_schedule
+from test_eval_support import image_folder, trained_checkpoint
+
+
+def _sklearn_probe(f, y, seed):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000, random_state=seed)).fit(f, y)
+
+
+@pytest.mark.parametrize("classes", [2, 5])
+def test_logistic_head_is_sklearns_probe_on_raw_features(classes):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    n, d = 13 * classes, 11
+    y = torch.arange(classes).repeat_interleave(13)
+    # features with their own offsets and scales per dimension (the scaler must be folded in)
+    f = torch.randn(n, d, generator=g) * torch.rand(d, generator=g) * 3 + torch.randn(d, generator=g) * 5
+    f += 0.8 * torch.randn(classes, d, generator=g)[y]
+    w, b = logistic_head(f, y, classes, seed=0)
+    assert w.shape == (classes, d) and b.shape == (classes,) and w.dtype == torch.float32
+    ref = _sklearn_probe(f.double().numpy(), y.numpy(), 0)
+    scores = (f.double() @ w.double().T + b.double()).numpy()
+    if classes == 2:  # one sklearn logit z = decision_function; the pair (-z/2, z/2) differs by z
+        np.testing.assert_allclose(scores[:, 1] - scores[:, 0], ref.decision_function(f.double().numpy()), rtol=1e-4, atol=1e-4)
+    else:
+        np.testing.assert_allclose(scores, ref.decision_function(f.double().numpy()), rtol=1e-4, atol=1e-4)
+    probs = torch.softmax(torch.from_numpy(scores), 1).numpy()
+    np.testing.assert_allclose(probs, ref.predict_proba(f.double().numpy()), atol=1e-5)
+
+
+def test_logistic_head_refuses_a_missing_class():
+    from fastebm.errors import UsageError
+
+    with pytest.raises(UsageError, match="every class"):
+        logistic_head(torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 3, 3]), 4, seed=0)
+
+
+def test_fold_head_is_the_eval_mode_probe():
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+    head = make_head(9, 4, 0.3, seed=1)
+    with torch.no_grad():
+        head[0].running_mean.copy_(torch.randn(9, generator=g) * 2)
+        head[0].running_var.copy_(torch.rand(9, generator=g) * 3 + 0.05)
+        head[1].bias.copy_(torch.randn(4, generator=g))
+    f = torch.randn(17, 9, generator=g) * 2 + 1
+    w, b = fold_head(head)
+    ref = head.eval()(f.double().float()).double()
+    torch.testing.assert_close(f.double() @ w.double().T + b.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _reference_features(ckpt, root, split, size):
+    """Mean normed patch tokens of every image of root/split, by a separate pipeline (timm + PIL by hand)."""
+    import os
+
+    from PIL import Image
+    from timm.models.vision_transformer import VisionTransformer
+
+    from fastebm.eval.backbone import read_backbone
+
+    bb = read_backbone(ckpt)
+    model = VisionTransformer(**{**bb.arch, "img_size": size}, num_classes=0).eval()
+    from fastebm.eval.timm_vit import resample_state
+
+    model.load_state_dict(resample_state(bb.state, model))
+    mean, std = torch.tensor(bb.mean).view(3, 1, 1), torch.tensor(bb.std).view(3, 1, 1)
+    feats, labels = [], []
+    for label, name in enumerate(sorted(os.listdir(os.path.join(root, split)))):
+        for file in sorted(os.listdir(os.path.join(root, split, name))):
+            img = Image.open(os.path.join(root, split, name, file)).convert("RGB").resize((size, size), Image.BICUBIC)
+            x = (torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255 - mean) / std
+            with torch.no_grad():
+                feats.append(model.forward_features(x[None])[0, 1:].mean(0))
+            labels.append(label)
+    return torch.stack(feats).double().numpy(), np.array(labels)
+
+
+def test_lpft_starts_from_the_probe_end_to_end(tmp_path):
+    root = image_folder(tmp_path / "data", size=16, per_class=(7, 6, 6), val_per_class=5)
+    out = tmp_path / "ft"
+    s = fe.finetune(ckpt=trained_checkpoint(), data=root, head_init="probe", lr=1e-12, min_lr=0.0, epochs=2,
+                    warmup_epochs=0, batch_size=4, num_workers=0, crop_pct=1.0, mixup=0.0, cutmix=0.0,
+                    output_dir=str(out))
+    assert s["head_init"] == "probe" and 0.0 <= s["probe"]["top1"] <= 1.0 and s["probe"]["pool"] == "avg"
+    # the weights barely move, so the fine-tuned classifier scores what its starting probe scored
+    assert [r["val_top1"] for r in s["history"]] == [s["probe"]["top1"]] * 2
+    # ... and that head is the probe a separate pipeline fits on separately extracted features
+    f_tr, y_tr = _reference_features(trained_checkpoint(), root, "train", 16)
+    f_va, _ = _reference_features(trained_checkpoint(), root, "val", 16)
+    ref = _sklearn_probe(f_tr, y_tr, 0)
+    head = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    ours = f_va @ head["head.weight"].double().numpy().T + head["head.bias"].double().numpy()
+    np.testing.assert_allclose(ours, ref.decision_function(f_va), rtol=2e-3, atol=2e-3)
+    for r in s["history"]:
+        assert 0.0 <= r["train_top1"] <= 1.0 and abs(r["train_top1"] * 16 - round(r["train_top1"] * 16)) < 1e-9
+    assert s["train_top1"] == s["history"][-1]["train_top1"]
+    assert "LP-FT" in (out / "results.md").read_text() and "train top-1" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("head_init", ["zero", "random"])
+def test_other_head_inits(tmp_path, head_init):
+    root = image_folder(tmp_path / "data", size=16)
+    s = fe.finetune(ckpt=trained_checkpoint(), data=root, head_init=head_init, lr=1e-12, min_lr=0.0, epochs=1,
+                    warmup_epochs=0, batch_size=4, num_workers=0, output_dir=str(tmp_path / "ft"))
+    assert "probe" not in s and s["head_init"] == head_init
+    w = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["model"]["head.weight"]
+    if head_init == "zero":
+        assert float(w.abs().max()) < 1e-9
+    else:  # MAE's trunc_normal(std 2e-5)
+        assert 5e-6 < float(w.std()) < 5e-5
+
+
+def test_head_init_recipes_and_flag(tmp_path, capsys):
+    assert make_config("finetune", init="random").head_init == "probe"
+    folder = image_folder(tmp_path / "data")
+    assert make_config("finetune", init="random", data=folder).head_init == "random"
+    assert main(["finetune", "--init", "random", "--head_init", "linear"]) == 2
+    assert "--head_init" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("few_shot, steps_per_epoch", [(10, 1), (None, 20)])
+def test_builtin_probe_is_a_fixed_number_of_steps(few_shot, steps_per_epoch):
+    cfg = make_config("linprobe", init="random", few_shot=few_shot)
+    assert cfg.epochs is None and cfg.warmup_epochs is None
+    resolve_probe_schedule(cfg, steps_per_epoch)
+    assert cfg.epochs * steps_per_epoch == PROBE_UPDATE_BUDGET
+    assert cfg.warmup_epochs == pytest.approx(cfg.epochs / 9, abs=0.01)
+    kept = make_config("linprobe", init="random", epochs=5)  # a user's value wins
+    resolve_probe_schedule(kept, steps_per_epoch)
+    assert kept.epochs == 5
+    assert RECIPES["folder"]["linprobe"]["epochs"] == 90

@@ -1,0 +1,111 @@
+"""benchmarks/quality/run.py --quick: the quality study's plumbing end to end on a tiny budget.
+
+Checks the outputs' structure (JSON, Markdown, PNG), that every accuracy is finite and in [0, 1],
+that the Markdown table carries the JSON's numbers, that the commands are recorded, and the FLOP
+counts (fastebm's T = 2 step counted with its double backward costs more than an MAE step).
+Also: the MAE baseline's masking and loss against a direct computation, and the FLOP counter
+against a hand count on a linear layer.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUALITY = os.path.join(ROOT, "benchmarks", "quality")
+sys.path.insert(0, QUALITY)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    cmd = [sys.executable, os.path.join(QUALITY, "run.py"), "--quick", "--output_dir", str(out), "--jobs", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_quick_outputs_are_complete_and_in_range(quick_run):
+    import arms as A
+    import report as R
+
+    data = json.loads((quick_run / "quality.json").read_text())
+    assert data["meta"]["quick"] is True and data["meta"]["seeds"] == [0] and data["meta"]["arms"] == A.QUICK_ARMS
+    for key in ("date_utc", "git_commit", "torch", "timm", "sklearn", "python"):
+        assert key in data["env"], key
+    assert data["meta"]["wall_s"] > 0 and data["meta"]["cpu_s"] > 0
+    for name in A.QUICK_ARMS:
+        metrics = data["arms"][name]["seeds"]["0"]["metrics"]
+        for m in R.METRICS + R.FIT:
+            assert m in metrics, (name, m)
+            assert math.isfinite(metrics[m]) and 0.0 <= metrics[m] <= 1.0, (name, m, metrics[m])
+        for m in R.DIAG:
+            assert math.isfinite(metrics[m]) and metrics[m] > 0, (name, m)
+        assert metrics["ft_100_steps"] >= 1
+        summary = data["arms"][name]["summary"]
+        assert summary["ft_100"]["mean"] == metrics["ft_100"] and summary["ft_100"]["n"] == 1
+    assert data["arms"]["fastebm"]["seeds"]["0"]["pretrain"]["step"] == 2
+    jobs = data["jobs"]
+    assert jobs and all(j["rc"] == 0 for j in jobs)
+    assert all(c.startswith("python ") for j in jobs for c in j["commands"])
+    finetunes = [c for j in jobs for c in j["commands"] if " eval finetune " in c]
+    assert len(finetunes) == 2 * len(A.QUICK_ARMS) and any("--init random" in c for c in finetunes)
+    assert {c["check"].split(" ")[1] for c in data["checks"]} >= {"ft_100", "lp_100", "knn_all"}
+
+
+def test_quick_table_carries_the_json_numbers(quick_run):
+    import report as R
+
+    data = json.loads((quick_run / "quality.json").read_text())
+    table = (quick_run / "quality.md").read_text()
+    assert "QUICK" in table and data["meta"]["argv"] in table
+    for name, arm in data["arms"].items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {arm['label']} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        got = [float(c) for c in cells[3:3 + len(R.METRICS)]]
+        want = [arm["summary"][m]["mean"] for m in R.METRICS]
+        assert got == pytest.approx(want, abs=5e-4), (name, row)
+    png = (quick_run / "quality.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_quick_flops(quick_run):
+    fl = json.loads((quick_run / "quality.json").read_text())["flops"]
+    assert fl["fastebm_defaults_gflop_per_step"] > fl["mae_gflop_per_step"] > 0
+    assert fl["ratio"] == pytest.approx(fl["fastebm_defaults_gflop_per_step"] / fl["mae_gflop_per_step"])
+    assert fl["mae_equal_flops_epochs"] == pytest.approx(2 * fl["ratio"])
+
+
+def test_flop_counter_counts_a_linear_layer_and_its_backward():
+    import flops
+
+    n, d_in, d_out = 7, 13, 5
+    layer = torch.nn.Linear(d_in, d_out)
+    x = torch.randn(n, d_in, requires_grad=True)
+    # forward 2*n*d_in*d_out; backward: grad of the input and of the weight, the same again each
+    assert flops.count(lambda: layer(x).sum().backward()) == 3 * 2 * n * d_in * d_out
+
+
+def test_mae_masks_three_quarters_and_scores_only_masked_patches():
+    import mae
+
+    torch.manual_seed(int(torch.randint(0, 10_000, ())))
+    model = mae.build(seed=3)
+    x = torch.randn(3, 3, 32, 32)
+    loss, pred, mask = model(x)
+    n = (32 // 4) ** 2
+    assert pred.shape == (3, n, 4 * 4 * 3) and mask.shape == (3, n)
+    assert torch.equal(mask.sum(1), torch.full((3,), float(n - n // 4)))
+    # the loss, recomputed from the patches directly (float64, norm_pix_loss, masked mean)
+    p = x.double().unfold(2, 4, 4).unfold(3, 4, 4)  # (B, C, 8, 8, 4, 4)
+    patches = p.permute(0, 2, 3, 4, 5, 1).reshape(3, n, 48)
+    target = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
+    per = ((pred.double() - target) ** 2).mean(-1)
+    assert loss.item() == pytest.approx(float((per * mask).sum() / mask.sum()), rel=1e-5)
+    loss.backward()
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
