@@ -87,7 +87,7 @@ def _reference_features(ckpt, root, split, size):
     for label, name in enumerate(sorted(os.listdir(os.path.join(root, split)))):
         for file in sorted(os.listdir(os.path.join(root, split, name))):
             img = Image.open(os.path.join(root, split, name, file)).convert("RGB").resize((size, size), Image.BICUBIC)
-            x = (torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255 - mean) / std
+            x = (torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - mean) / std
             with torch.no_grad():
                 feats.append(model.forward_features(x[None])[0, 1:].mean(0))
             labels.append(label)
