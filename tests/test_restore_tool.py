@@ -317,6 +317,25 @@ def test_python_function_takes_a_checkpoint_path(checkpoint):
         torch.testing.assert_close(r.restored, (expected[i].double() * STD + MEAN).clamp(0, 1).float(), atol=1e-5, rtol=0)
 
 
+def test_one_folder_path_one_file_path_and_one_pil_image_are_each_a_whole_input(tmp_path, checkpoint):
+    """A single path is not iterated per character; a single PIL image is one image."""
+    ckpt, objective = checkpoint
+    arrays = _write_images(tmp_path / "imgs", [(16, 16), (16, 16), (16, 16)])
+    by_folder = fastebm.restore_images(ckpt, str(tmp_path / "imgs"), task="denoise", device="cpu")
+    by_list = fastebm.restore_images(ckpt, [str(tmp_path / "imgs" / f"img{i}.png") for i in range(3)],
+                                     task="denoise", device="cpu")
+    assert len(by_folder) == 3
+    for a, b in zip(by_folder, by_list):
+        torch.testing.assert_close(a.restored, b.restored, rtol=0, atol=0)
+    # image 0 keeps sample id 0 (its corruption draw) alone and in the folder
+    [one_file] = fastebm.restore_images(ckpt, tmp_path / "imgs" / "img0.png", task="denoise", device="cpu")
+    [one_pil] = fastebm.restore_images(ckpt, Image.fromarray(arrays[0]), task="denoise", device="cpu")
+    torch.testing.assert_close(one_file.restored, one_pil.restored, rtol=0, atol=0)
+    torch.testing.assert_close(one_file.restored, by_folder[0].restored, rtol=0, atol=0)
+    energies = fastebm.energy_scores(ckpt, str(tmp_path / "imgs"), device="cpu")
+    assert energies.shape == (3,) and torch.isfinite(energies).all()
+
+
 @pytest.mark.parametrize("case", ["empty_dir", "all_unreadable", "missing", "wrong_ckpt", "backbone_ckpt",
                                   "sr_factor", "steps0", "unwritable", "task_and_corrupted"])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, checkpoint, capsys, case):

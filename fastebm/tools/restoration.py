@@ -127,9 +127,11 @@ def _as_uint8(image) -> torch.Tensor:
 
 def as_items(images, img_size: int) -> List[ImageItem]:
     """uint8/float tensors (N, C, H, W) or (C, H, W), PIL images, paths/folders/``builtin:NAME`` or
-    ImageItems -> ImageItems (``img_size``: the side of the built-in sets)."""
+    ImageItems, one or a sequence of them -> ImageItems (``img_size``: the side of the built-in sets)."""
     if isinstance(images, torch.Tensor):
         images = list(images) if images.dim() == 4 else [images]
+    elif isinstance(images, (str, os.PathLike, ImageItem)) or not hasattr(images, "__iter__"):
+        images = [images]  # one path, folder or PIL image (a string must not be iterated per character)
     out = []
     for i, image in enumerate(images):
         if isinstance(image, ImageItem):
