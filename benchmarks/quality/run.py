@@ -6,7 +6,7 @@ One command runs the whole study on the built-in data and writes, into --output_
 
     nice -n 10 python benchmarks/quality/run.py                      # default set, 3 seeds, 2 jobs
     python benchmarks/quality/run.py --quick --output_dir /tmp/q      # plumbing check (CI), ~1-2 min
-    python benchmarks/quality/run.py --arms fastebm_1ep,fastebm_16px  # other arms (arms.py)
+    python benchmarks/quality/run.py --arms variants --output_dir OUT   # the other fastebm variants (arms.py)
 
 Each arm (arms.py) is pretrained per seed (fastebm-train, or mae.py), then evaluated with
 fastebm-eval's built-in recipes, the same for every arm: linear probe and fine-tuning with 100
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny plumbing check: 1 seed, 2 arms, a few steps each")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    ap.add_argument("--arms", default=None, help="comma-separated arm names (arms.py); default: the default set")
+    ap.add_argument("--arms", default=None, help="comma-separated arm names (arms.py), \"variants\" for the other fastebm variants; default: the default set")
     ap.add_argument("--jobs", type=int, default=2, help="processes at a time, one thread each")
     ap.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results", "quality"))
     ap.add_argument("--work_dir", default=None, help="run folders (default OUTPUT_DIR/runs, git-ignored)")
@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     budget = A.Budget(quick=args.quick)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     names = args.arms.split(",") if args.arms else (A.QUICK_ARMS if args.quick else A.DEFAULT_ARMS)
+    names = [n for name in names for n in (A.VARIANT_ARMS if name == "variants" else [name])]
     unknown = [n for n in names if n not in A.ARMS]
     if unknown:
         print(f"run.py: error: unknown arm(s) {unknown}; choose from {', '.join(A.ARMS)}", file=sys.stderr)
