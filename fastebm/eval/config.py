@@ -92,8 +92,9 @@ class FinetuneConfig(CommonConfig):
     model_ema_decay: float = _opt(0.9999, "EMA decay per optimiser step")
     head_init_std: float = _opt(2e-5, "std of the new classifier's truncated-normal init (MAE; same for every --init)")
     head_init: Optional[str] = _opt(None, "new classifier: random (trunc_normal, --head_init_std; MAE), zero, or probe (LP-FT, "
-                                    "Kumar et al. 2022: linprobe's head fitted on the frozen features of the same labels, "
-                                    "then fine-tuned) (recipe: probe for built-in digits, random for folders)", choices=HEAD_INITS)
+                                    "Kumar et al. 2022: an L2-regularised logistic-regression probe fitted on the frozen "
+                                    "features of the same labels, then fine-tuned with the backbone) (recipe: probe for "
+                                    "built-in digits, random for folders)", choices=HEAD_INITS)
     resume: Optional[str] = _opt(None, "checkpoint of an interrupted fine-tuning run, or 'auto' (OUTPUT_DIR/checkpoint.pt if present)")
     dist_timeout: Optional[float] = _opt(None, "seconds a collective waits for a peer under torchrun")
     save_ckpt: bool = _opt(True, "write OUTPUT_DIR/checkpoint.pt after every evaluated epoch (needed for --resume)")
