@@ -14,7 +14,7 @@ Usage (the measurements in docs/training.md, "Threads"):
 
 A configuration is ``NAME;ENV=VALUE,ENV=VALUE;--flag value --flag value[;REPS]`` (empty parts
 allowed; REPS caps that configuration's repetitions below --reps, for very slow ones).
-Every run is ``nice -n NICE python -m fastebm train --max_steps N --eval false --output_dir DIR``
+Every run is ``nice -n NICE python -m fastebm train --max_steps N --demo_eval false --output_dir DIR``
 plus the configuration's flags, so all runs share one nice level. Timings on a shared machine move
 with the other processes' load: compare configurations measured in the same invocation only.
 """
@@ -58,7 +58,7 @@ def launch(cfg: Dict, args, out_dir: str) -> subprocess.Popen:
     if args.pythonpath:
         env["PYTHONPATH"] = args.pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     cmd = ["nice", "-n", str(args.nice), sys.executable, "-m", "fastebm", "train", "--max_steps", str(args.max_steps),
-           "--eval", "false", "--output_dir", out_dir, *cfg["flags"]]
+           "--demo_eval", "false", "--output_dir", out_dir, *cfg["flags"]]
     err = open(out_dir + ".stderr", "w+")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
     proc.err_file = err
@@ -105,7 +105,7 @@ def summarise(rows: List[Dict]) -> List[Dict]:
 
 def markdown(report: Dict) -> str:
     meta = report["meta"]
-    lines = [f"# `fastebm-train --max_steps {meta['max_steps']} --eval false`: CPU threads under contention", "",
+    lines = [f"# `fastebm-train --max_steps {meta['max_steps']} --demo_eval false`: CPU threads under contention", "",
              f"{meta['date']}; {meta['cpus']} CPUs; nice {meta['nice']}; {meta['reps']} repetition(s); "
              f"code: {meta['pythonpath'] or 'installed'}", "",
              "| config | env / flags | mode | median wall s | walls | median CPU s | median load1 before |",
