@@ -201,3 +201,15 @@ def check_device(value: str) -> str:
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N (got {value!r})")
     return dev
+
+
+SEED_LIMIT = 2 ** 32  # every command's --seed: numpy and scikit-learn take seeds below 2**32
+
+
+def check_seed(seed: Any) -> int:
+    """``--seed`` as an int in [0, 2**32); raises UsageError naming the flag otherwise."""
+    from .errors import UsageError
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"--seed must be a whole number in [0, 2**32), got {seed!r}")
+    return seed

@@ -45,6 +45,24 @@ def test_os_error_naming_a_file_is_one_line_other_errors_keep_their_traceback(ca
             run("prog-x", _raises(bug))
 
 
+def test_an_error_raised_in_a_loader_worker_keeps_only_its_own_message(capsys):
+    """torch re-raises a DataLoader worker's exception with the worker's traceback as the message."""
+    import torch
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            raise DataError(f"image {i} of /data/x.png is truncated; remove it or fix it")
+
+    def body():
+        next(iter(torch.utils.data.DataLoader(Broken(), batch_size=2, num_workers=1)))
+
+    assert run("prog-x", body) == 2
+    assert capsys.readouterr().err == "prog-x: error: image 0 of /data/x.png is truncated; remove it or fix it\n"
+
+
 def test_summary_status_and_system_exit(capsys):
     assert run("prog-x", lambda: {"status": "interrupted_sigint"}) == 130
     assert run("prog-x", lambda: {"status": "interrupted_sigterm"}) == 0
@@ -69,3 +87,47 @@ def test_every_command_turns_a_bad_flag_into_one_line_and_exit_2(command, capsys
     assert len(err) == 1 and err[0].startswith(f"{module.PROG}: error: ") and "(see --help)" in err[0], err
     assert module.main(["--help"] if command != "eval" else ["knn", "--help"]) == 0
     assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 32), str(2 ** 64)])
+@pytest.mark.parametrize("command, argv", [
+    ("train", []), ("eval", ["finetune", "--init", "random"]), ("eval", ["knn", "--init", "random"]),
+    ("restore", ["--ckpt", "missing.pt", "builtin:digits"]), ("score", []),
+])
+def test_every_seed_out_of_range_is_one_line_and_nothing_is_written(command, argv, seed, capsys, tmp_path):
+    module = importlib.import_module(COMMANDS[command])
+    out = tmp_path / "out"
+    out_flag = ["-o", str(out)] if command in ("restore", "score") else ["--output_dir", str(out)]
+    assert module.main(argv + ["--seed", seed] + out_flag) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"{module.PROG}: error: --seed must be a whole number in [0, 2**32), got {seed}"]
+    assert not out.exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    assert run("prog-x", _raises(KeyboardInterrupt())) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prog-x: error: stopped by Ctrl-C (SIGINT)")
+
+
+def test_sigint_during_a_knn_run_is_one_line_and_exit_130(tmp_path):
+    """A real SIGINT part-way through ``fastebm-eval knn`` (no step boundaries): no traceback, 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "knn"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "fastebm", "eval", "knn", "--init", "random", "--output_dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not out.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # the run has started (its output folder exists) and is extracting features
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and lines[-1].startswith("fastebm-eval: error: stopped by Ctrl-C"), err

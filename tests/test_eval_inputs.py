@@ -56,6 +56,13 @@ def test_help_lists_every_flag(capsys):
     (["knn", "--init", "random", "--no_such_flag", "1"], "no_such_flag"),
     (["linprobe", "--init", "random", "--train_dir", "a"], "--val_dir"),
     (["frobnicate"], "frobnicate"),
+    (["knn", "--init", "random", "--dist_timeout", "-1"], "--dist_timeout"),
+    (["knn", "--init", "random", "--device", "tpu"], "--device"),
+    (["finetune", "--init", "random", "--seed", "-1"], "--seed"),
+    (["knn", "--init", "random", "--seed", str(2 ** 32)], "--seed"),
+    (["finetune", "--init", "random", "--aa", "foo"], "--aa"),
+    (["finetune", "--init", "random", "--opt", "foo"], "--opt"),
+    (["knn", "--init", "random", "--interpolation", "foo"], "--interpolation"),
 ])
 def test_bad_flags_exit_2(argv, needle, capsys, tmp_path):
     out = tmp_path / "out"

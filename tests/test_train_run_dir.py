@@ -43,6 +43,7 @@ def test_a_finished_run_is_never_touched_by_a_bad_start(tmp_path, capsys):
         (dict(attn_backend="mathh"), "mathh"),  # refused by the parser
         (dict(resume="auto", batch_size=64), "--batch_size"),  # known after the data scan (12 images)
         (dict(resume="auto", energy="linear"), "does not fit"),  # known after loading the checkpoint
+        (dict(resume="auto", model="vit_tiny_patch16", img_size=16), "trained with --model vit_demo (this run: vit_tiny_patch16)"),
         (dict(overwrite="true", batch_size=64), "--batch_size"),  # --overwrite deletes only once all checks pass
         (dict(overwrite="true", resume="auto"), "--overwrite and --resume"),
     ]

@@ -11,7 +11,8 @@ returns the command's summary (or None). This is the only place that turns error
       ToolInputError; DataError, CheckpointError, OutputError, DistributedSetupError), or an
       OSError about a file the command reads or writes (the message names the path)
 3     training diverged: too many non-finite losses in a row (TrainingDiverged)
-130   stopped by SIGINT (the summary's ``status`` is ``interrupted_sigint``; saved like SIGTERM)
+130   stopped by SIGINT (the summary's ``status`` is ``interrupted_sigint``; saved like SIGTERM), or
+      Ctrl-C in a command without step boundaries (knn, linprobe, restore, score), one line
 ====  =====================================================================================
 
 Each error is printed as one line, ``PROG: error: <message>``, without a traceback, by every rank
@@ -51,6 +52,12 @@ def exit_code(exc: BaseException) -> Optional[int]:
 
 
 def _message(exc: BaseException) -> str:
+    text = str(exc)
+    if "in DataLoader worker process" in text and "Original Traceback" in text:
+        # torch re-raises a worker's error with the worker's traceback as its message: keep the
+        # original error's own text (the last line, "module.Class: message")
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        return last.split(": ", 1)[1] if ": " in last else last
     if isinstance(exc, OSError) and not isinstance(exc, OutputError):
         # An unexpected file-system error (no OutputError was raised for it): name the path(s).
         where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
@@ -66,6 +73,9 @@ def run(prog: str, body: Callable[[], Any]) -> int:
         summary = body()
     except SystemExit as exc:  # --help, --version: argparse printed its text
         return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:  # Ctrl-C where the command does not stop at a step boundary (or a second Ctrl-C)
+        log.error("stopped by Ctrl-C (SIGINT) before the end; files already written are complete, the rest were not written")
+        return 130
     except Exception as exc:
         code = exit_code(exc)
         if code is None:

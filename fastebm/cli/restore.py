@@ -68,6 +68,9 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
     from ..tools.pictures import contact_sheet, grid, strip, to_pil
     from ..tools.restoration import iter_restorations, resolve_device, summarise, task_params
 
+    from ..settings import check_seed
+
+    check_seed(args.seed)
     if args.already_corrupted and args.task is not None:
         raise ToolInputError("--task and --already_corrupted exclude each other: --already_corrupted restores "
                              "the images as given; drop one of them")

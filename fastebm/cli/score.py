@@ -65,6 +65,9 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
     from ..tools.pictures import energy_histograms
     from ..tools.restoration import resolve_device
 
+    from ..settings import check_seed
+
+    check_seed(args.seed)
     builtin = args.in_specs is None and args.ood is None
     if args.ood is not None and args.in_specs is None:
         raise ToolInputError("--ood needs an in-distribution set to compare with: add --in DIR")

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Type
 from ..errors import UsageError
 from ..settings import (ArgumentParser, add_config_flag, add_field_flags, check_device, coerce, read_config_file,
                         to_dict)
+from ..settings import check_seed
 from ..settings import option as _opt
 from .recipes import fill_recipe
 
@@ -224,6 +225,7 @@ def validate(cfg):
     if getattr(cfg, "resume", None) not in (None, "auto") and not os.path.isfile(cfg.resume):
         raise UsageError(f"--resume: {cfg.resume!r} does not exist (give a checkpoint.pt or 'auto')")
     fill_recipe(cfg)
+    _check_library_names(cfg)
     if getattr(cfg, "epochs", None) is None:
         return cfg  # built-in fine-tuning: the schedule follows the data size (recipes.resolve_schedule)
     if getattr(cfg, "warmup_epochs", None) is not None and cfg.warmup_epochs > cfg.epochs:
@@ -231,3 +233,29 @@ def validate(cfg):
     if getattr(cfg, "max_epochs", None) is not None and cfg.max_epochs > cfg.epochs:
         raise UsageError(f"--max_epochs ({cfg.max_epochs}) exceeds --epochs ({cfg.epochs})")
     return cfg
+
+
+def _check_library_names(cfg) -> None:
+    """--seed's range, and the names timm resolves (--interpolation, --aa, --opt), checked before anything
+    is written: timm itself answers a KeyError, an AssertionError or a registry ValueError."""
+    check_seed(cfg.seed)
+    from timm.data import create_transform
+
+    aa = getattr(cfg, "aa", None)
+    try:
+        create_transform(input_size=8, is_training=False, interpolation=cfg.interpolation)
+    except (KeyError, ValueError, AssertionError):
+        raise UsageError(f"--interpolation {cfg.interpolation!r}: choose bicubic, bilinear, nearest, "
+                         "lanczos, box or hamming") from None
+    if aa not in (None, "off"):
+        try:
+            create_transform(input_size=8, is_training=True, auto_augment=aa)
+        except (KeyError, ValueError, AssertionError, IndexError):
+            raise UsageError(f"--aa {aa!r} is not a timm augmentation policy (e.g. rand-m9-mstd0.5-inc1, "
+                             "augmix-m5-w4-d2, original, v0, or off)") from None
+    if isinstance(cfg, FinetuneConfig):
+        from timm.optim import list_optimizers
+
+        if cfg.opt.lower() not in list_optimizers():
+            raise UsageError(f"--opt {cfg.opt!r} is not a timm optimizer (e.g. adamw, lamb, lars, sgd; "
+                             "timm.optim.list_optimizers() lists them)")

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..data.sampling import generator_for, mix_seed
 from .. import distributed
-from ..errors import UsageError
+from ..errors import DistributedSetupError, UsageError
 from .config import to_dict
 from ..files import atomic_write, atomic_write_json, atomic_write_text
 
@@ -61,7 +61,7 @@ def start_run(command: str, cfg) -> Run:
     owns = not distributed.is_initialized()
     try:
         info = distributed.init_distributed(cfg.device, "auto", getattr(cfg, "dist_timeout", None))
-    except distributed.DistributedSetupError as exc:
+    except DistributedSetupError as exc:
         raise UsageError(str(exc)) from None
     device = info.device if info.distributed else _resolve_device(cfg.device)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")

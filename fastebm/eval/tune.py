@@ -162,7 +162,7 @@ class _Trainer:
             if self.ema is not None and state.get("ema") is not None:
                 self.ema.module.load_state_dict(state["ema"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise UsageError(f"--resume {state['path']} does not fit this model/optimiser: {str(exc).splitlines()[0][:200]}") from None
+            raise UsageError(f"--resume {state['path']} does not fit this model/optimiser: {' '.join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]}") from None
         self.updates = int(state["updates"])
         self.probe = state.get("probe")
         self.scheduler.step_update(self.updates)

@@ -106,8 +106,13 @@ class TrainerStartup:
         try:
             distributed.load_from_checkpoint(self.objective, self.optimizer, ckpt["model"], ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit this model/optimiser: "
-                                  f"{str(exc).splitlines()[0][:200]}") from None
+            saved = ckpt.get("config") or {}
+            differs = [f"--{k} {saved.get(k)} (this run: {getattr(cfg, k, None)})" for k in ("model", "img_size", "energy")
+                       if k in saved and saved.get(k) != getattr(cfg, k, None)]
+            detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
+            hint = ("it was trained with " + ", ".join(differs) + "; give the same flags or a new --output_dir"
+                    if differs else detail)
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimiser: {hint}") from None
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = LoopState.from_checkpoint(ckpt)

@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 
 from ...corrupt import SAMPLE_TASKS
 from ...errors import UsageError
-from ...settings import check_device
+from ...settings import check_device, check_seed
 from .fields import TrainConfig
 
 
@@ -104,6 +104,7 @@ def _check_rates(cfg: TrainConfig) -> None:
 
 
 def _check_run(cfg: TrainConfig) -> None:
+    check_seed(cfg.seed)
     """Workers, device, threads, resume/overwrite, output folder, loader, process-group timeout."""
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise UsageError(f"--num_workers must be >= 0 (got {cfg.num_workers})")
