@@ -31,7 +31,7 @@ RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "builtin": {
         # epochs/warm-up/eval_every: set from the data size by resolve_schedule (UPDATE_BUDGET steps)
         "finetune": dict(batch_size=32, blr=4e-3, min_lr=1e-6, layer_decay=0.75, drop_path=0.1, mixup=0.0,
-                         cutmix=0.0, aa="off", reprob=0.0, scale_min=0.35, hflip=0.0, interpolation="bicubic",
+                         cutmix=0.0, aa="off", reprob=0.0, scale_min=0.8, hflip=0.0, interpolation="bicubic",
                          crop_pct=1.0, head_init="probe"),
         # linprobe epochs/warm-up: set from the number of labels by resolve_probe_schedule (PROBE_UPDATE_BUDGET steps)
         "linprobe": dict(batch_size=64, blr=100.0, interpolation="bicubic", crop_pct=1.0),
