@@ -193,6 +193,9 @@ def test_finetune_resume_is_exact(tmp_path):
     assert main(_finetune_args(root, tmp_path / "split", "--max_epochs", "2")) == 0
     half = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert half["status"] == "stopped_at_max_epochs" and half["epochs_done"] == 2
+    before = (tmp_path / "split" / "checkpoint.pt").read_bytes()
+    assert main(_finetune_args(root, tmp_path / "split")) == 2  # without --resume: refused, nothing overwritten
+    assert (tmp_path / "split" / "checkpoint.pt").read_bytes() == before
     assert main(_finetune_args(root, tmp_path / "split", "--resume", "auto")) == 0
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)

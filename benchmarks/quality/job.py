@@ -3,7 +3,8 @@
 Each command is the argv of a console tool: ``fastebm-eval ...`` (``python -m fastebm eval ...``)
 is run through ``fastebm.cli.eval.main``, ``diagnose.py`` and ``train_accuracy.py`` through their ``main``: the same code the
 command line runs, without paying Python's and torch's start-up once per command. A command whose
-output (its summary.json, or diagnose.py's --out) exists is skipped, so a job can be re-run.
+output (its summary.json, or diagnose.py's --out) exists is skipped, so a job can be re-run; the
+output folder of one that did not finish is removed and the command runs again from the start.
 
     python benchmarks/quality/job.py COMMANDS.json
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -42,6 +44,8 @@ def main() -> int:
     for argv in commands:
         if os.path.exists(output_of(argv)):
             continue
+        if "--output_dir" in argv and os.path.isdir(argv[argv.index("--output_dir") + 1]):
+            shutil.rmtree(argv[argv.index("--output_dir") + 1])  # an interrupted run: start it again from scratch
         t0 = time.time()
         rc = run_one(argv)
         print(f"[job] rc {rc} in {time.time() - t0:.1f} s: {' '.join(argv[1:])}", flush=True)

@@ -61,6 +61,9 @@ def _check_batches(cfg, n_train: int, world: int) -> None:
 
 
 def _load_resume(cfg) -> Optional[Dict[str, Any]]:
+    if cfg.resume is None and os.path.isfile(os.path.join(cfg.output_dir, CKPT_FILE)):
+        raise UsageError(f"--output_dir {cfg.output_dir} holds a fine-tuning run ({CKPT_FILE}): --resume auto continues "
+                         "it; give another --output_dir (or delete that one) to start a new run")
     path = os.path.join(cfg.output_dir, CKPT_FILE) if cfg.resume == "auto" else cfg.resume
     if cfg.resume is None or not os.path.isfile(path):
         return None
