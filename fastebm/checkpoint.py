@@ -56,11 +56,16 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         if foreign:
             raise CheckpointError(
                 f"{path} is a PyTorch file that is not a fastebm training checkpoint (it holds pickled objects: "
-                f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); --resume takes a last.pt "
+                f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); give a last.pt "
                 f"written by fastebm-train, whose checkpoints hold only tensors and plain values") from None
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch.save's zip nor a legacy pickle
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint at all (it starts with {head!r}); give a last.pt "
+                                  f"written by fastebm-train") from None
+        reason = " ".join(str(exc).split())[:90] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {path} is unreadable (truncated or corrupt: {reason[:160]}); "
+            f"checkpoint {path} is unreadable, truncated or corrupt ({reason}...); "
             f"use an earlier checkpoint such as {PREVIOUS}"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -43,6 +43,15 @@ def test_foreign_file_is_rejected(tmp_path):
         load_checkpoint(str(path))
 
 
+@pytest.mark.parametrize("content", [b"step,loss\n1,0.5\n", bytes(range(7, 200)), b"{\"model\": 1}"])
+def test_a_file_that_is_no_pytorch_file_is_named_as_such(tmp_path, content):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint at all") as info:
+        load_checkpoint(str(path))
+    assert str(path) in str(info.value) and "truncated" not in str(info.value)
+
+
 def test_auto_falls_back_to_previous_with_warning(tmp_path):
     save_checkpoint(_state(4), str(tmp_path))
     save_checkpoint(_state(8), str(tmp_path))
