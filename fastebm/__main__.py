@@ -14,6 +14,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(usage)
         return 0
+    if argv and argv[0] == "--version":
+        from . import __version__
+
+        print(f"fastebm {__version__}")
+        return 0
     if not argv or argv[0] not in COMMANDS:
         what = f"unknown command {argv[0]!r}" if argv else "no command given"
         print(f"fastebm: error: {what}; choose one of {', '.join(COMMANDS)} ({usage})", file=sys.stderr)

@@ -213,3 +213,14 @@ def check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise UsageError(f"--seed must be a whole number in [0, 2**32), got {seed!r}")
     return seed
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """argparse help with ``(default: X)`` after each flag whose help does not already name its default
+    (and none for flags without one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-from ..settings import ArgumentParser
+from ..settings import ArgumentParser, DefaultsHelpFormatter
 from ._run import run
 from ._tools_common import add_tiling_flags, command_line, positive, skip_recorder
 
@@ -26,7 +26,8 @@ TASKS = ("mim", "sort", "sr", "denoise", "colorize")
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description="Corrupt images (or take corrupted ones), restore them by gradient "
-                       "descent on a fastebm model's energy, and write strips, PSNR/SSIM and energies.")
+                       "descent on a fastebm model's energy, and write strips, PSNR/SSIM and energies.",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGES_OR_DIR",
                    help="image files, folders (searched recursively) or builtin:digits|photos|noise|blurred_digits")
     p.add_argument("--ckpt", required=True, help="a fastebm-train checkpoint (OUTPUT_DIR/last.pt)")

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import List, Optional
 
-from ..settings import ArgumentParser
+from ..settings import ArgumentParser, DefaultsHelpFormatter
 from ._run import run
 from ._tools_common import add_tiling_flags, command_line, positive, skip_recorder
 
@@ -30,7 +30,8 @@ BUILTIN_OUT = ("builtin:photos", "builtin:noise", "builtin:blurred_digits")
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description="Energy of every image under a fastebm model, and OOD metrics of in- vs "
                        "out-of-distribution sets. With no data arguments: held-out digits vs photo crops, noise, "
-                       "blurred digits.")
+                       "blurred digits.",
+                       formatter_class=DefaultsHelpFormatter)
     p.add_argument("--ckpt", default=None, help=f"a fastebm-train checkpoint (default {DEFAULT_CKPT}, the demo's)")
     p.add_argument("--in", dest="in_specs", nargs="+", default=None, metavar="DIR",
                    help="the in-distribution set: folders, files or builtin:NAME (together one set)")
