@@ -123,6 +123,18 @@ def test_bad_distributed_settings_raise_clear_value_errors(kw, needle, monkeypat
         fdist.init_distributed(**kw)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("Application timeout caused pair closure", True),  # gloo, when --dist_timeout expires in DDP's backward
+    ("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5678", True),
+    ("Timed out waiting 10000ms for recv operation to complete", True),
+    ("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x2)", False),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+])
+def test_collective_failures_are_told_from_other_runtime_errors(text, expected):
+    assert fdist.is_collective_failure(RuntimeError(text)) is expected
+    assert fdist.is_collective_failure(ValueError(text)) is False
+
+
 def test_optimizer_state_round_trips_between_index_and_name_layouts():
     """FSDP2 checkpoints are converted to torch's index layout; the conversion must be lossless."""
     net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
