@@ -1,4 +1,4 @@
-"""How the MAE baseline's base learning rate (mae.MAE_BLR) was picked: once, on the TRAINING digits.
+"""How to pick the MAE baseline's base learning rate (mae.MAE_BLR): once, on the TRAINING digits (not yet run).
 
 For each base lr of the grid, mae.py pretrains seed 0 for the epochs that buy fastebm's training
 FLOPs (the budget of the stretch comparison), then fastebm-eval linprobe (its built-in recipe made
