@@ -16,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-from ..settings import ArgumentParser, DefaultsHelpFormatter
+from ..settings import ArgumentParser, DefaultsHelpFormatter, check_seed
 from ._run import run
 from ._tools_common import add_tiling_flags, command_line, positive, skip_recorder
 
@@ -68,8 +68,6 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
                                 write_json)
     from ..tools.pictures import contact_sheet, grid, strip, to_pil
     from ..tools.restoration import iter_restorations, resolve_device, summarise, task_params
-
-    from ..settings import check_seed
 
     check_seed(args.seed)
     if args.already_corrupted and args.task is not None:

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import List, Optional
 
-from ..settings import ArgumentParser, DefaultsHelpFormatter
+from ..settings import ArgumentParser, DefaultsHelpFormatter, check_seed
 from ._run import run
 from ._tools_common import add_tiling_flags, command_line, positive, skip_recorder
 
@@ -65,8 +65,6 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
     from ..tools.output import atomic_write_text, ensure_output_dir, write_csv, write_json
     from ..tools.pictures import energy_histograms
     from ..tools.restoration import resolve_device
-
-    from ..settings import check_seed
 
     check_seed(args.seed)
     builtin = args.in_specs is None and args.ood is None
