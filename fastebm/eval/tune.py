@@ -10,8 +10,8 @@ and random erasing from ``timm.data.create_transform``; drop path; optional grad
 a weight EMA (``timm.utils.ModelEmaV3``). Top-1/top-5 on the validation set after every epoch.
 
 The new head (``--head_init``): MAE's ``random`` (trunc_normal), ``zero``, or ``probe``: LP-FT
-(Kumar et al., ICLR 2022), a linear probe fitted on the frozen features of the same labelled
-images and loaded as the head before fine-tuning (:func:`fastebm.eval.probe.fit_probe_head`; the
+(Kumar et al., ICLR 2022), an L2-regularised logistic-regression probe fitted on the frozen
+features of the same labelled images and loaded as the head before fine-tuning (:func:`fastebm.eval.probe.fit_probe_head`; the
 built-in digits' default, docs/quality.md). Each epoch also records the training accuracy
 (running, on the augmented batches in train mode; not with Mixup/CutMix, whose targets are mixed).
 
