@@ -152,5 +152,6 @@ def is_collective_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(
         k in text for k in ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
                             "NCCL", "gloo", "Gloo", "Broken pipe", "ProcessGroup",
-                            # gloo's words when its --dist_timeout expires inside DDP's backward all-reduce
-                            "Application timeout caused pair closure", "pair closure"))
+                            # gloo's "Application timeout caused pair closure": --dist_timeout expired
+                            # inside DDP's backward all-reduce
+                            "pair closure"))
