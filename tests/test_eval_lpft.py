@@ -16,7 +16,8 @@ import fastebm.eval as fe
 from fastebm.cli.eval import main
 from fastebm.eval.config import make_config
 from fastebm.eval.probe import fold_head, logistic_head, make_head
-from fastebm.eval.recipes import PROBE_UPDATE_BUDGET, RECIPES, resolve_probe_schedule
+from fastebm.eval.recipes import (CROP_SCALE_MIN_FEW, CROP_SCALE_MIN_MANY, MANY_PER_CLASS, PROBE_UPDATE_BUDGET, RECIPES,
+                                   resolve_crop, resolve_probe_schedule)
 from test_eval_support import image_folder, trained_checkpoint
 
 
@@ -148,3 +149,23 @@ def test_builtin_probe_is_a_fixed_number_of_steps(few_shot, steps_per_epoch):
     resolve_probe_schedule(kept, steps_per_epoch)
     assert kept.epochs == 5
     assert RECIPES["folder"]["linprobe"]["epochs"] == 90
+
+
+@pytest.mark.parametrize("n_train, num_classes, expected", [
+    (100, 10, CROP_SCALE_MIN_FEW), (1300, 10, CROP_SCALE_MIN_MANY), (MANY_PER_CLASS * 7 - 1, 7, CROP_SCALE_MIN_FEW),
+    (MANY_PER_CLASS * 7, 7, CROP_SCALE_MIN_MANY)])
+def test_builtin_crop_follows_labelled_images_per_class(n_train, num_classes, expected):
+    cfg = make_config("finetune", init="random", few_shot=10)
+    assert cfg.scale_min is None and cfg.drop_path == 0.0
+    resolve_crop(cfg, n_train, num_classes)
+    assert cfg.scale_min == expected
+    kept = make_config("finetune", init="random", scale_min=0.3)  # a user's value wins
+    resolve_crop(kept, n_train, num_classes)
+    assert kept.scale_min == 0.3
+
+
+def test_folder_finetune_keeps_maes_crop_and_drop_path(tmp_path):
+    cfg = make_config("finetune", init="random", data=image_folder(tmp_path / "data"))
+    resolve_crop(cfg, 10_000, 10)
+    assert cfg.scale_min == RECIPES["folder"]["finetune"]["scale_min"] == 0.08
+    assert cfg.drop_path == RECIPES["folder"]["finetune"]["drop_path"] == 0.1

@@ -109,3 +109,27 @@ def test_mae_masks_three_quarters_and_scores_only_masked_patches():
     assert loss.item() == pytest.approx(float((per * mask).sum() / mask.sum()), rel=1e-5)
     loss.backward()
     assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_quick_run_reports_the_pixel_reference(quick_run):
+    data = json.loads((quick_run / "quality.json").read_text())
+    ref = data["reference_pixels"]
+    for metric in ("lp_100", "lp_all"):
+        assert set(ref[metric]) == {"0"} and 0.1 < ref[metric]["0"] <= 1.0
+    assert "logistic regression on the raw pixels" in (quick_run / "quality.md").read_text()
+
+
+def test_pixel_reference_uses_fastebm_evals_labelled_sets():
+    """pixels.py claims the labelled sets of fastebm-eval: its --few_shot draw is the images fastebm-eval trains on."""
+    import numpy as np
+
+    from fastebm.eval.config import make_config
+    from fastebm.eval.datasets import builtin_digit_split, few_shot_indices, load_eval_data
+
+    x_tr, y_tr, _, _ = builtin_digit_split(32)
+    seed = 7
+    data = load_eval_data(make_config("linprobe", init="random", few_shot=10, seed=seed), 32)
+    idx = few_shot_indices(y_tr.tolist(), 10, seed, [str(c) for c in range(10)])
+    assert [int(y_tr[i]) for i in idx] == data.train.labels
+    ours = np.stack([np.asarray(data.train[i][0])[..., 0] for i in range(len(idx))])
+    assert np.array_equal(ours, x_tr[idx][:, 0].numpy())

@@ -161,6 +161,11 @@ def collect(jobs, meta: Dict, fl: Dict) -> Dict:
     return arms
 
 
+def _reused(jobs: List[Dict]) -> str:
+    n = sum(j["skipped"] == "reused" for j in jobs)
+    return f" ({n} of {len(jobs)} jobs reused finished runs of the work folder; their time is not in these totals)" if n else ""
+
+
 def markdown(data: Dict) -> str:
     arms, meta = data["arms"], data["meta"]
     lines = [f"# Learning quality on the built-in digits ({'QUICK plumbing run, not results' if meta['quick'] else 'benchmark'})", "",
@@ -169,7 +174,8 @@ def markdown(data: Dict) -> str:
              f"per epoch); fine-tuning {data['settings']['finetune_steps']} optimiser steps with LP-FT "
              f"(`--head_init {data['settings']['head_init']}`); linear probe {data['settings']['probe_steps']} LARS steps. "
              f"{meta['jobs']} jobs x 1 thread, {meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.1f} CPU min; "
-             f"load average {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at the end. "
+             f"load average {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at the end"
+             f"{_reused(data['jobs'])}. "
              f"{data['env']['date_utc']}, commit {str(data['env']['git_commit'])[:10]}{' (dirty)' if data['env']['git_dirty'] else ''}.", "",
              "| arm | pretraining: GFLOP/step x steps | wall s (1 thread) | " + " | ".join(TITLES[m] for m in METRICS) + " |",
              "|---|---|---|" + "---|" * len(METRICS)]
@@ -182,6 +188,10 @@ def markdown(data: Dict) -> str:
         fails = [s for s, v in r["seeds"].items() if v.get("pretrain", {}).get("failed_rc")]
         label = r["label"] + (f" (pretraining failed: seeds {', '.join(fails)})" if fails else "")
         lines.append(f"| {label} | {cost} | {wall} | " + " | ".join(cells) + " |")
+    ref = data.get("reference_pixels")
+    if ref:
+        cells = [fmt(*mean_std(list(ref[m].values()))[:2]) if m in ref else "-" for m in METRICS]
+        lines.append("| reference, no network: logistic regression on the raw pixels (pixels.py) | 0 | - | " + " | ".join(cells) + " |")
     lines += ["", "Did fine-tuning fit, and what did it do to the features: training top-1 in the last epoch "
               "(augmented) and on the clean training images after fine-tuning, the LP-FT probe it started from, "
               "and a linear probe of the fine-tuned backbone (same labels):", "",
@@ -222,6 +232,11 @@ def plot(data: Dict, path: str) -> None:
         errs = [s.get(m, {}).get("std") or 0.0 for m in METRICS]
         ax.bar(np.arange(len(METRICS)) + (i - (len(names) - 1) / 2) * width, means, width, yerr=errs, capsize=2,
                label=data["arms"][name]["label"])
+    ref = data.get("reference_pixels") or {}
+    for i, m in enumerate(METRICS):
+        if m in ref:  # the pixel model is a linear probe without a network: a line across its group
+            ax.hlines(float(np.mean(list(ref[m].values()))), i - 0.45, i + 0.45, colors="k", linestyles="--", linewidth=1,
+                      label="logistic regression on raw pixels" if m == "lp_all" else None)
     ax.set_xticks(np.arange(len(METRICS)), [TITLES[m] for m in METRICS], fontsize=8)
     ax.set_ylabel("top-1 on 497 held-out digits")
     ax.set_ylim(0, 1)
@@ -244,6 +259,9 @@ def write(output_dir: str, meta: Dict, fl: Dict, jobs, budget) -> List[str]:
                          "head_init": RECIPES["builtin"]["finetune"]["head_init"], "reference_arm": A.REFERENCE},
             "flops": fl, "arms": collect(jobs, meta, fl), "jobs": [j.record() for j in jobs]}
     data["checks"] = acceptance(data["arms"], A.REFERENCE)
+    from pixels import pixel_logistic_regression
+
+    data["reference_pixels"] = pixel_logistic_regression(meta["seeds"])
     paths = [os.path.join(output_dir, n) for n in ("quality.json", "quality.md", "quality.png")]
 
     def text(content):
