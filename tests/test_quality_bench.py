@@ -133,3 +133,24 @@ def test_pixel_reference_uses_fastebm_evals_labelled_sets():
     assert [int(y_tr[i]) for i in idx] == data.train.labels
     ours = np.stack([np.asarray(data.train[i][0])[..., 0] for i in range(len(idx))])
     assert np.array_equal(ours, x_tr[idx][:, 0].numpy())
+
+
+def test_acceptance_marks_gaps_inside_the_seed_spread():
+    import random
+
+    import report as R
+
+    rng = random.Random()
+    summary = lambda mean, std: {"mean": mean, "std": std, "n": 3}  # noqa: E731
+    ft, lp, std_ft, std_lp = 0.6 + 0.3 * rng.random(), 0.5 * rng.random(), 0.01 + 0.05 * rng.random(), 0.01 + 0.05 * rng.random()
+    close = ft - 0.5 * min(std_ft, std_lp)  # a random-init arm just below fastebm, inside the spread
+    arms = {"fastebm": {"summary": {"ft_all": summary(ft, std_ft), "lp_all": summary(lp, std_lp)}},
+            "random_timm": {"summary": {"ft_all": summary(close, std_lp), "lp_all": summary(lp - 0.2, None)}}}
+    checks = {c["check"]: c for c in R.acceptance(arms)}
+    vs_random = checks["fastebm ft_all > stronger random init (random_timm)"]
+    assert vs_random["pass"] and vs_random["noise"] == max(std_ft, std_lp)
+    assert R._verdict(vs_random) == "PASS (within noise)"
+    vs_probe = checks["fastebm ft_all > lp_all (same labels)"]
+    assert vs_probe["pass"] and R._verdict(vs_probe) == ("PASS" if ft - lp >= max(std_ft, std_lp) else "PASS (within noise)")
+    lp_check = checks["fastebm lp_all > stronger random init (random_timm)"]
+    assert lp_check["noise"] == std_lp and R._verdict(lp_check) == ("PASS" if 0.2 >= std_lp else "PASS (within noise)")

@@ -1,13 +1,15 @@
-"""How to pick the MAE baseline's base learning rate (mae.MAE_BLR): once, on the TRAINING digits (not yet run).
+"""The pretraining base learning rate of the MAE baseline (mae.MAE_BLR), searched on the TRAINING digits.
 
 For each base lr of the grid, mae.py pretrains seed 0 for the epochs that buy fastebm's training
 FLOPs (the budget of the stretch comparison), then fastebm-eval linprobe (its built-in recipe made
 explicit) is fitted on valsplit.py's 1,000 training digits and scored on its 300 validation
 digits; the base lr with the best validation top-1 is MAE_BLR. The 497 test digits are not used.
+``--method fastebm`` runs the same search for fastebm-train's ``--blr`` (the study's 2 epochs), so
+both methods' learning rates can be judged the same way.
 
-    python benchmarks/quality/mae_lr.py --out DIR [--blr 0.006 0.012 0.024 0.048] [--jobs 2]
+    python benchmarks/quality/mae_lr.py --out DIR [--blr 0.003 0.006 0.012 0.024 0.048] [--jobs 2] [--method fastebm]
 
-Writes DIR/mae_lr.json (every grid point: val top-1, final MAE loss, the commands).
+Writes DIR/mae_lr.json (DIR/fastebm_lr.json; every grid point: val top-1, final loss, the commands).
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--blr", type=float, nargs="+", default=[0.006, 0.012, 0.024, 0.048])
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--method", choices=["mae", "fastebm"], default="mae")
     args = ap.parse_args()
+    from arms import TRAIN_COMMON
     split = os.path.join(args.out, "valsplit")
     counts = write_split(split)
     epochs = PRETRAIN_EPOCHS * flops.fastebm_step_flops([]) / flops.mae_step_flops()
@@ -42,9 +46,12 @@ def main() -> int:
     probe_epochs = math.ceil(1800 / (counts["train"] // probe["batch_size"]))
 
     def one(blr):
-        pdir = os.path.join(args.out, f"mae_blr{blr:g}")
-        pre = [sys.executable, os.path.join(HERE, "mae.py"), "--output_dir", pdir, "--seed", "0", "--epochs", f"{epochs:.4f}",
-               "--blr", str(blr)]
+        pdir = os.path.join(args.out, f"{args.method}_blr{blr:g}")
+        if args.method == "mae":
+            pre = [sys.executable, os.path.join(HERE, "mae.py"), "--output_dir", pdir, "--seed", "0", "--epochs", f"{epochs:.4f}",
+                   "--blr", str(blr)]
+        else:
+            pre = [sys.executable, "-m", "fastebm", "train", "--output_dir", pdir, "--seed", "0", *TRAIN_COMMON, "--blr", str(blr)]
         lp = [sys.executable, "-m", "fastebm", "eval", "linprobe", "--ckpt", os.path.join(pdir, "backbone.pth"), "--data", split,
               "--num_workers", "0", "--epochs", str(probe_epochs), "--warmup_epochs", str(round(probe_epochs / 9, 2)),
               "--output_dir", pdir + "_lp"] + [a for k, v in probe.items() for a in (f"--{k}", str(v))]
@@ -55,17 +62,18 @@ def main() -> int:
                     subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, check=True)
         pre_s = json.load(open(os.path.join(pdir, "summary.json")))
         lp_s = json.load(open(os.path.join(pdir + "_lp", "summary.json")))
-        return {"blr": blr, "val_top1": lp_s["top1"], "final_loss": pre_s["final_loss"], "steps": pre_s["steps"],
+        return {"blr": blr, "val_top1": lp_s["top1"], "final_loss": pre_s.get("final_loss"), "steps": pre_s.get("steps", pre_s.get("step")),
                 "commands": [" ".join(pre[1:]), " ".join(lp[1:])]}
 
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(one, args.blr))
     best = max(rows, key=lambda r: r["val_top1"])
-    result = {"epochs": epochs, "split": counts, "rows": rows, "best_blr": best["blr"]}
-    with open(os.path.join(args.out, "mae_lr.json"), "w") as fh:
+    result = {"method": args.method, "epochs": epochs if args.method == "mae" else PRETRAIN_EPOCHS, "split": counts,
+              "rows": rows, "best_blr": best["blr"]}
+    with open(os.path.join(args.out, f"{args.method}_lr.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     for r in rows:
-        print(f"blr {r['blr']:g}: val top-1 {r['val_top1']:.3f}, final loss {r['final_loss']:.4f}")
+        print(f"blr {r['blr']:g}: val top-1 {r['val_top1']:.3f}, final loss {r['final_loss']}")
     print(f"best blr {best['blr']:g}")
     return 0
 

@@ -10,8 +10,8 @@ patch 4, width 128, depth 4) get the same parts adapted to a 32 px, 4-block ViT,
 and a CPU budget: fine-tuning is a fixed 1,000 optimiser steps whatever the number of labels
 (:func:`resolve_schedule`), without Mixup/CutMix, RandAugment and random erasing (in 1,000 steps
 they kept a randomly initialised ViT near chance), no horizontal flip (digits are not
-mirror-symmetric), crops that keep at least 80 % of the digit with few labels and only jitter the
-aspect ratio with many (:func:`resolve_crop`), no stochastic depth, no centre crop
+mirror-symmetric), crops that keep at least 80 % of the digit with few labels and no crop with
+many (:func:`resolve_crop`), no stochastic depth, no centre crop
 at evaluation, layer decay 0.75 (4 blocks instead of 12); the linear probe's LARS rate suits batch
 64. Both were chosen on a validation split of the training digits, on the random-initialisation
 arm only (docs/evaluation.md and docs/quality.md record how). The values are the same
@@ -66,7 +66,9 @@ PROBE_UPDATE_BUDGET = 1800
 PROBE_WARMUP_FRACTION = 10 / 90
 # Built-in digits, fine-tuning crop (RandomResizedCrop's smallest area fraction) by labelled images per
 # class. Validation split of the training digits, timm's random init, LP-FT, drop path 0: scale 0.8 scored
-# 0.833 with 10 per class and 0.863 with 100 per class; scale 1.0 (aspect jitter only) 0.713 and 0.887.
+# 0.833 with 10 per class and 0.863 with 100 per class; scale 1.0 0.713 and 0.887.
+# (Scale 1.0 is no augmentation: at the full area no other aspect ratio fits a square image, and timm's
+# RandomResizedCrop falls back to the whole image.)
 # Few labels need the crop's variety, many do not; the threshold is the geometric middle of 10 and 100.
 CROP_SCALE_MIN_FEW, CROP_SCALE_MIN_MANY, MANY_PER_CLASS = 0.8, 1.0, 32
 
