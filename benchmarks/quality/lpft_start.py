@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import random
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +46,14 @@ def main(argv=None) -> int:
     size = int(bb.arch["img_size"])
     data = load_eval_data(make_config("finetune", init="random", seed=args.seed), size)
     y = torch.tensor(data.train.labels)
-    print(f"| drop path | crop scale_min | probe weight norm | eval, clean | eval, augmented | train mode, clean | train mode, augmented |")
+    images = [data.train[i][0] for i in range(len(data.train))]  # PIL images (no transform on data.train)
+    print("| drop path | crop scale_min | probe weight norm | eval, clean | eval, augmented | train mode, clean | train mode, augmented |")
     print("|---|---|---|---|---|---|---|")
     for drop_path, scale_min in itertools.product((0.1, 0.0), (0.8, 1.0)):
         cfg = make_config("finetune", init="random", seed=args.seed, scale_min=scale_min)
         clean_t, aug_t = (make_transforms(cfg, size, bb.mean, bb.std, training=t) for t in (False, True))
         torch.manual_seed(args.seed)
-        images = [data.train[i][0] for i in range(len(data.train))]  # PIL images (no transform on data.train)
+        random.seed(args.seed)  # timm's random-resized crop draws from Python's random module
         clean = torch.stack([clean_t(im) for im in images])
         aug = torch.stack([aug_t(im) for im in images])
         model = build_classifier(bb, data.num_classes, img_size=size, global_pool="avg", drop_path_rate=drop_path,

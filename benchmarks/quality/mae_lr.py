@@ -29,7 +29,7 @@ from valsplit import builtin_recipe, write_split  # noqa: E402
 
 def main() -> int:
     import flops
-    from arms import PRETRAIN_EPOCHS
+    from arms import PRETRAIN_EPOCHS, TRAIN_COMMON
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -37,7 +37,6 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--method", choices=["mae", "fastebm"], default="mae")
     args = ap.parse_args()
-    from arms import TRAIN_COMMON
     split = os.path.join(args.out, "valsplit")
     counts = write_split(split)
     epochs = PRETRAIN_EPOCHS * flops.fastebm_step_flops([]) / flops.mae_step_flops()
