@@ -6,7 +6,9 @@
 * end to end: a fine-tuning run that starts from the probe and barely moves (lr 1e-12) scores
   exactly what its probe scored, and its head is the probe that a reference pipeline (a separate
   feature extraction + scikit-learn) fits; ``zero`` starts from a zero head;
-* the built-in linear probe's step budget whatever the number of labels.
+* the built-in linear probe's step budget whatever the number of labels; the built-in fine-tuning's
+  budget (1,000 steps with few labels, 2,000 with many), crop and gradient clipping, and that
+  ``--clip_grad`` bounds the gradient norm of every fine-tuning step.
 """
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from fastebm.cli.eval import main
 from fastebm.eval.config import make_config
 from fastebm.eval.probe import fold_head, logistic_head, make_head
 from fastebm.eval.recipes import (CROP_SCALE_MIN_FEW, CROP_SCALE_MIN_MANY, MANY_PER_CLASS, PROBE_UPDATE_BUDGET, RECIPES,
-                                   resolve_crop, resolve_probe_schedule)
+                                   UPDATE_BUDGET, UPDATE_BUDGET_MANY, resolve_crop, resolve_probe_schedule, resolve_schedule)
 from test_eval_support import image_folder, trained_checkpoint
 
 
@@ -169,3 +171,45 @@ def test_folder_finetune_keeps_maes_crop_and_drop_path(tmp_path):
     resolve_crop(cfg, 10_000, 10)
     assert cfg.scale_min == RECIPES["folder"]["finetune"]["scale_min"] == 0.08
     assert cfg.drop_path == RECIPES["folder"]["finetune"]["drop_path"] == 0.1
+
+
+@pytest.mark.parametrize("n_train, num_classes, budget", [
+    (100, 10, UPDATE_BUDGET), (1300, 10, UPDATE_BUDGET_MANY), (MANY_PER_CLASS * 7 - 1, 7, UPDATE_BUDGET),
+    (MANY_PER_CLASS * 7, 7, UPDATE_BUDGET_MANY)])
+def test_builtin_finetune_budget_follows_labelled_images_per_class(n_train, num_classes, budget):
+    steps_per_epoch = n_train // 32
+    cfg = make_config("finetune", init="random")
+    assert cfg.epochs is None and cfg.clip_grad == 1.0
+    resolve_schedule(cfg, steps_per_epoch, n_train, num_classes)
+    # the smallest number of whole epochs that reaches the budget
+    assert cfg.epochs * steps_per_epoch >= budget > (cfg.epochs - 1) * steps_per_epoch
+    assert cfg.warmup_epochs == pytest.approx(0.1 * cfg.epochs, abs=0.01)
+    kept = make_config("finetune", init="random", epochs=3, clip_grad=0.5)  # a user's values win
+    resolve_schedule(kept, steps_per_epoch, n_train, num_classes)
+    assert kept.epochs == 3 and kept.clip_grad == 0.5
+
+
+def test_folder_finetune_keeps_maes_unclipped_gradients(tmp_path):
+    assert make_config("finetune", init="random", data=image_folder(tmp_path / "data")).clip_grad is None
+
+
+def test_clip_grad_bounds_every_fine_tuning_step(tmp_path, monkeypatch):
+    max_norm = float(torch.empty(()).uniform_(0.003, 0.01))  # small enough that every step of a fresh head clips
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def recording(params, limit, *args, **kwargs):
+        params = list(params)
+        before = real(params, limit, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in params if p.grad is not None]))
+        seen.append((limit, float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    root = image_folder(tmp_path / "data", size=16, per_class=(5, 4, 6), val_per_class=3)
+    fe.finetune(ckpt=trained_checkpoint(), data=root, head_init="random", epochs=2, warmup_epochs=0, batch_size=5,
+                num_workers=0, mixup=0.0, cutmix=0.0, clip_grad=max_norm, output_dir=str(tmp_path / "ft"))
+    assert len(seen) == 2 * (15 // 5)  # one call per optimiser step
+    for limit, before, after in seen:
+        assert limit == max_norm and before > max_norm
+        assert after == pytest.approx(max_norm, rel=1e-4)  # scaled down to the limit, not zeroed

@@ -260,12 +260,12 @@ def plot(data: Dict, path: str) -> None:
 
 def write(output_dir: str, meta: Dict, fl: Dict, jobs, budget) -> List[str]:
     import arms as A
-    from fastebm.eval.recipes import PROBE_UPDATE_BUDGET, RECIPES, UPDATE_BUDGET
+    from fastebm.eval.recipes import PROBE_UPDATE_BUDGET, RECIPES, UPDATE_BUDGET, UPDATE_BUDGET_MANY
 
     os.makedirs(output_dir, exist_ok=True)
     data = {"meta": meta, "env": environment(),
             "settings": {"pretrain_epochs": A.PRETRAIN_EPOCHS, "train_common_flags": A.TRAIN_COMMON,
-                         "finetune_steps": UPDATE_BUDGET if not budget.quick else "quick", "probe_steps": PROBE_UPDATE_BUDGET,
+                         "finetune_steps": f"{UPDATE_BUDGET} (100 labels) / {UPDATE_BUDGET_MANY} (all labels)" if not budget.quick else "quick", "probe_steps": PROBE_UPDATE_BUDGET,
                          "head_init": RECIPES["builtin"]["finetune"]["head_init"], "reference_arm": A.REFERENCE},
             "flops": fl, "arms": collect(jobs, meta, fl), "jobs": [j.record() for j in jobs]}
     data["checks"] = acceptance(data["arms"], A.REFERENCE)

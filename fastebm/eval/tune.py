@@ -221,7 +221,7 @@ def run_finetune(cfg) -> Dict[str, Any]:
         _check_batches(cfg, len(data.train), run.world)
         sampler = EpochShuffle(len(data.train), cfg.batch_size, run.rank, run.world, cfg.seed)
         steps_per_epoch = len(sampler) // cfg.batch_size // cfg.accum_iter
-        resolve_schedule(cfg, steps_per_epoch)
+        resolve_schedule(cfg, steps_per_epoch, len(data.train), data.num_classes)
         resolve_crop(cfg, len(data.train), data.num_classes)
         resume = _load_resume(cfg)  # every input is checked before anything is written
         prepare_output_dir(run, cfg.output_dir)
