@@ -70,8 +70,48 @@ def test_quick_table_carries_the_json_numbers(quick_run):
         got = [float(c) for c in cells[3:3 + len(R.METRICS)]]
         want = [arm["summary"][m]["mean"] for m in R.METRICS]
         assert got == pytest.approx(want, abs=5e-4), (name, row)
-    png = (quick_run / "quality.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    for name in ("quality.png", "quality_curves.png"):
+        png = (quick_run / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
+
+
+def test_quick_run_records_fine_tuning_curves(quick_run):
+    import report as R
+
+    data = json.loads((quick_run / "quality.json").read_text())
+    for name, arm in data["arms"].items():
+        rec = arm["seeds"]["0"]
+        for part in ("ft_100", "ft_all"):
+            curve = rec["curves"][part]
+            assert curve["train_loss"] and all(math.isfinite(v) and v > 0 for v in curve["train_loss"])
+            assert curve["val_step"][0] == 0.0 and curve["val_top1"][0] == rec["metrics"][f"{part}_probe"]  # LP-FT start
+            assert rec["metrics"][f"{part}_loss_peak"] == max(curve["train_loss"])
+        for m in R.SPIKE:
+            assert m in rec["metrics"], (name, m)
+
+
+def test_ft_curve_maps_epochs_to_optimiser_steps():
+    import random
+
+    import report as R
+
+    rng = random.Random(int(torch.randint(0, 10_000, ())))
+    epochs, per_epoch = rng.randint(5, 17), rng.randint(2, 9)
+    every = rng.randint(2, 4)
+    hist = [dict(epoch=e, train_loss=rng.uniform(0.5, 6.0)) for e in range(1, epochs + 1)]
+    for h in hist:
+        if h["epoch"] % every == 0 or h["epoch"] == epochs:
+            h["val_top1"] = rng.uniform(0.1, 0.9)
+    probe = rng.uniform(0.1, 0.9)
+    summary = dict(history=hist, updates=epochs * per_epoch, epochs_done=epochs, probe=dict(top1=probe))
+    c = R.ft_curve(summary)
+    assert c["loss_step"] == [float(e * per_epoch) for e in range(1, epochs + 1)]
+    assert c["train_loss"] == [h["train_loss"] for h in hist]
+    with_val = [h for h in hist if "val_top1" in h]
+    assert c["val_step"] == [0.0] + [float(h["epoch"] * per_epoch) for h in with_val]
+    assert c["val_top1"] == [probe] + [h["val_top1"] for h in with_val]
+    del summary["probe"]  # a random head: no step-0 point
+    assert R.ft_curve(summary)["val_step"][0] == float(with_val[0]["epoch"] * per_epoch)
 
 
 def test_quick_flops(quick_run):

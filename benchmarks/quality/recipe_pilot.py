@@ -47,6 +47,9 @@ RECIPES = {  # name: (head_init, optimiser steps, blr, random-resized-crop scale
     "probe_2000_crop10_dp0": ("probe", 2000, 4e-3, 1.0, 0.0),
     "probe_2000_crop10_dp0_clip1": ("probe", 2000, 4e-3, 1.0, 0.0, dict(clip_grad=1.0)),
     "probe_1000_crop08_dp0_clip1": ("probe", 1000, 4e-3, 0.8, 0.0, dict(clip_grad=1.0)),
+    # round 5 (information, chose nothing): does a quarter of the lr keep a fastebm backbone's features
+    # through the warm-up spike (train loss 1.2 -> 5-6 on fastebm backbones, -> 2-3 on random init)?
+    "probe_2000_crop10_dp0_clip1_lr1": ("probe", 2000, 1e-3, 1.0, 0.0, dict(clip_grad=1.0)),
 }
 
 

@@ -1,4 +1,5 @@
-"""The quality benchmark's outputs: quality.json, quality.md (mean +- std over seeds) and quality.png.
+"""The quality benchmark's outputs: quality.json, quality.md (mean +- std over seeds), quality.png and
+quality_curves.png (fine-tuning training loss and validation top-1 per optimiser step, per arm).
 
 Metrics per (arm, seed), from the runs' own summary.json files (top-1 fractions on the 497
 held-out digits unless said otherwise):
@@ -10,6 +11,8 @@ held-out digits unless said otherwise):
 * ``ft_*_probe``: LP-FT's starting head (the logistic-regression probe on the same labels);
 * ``ft_*_reprobe``: fastebm-eval linprobe of the fine-tuned backbone on the same labels (did
   fine-tuning keep or damage the features?);
+* ``ft_*_loss_first`` / ``ft_*_loss_peak``: the fine-tuning's training loss in its first epoch and its
+  maximum over the run (a warm-up spike rewrites the features the LP-FT head was fitted to);
 * diagnostics (diagnose.py): fragility, final-block token std, attention entropy, effective rank.
 
 The "stronger random init" of a metric is whichever of the two random-init arms has the higher mean.
@@ -30,6 +33,8 @@ METRICS = ["ft_100", "lp_100", "ft_all", "lp_all", "knn_all"]
 FIT = ["ft_100_train", "ft_100_train_clean", "ft_100_probe", "ft_100_reprobe", "ft_all_train", "ft_all_train_clean",
        "ft_all_probe", "ft_all_reprobe"]
 DIAG = ["fragility", "last_token_std", "attn_entropy", "erank_pooled"]
+# fine-tuning curves: training loss (label smoothing 0.1, augmented images) in the first epoch and its peak over the run
+SPIKE = ["ft_100_loss_first", "ft_100_loss_peak", "ft_all_loss_first", "ft_all_loss_peak"]
 TITLES = {"ft_100": "fine-tune, 100 labels", "lp_100": "linear probe, 100 labels", "ft_all": "fine-tune, 1,300 labels",
           "lp_all": "linear probe, 1,300 labels", "knn_all": "k-NN (k 20), 1,300 labels"}
 RANDOM_ARMS = ("random_timm", "random_fastebm")
@@ -41,6 +46,28 @@ def _load(path: str):
             return json.load(fh)
     except (OSError, ValueError):
         return None
+
+
+def ft_curve(summary: Dict) -> Dict[str, List[float]]:
+    """A fine-tuning run's history as optimiser steps -> training loss and validation top-1; with LP-FT the
+    validation curve starts at step 0 with the probe the head was loaded from."""
+    hist = summary.get("history") or []
+    per_epoch = summary["updates"] / max(1, summary.get("epochs_done") or (hist[-1]["epoch"] if hist else 1))
+    loss = [h for h in hist if "train_loss" in h]
+    val = [h for h in hist if "val_top1" in h]
+    start = [(0.0, summary["probe"]["top1"])] if summary.get("probe") else []
+    val = start + [(h["epoch"] * per_epoch, h["val_top1"]) for h in val]
+    return {"loss_step": [h["epoch"] * per_epoch for h in loss], "train_loss": [h["train_loss"] for h in loss],
+            "val_step": [v[0] for v in val], "val_top1": [v[1] for v in val]}
+
+
+def seed_curves(edir: str) -> Dict[str, Dict[str, List[float]]]:
+    out = {}
+    for labels in ("100", "all"):
+        s = _load(os.path.join(edir, f"ft_{labels}", "summary.json"))
+        if s and "updates" in s:
+            out[f"ft_{labels}"] = ft_curve(s)
+    return out
 
 
 def seed_metrics(edir: str) -> Dict[str, float]:
@@ -59,6 +86,9 @@ def seed_metrics(edir: str) -> Dict[str, float]:
             if s.get("probe"):
                 out[f"ft_{labels}_probe"] = s["probe"]["top1"]
             out[f"ft_{labels}_steps"] = s["updates"]
+            loss = ft_curve(s)["train_loss"]
+            if loss:
+                out[f"ft_{labels}_loss_first"], out[f"ft_{labels}_loss_peak"] = loss[0], max(loss)
         r = _load(os.path.join(edir, f"ft_{labels}_reprobe", "summary.json"))
         if r:
             out[f"ft_{labels}_reprobe"] = r["top1"]
@@ -147,7 +177,8 @@ def collect(jobs, meta: Dict, fl: Dict) -> Dict:
         arm = A.ARMS[name]
         per_seed = {}
         for seed in meta["seeds"]:
-            rec = {"metrics": seed_metrics(os.path.join(meta["work_dir"], "eval", f"{name}_s{seed}"))}
+            edir = os.path.join(meta["work_dir"], "eval", f"{name}_s{seed}")
+            rec = {"metrics": seed_metrics(edir), "curves": seed_curves(edir)}
             if arm.kind != "init":
                 rec["pretrain"] = pretrain_record(os.path.join(meta["work_dir"], "pretrain", f"{name}_s{seed}"))
                 pj = [j for j in jobs if j.arm == name and j.seed == seed and j.part == "pretrain"]
@@ -210,6 +241,13 @@ def markdown(data: Dict) -> str:
     for name, r in arms.items():
         lines.append(f"| {r['label']} | " + " | ".join(fmt(r["summary"].get(m, {}).get("mean"), r["summary"].get(m, {}).get("std"))
                                                       for m in FIT) + " |")
+    lines += ["", "Fine-tuning curves (quality_curves.png): training loss (label smoothing 0.1, augmented images) in the "
+              "first epoch and its peak over the run. A peak far above the start is the warm-up rewriting the features "
+              "the LP-FT head was fitted to.", "",
+              "| arm | 100: first epoch | 100: peak | 1,300: first epoch | 1,300: peak |", "|---|---|---|---|---|"]
+    for name, r in arms.items():
+        lines.append(f"| {r['label']} | " + " | ".join(fmt(r["summary"].get(m, {}).get("mean"), r["summary"].get(m, {}).get("std"), 2)
+                                                      for m in SPIKE) + " |")
     lines += ["", "Diagnostics (diagnose.py, seed means): fragility = feature shift after one +-1e-3 step on every weight "
               "in units of the between-image spread; last block's per-token std (the final LayerNorm divides by it); "
               "mean attention entropy / log N; effective rank of the pooled features.", "",
@@ -258,6 +296,36 @@ def plot(data: Dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_curves(data: Dict, path: str) -> None:
+    """Fine-tuning curves, one line per arm (mean over the seeds that share its step grid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=100, sharex="row")
+    for row, part in enumerate(("ft_100", "ft_all")):
+        for col, (x, y, title) in enumerate((("loss_step", "train_loss", "training loss (augmented, smoothing 0.1)"),
+                                              ("val_step", "val_top1", "top-1 on the 497 held-out digits"))):
+            ax = axes[row, col]
+            for name, arm in data["arms"].items():
+                curves = [r["curves"][part] for r in arm["seeds"].values() if part in r.get("curves", {})]
+                curves = [c for c in curves if c[x] == curves[0][x]] if curves else []
+                if curves and curves[0][x]:
+                    ax.plot(curves[0][x], np.mean([c[y] for c in curves], axis=0), label=arm["label"], linewidth=1.2)
+            labels = "100 labels" if part == "ft_100" else "1,300 labels"
+            ax.set_title(f"fine-tuning, {labels}: {title}", fontsize=8)
+            ax.set_xlabel("optimiser step", fontsize=8)
+            ax.grid(alpha=0.3)
+            if y == "val_top1":
+                ax.set_ylim(0, 1)
+    axes[1, 0].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"fine-tuning curves, mean over seeds {data['meta']['seeds']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write(output_dir: str, meta: Dict, fl: Dict, jobs, budget) -> List[str]:
     import arms as A
     from fastebm.eval.recipes import PROBE_UPDATE_BUDGET, RECIPES, UPDATE_BUDGET, UPDATE_BUDGET_MANY
@@ -272,7 +340,7 @@ def write(output_dir: str, meta: Dict, fl: Dict, jobs, budget) -> List[str]:
     from pixels import pixel_logistic_regression
 
     data["reference_pixels"] = pixel_logistic_regression(meta["seeds"])
-    paths = [os.path.join(output_dir, n) for n in ("quality.json", "quality.md", "quality.png")]
+    paths = [os.path.join(output_dir, n) for n in ("quality.json", "quality.md", "quality.png", "quality_curves.png")]
 
     def text(content):
         def write_text(path):
@@ -280,7 +348,8 @@ def write(output_dir: str, meta: Dict, fl: Dict, jobs, budget) -> List[str]:
                 fh.write(content)
         return write_text
 
-    for path, write_fn in zip(paths, (text(json.dumps(data, indent=1)), text(markdown(data)), lambda p: plot(data, p))):
+    writers = (text(json.dumps(data, indent=1)), text(markdown(data)), lambda p: plot(data, p), lambda p: plot_curves(data, p))
+    for path, write_fn in zip(paths, writers):
         tmp = path + ".tmp" + os.path.splitext(path)[1]  # atomic: a crash never leaves a half-written output
         write_fn(tmp)
         os.replace(tmp, path)

@@ -2,7 +2,8 @@
 
 One command runs the whole study on the built-in data and writes, into --output_dir,
 ``quality.json`` (every number, every command, versions, date, git commit, CPU time),
-``quality.md`` (mean +- std over seeds) and ``quality.png`` (bars per metric and arm):
+``quality.md`` (mean +- std over seeds), ``quality.png`` (bars per metric and arm) and
+``quality_curves.png`` (the fine-tuning curves):
 
     nice -n 10 python benchmarks/quality/run.py                      # default set, 3 seeds, 2 jobs
     python benchmarks/quality/run.py --quick --output_dir /tmp/q      # plumbing check (CI), ~1-2 min
