@@ -50,9 +50,11 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
 ]}
 # The default set: what the acceptance checks compare (both random inits, the shipped defaults, MAE at
 # equal epochs and at equal FLOPs) plus the demo's recipe (`fastebm-train` with no flags: 1 epoch, half
-# the cost). Every arm costs about 16 CPU minutes per seed, mostly its two 1,000-step fine-tunings, so
-# the default set is about 80 minutes on an idle 2-core machine; the other variants are one flag away
-# (--arms variants).
+# the cost). Every arm costs about 8 CPU minutes per seed of evaluation, mostly its fine-tunings (a 1,000-step
+# and a 2,000-step run: 2.7 and 4.8 CPU minutes measured), plus its pretraining (fastebm 2 epochs: 3.4; MAE at
+# equal FLOPs: 3.9), so the default set is about 170 CPU minutes: about 85 minutes on an idle 2-core machine,
+# above the 60 the study was meant to fit in before all-label fine-tuning needed 2,000 steps (docs/quality.md,
+# round 3). The other variants are one flag away (--arms variants).
 DEFAULT_ARMS = ["random_timm", "random_fastebm", "fastebm", "fastebm_1ep", "mae_epochs", "mae_flops"]
 VARIANT_ARMS = ["fastebm_T1", "fastebm_truncated", "fastebm_linear", "fastebm_mim", "fastebm_16px", "fastebm_T1_mim"]
 QUICK_ARMS = ["random_timm", "fastebm"]
