@@ -184,9 +184,12 @@ def test_builtin_finetune_budget_follows_labelled_images_per_class(n_train, num_
     # the smallest number of whole epochs that reaches the budget
     assert cfg.epochs * steps_per_epoch >= budget > (cfg.epochs - 1) * steps_per_epoch
     assert cfg.warmup_epochs == pytest.approx(0.1 * cfg.epochs, abs=0.01)
-    kept = make_config("finetune", init="random", epochs=3, clip_grad=0.5)  # a user's values win
+    kept = make_config("finetune", init="random", epochs=3)  # a user's value wins
     resolve_schedule(kept, steps_per_epoch, n_train, num_classes)
-    assert kept.epochs == 3 and kept.clip_grad == 0.5
+    assert kept.epochs == 3
+    # a user's clipping wins too, and 0 (off) is not refilled with the recipe's 1.0
+    assert make_config("finetune", init="random", clip_grad=0.5).clip_grad == 0.5
+    assert make_config("finetune", init="random", clip_grad=0.0).clip_grad == 0.0
 
 
 def test_folder_finetune_keeps_maes_unclipped_gradients(tmp_path):
@@ -205,11 +208,16 @@ def test_clip_grad_bounds_every_fine_tuning_step(tmp_path, monkeypatch):
         seen.append((limit, float(before), float(after)))
         return before
 
+    ckpt = trained_checkpoint()  # built (and clipped by fastebm-train) before the recording starts
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
     root = image_folder(tmp_path / "data", size=16, per_class=(5, 4, 6), val_per_class=3)
-    fe.finetune(ckpt=trained_checkpoint(), data=root, head_init="random", epochs=2, warmup_epochs=0, batch_size=5,
+    fe.finetune(ckpt=ckpt, data=root, head_init="random", epochs=2, warmup_epochs=0, batch_size=5,
                 num_workers=0, mixup=0.0, cutmix=0.0, clip_grad=max_norm, output_dir=str(tmp_path / "ft"))
     assert len(seen) == 2 * (15 // 5)  # one call per optimiser step
     for limit, before, after in seen:
         assert limit == max_norm and before > max_norm
         assert after == pytest.approx(max_norm, rel=1e-4)  # scaled down to the limit, not zeroed
+    seen.clear()  # --clip_grad 0: off
+    fe.finetune(ckpt=ckpt, data=root, head_init="random", epochs=1, warmup_epochs=0, batch_size=5,
+                num_workers=0, mixup=0.0, cutmix=0.0, clip_grad=0.0, output_dir=str(tmp_path / "ft0"))
+    assert seen == []

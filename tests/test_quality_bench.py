@@ -83,9 +83,14 @@ def test_quick_run_records_fine_tuning_curves(quick_run):
         rec = arm["seeds"]["0"]
         for part in ("ft_100", "ft_all"):
             curve = rec["curves"][part]
-            assert curve["train_loss"] and all(math.isfinite(v) and v > 0 for v in curve["train_loss"])
-            assert curve["val_step"][0] == 0.0 and curve["val_top1"][0] == rec["metrics"][f"{part}_probe"]  # LP-FT start
-            assert rec["metrics"][f"{part}_loss_peak"] == max(curve["train_loss"])
+            # against the run's own per-epoch log, which the report does not read
+            log = [json.loads(line) for line in (quick_run / "runs" / "eval" / f"{name}_s0" / part / "metrics.jsonl").open()]
+            assert len(log) == 3 and curve["train_loss"] == [r["train_loss"] for r in log]
+            assert curve["val_top1"][1:] == [r["val_top1"] for r in log if "val_top1" in r]
+            assert curve["loss_step"][-1] == rec["metrics"][f"{part}_steps"]  # the trainer's own update count
+            assert curve["val_step"][0] == 0.0 and 0.0 <= curve["val_top1"][0] <= 1.0  # the LP-FT probe: step 0
+            assert rec["metrics"][f"{part}_loss_first"] == log[0]["train_loss"]
+            assert rec["metrics"][f"{part}_loss_peak"] == max(r["train_loss"] for r in log)
         for m in R.SPIKE:
             assert m in rec["metrics"], (name, m)
 
@@ -112,6 +117,12 @@ def test_ft_curve_maps_epochs_to_optimiser_steps():
     assert c["val_top1"] == [probe] + [h["val_top1"] for h in with_val]
     del summary["probe"]  # a random head: no step-0 point
     assert R.ft_curve(summary)["val_step"][0] == float(with_val[0]["epoch"] * per_epoch)
+    # an interrupted run: its updates include a partial epoch; the step grid comes from the data size
+    batch, accum, world = rng.randint(2, 8), rng.randint(1, 3), rng.randint(1, 3)
+    n = per_epoch * batch * accum * world + rng.randint(0, batch - 1)  # drop_last: the remainder is no step
+    summary.update(train_images=n, world_size=world, config=dict(batch_size=batch, accum_iter=accum),
+                   updates=epochs * per_epoch + rng.randint(1, per_epoch), epochs_done=epochs)
+    assert R.ft_curve(summary)["loss_step"] == [float(e * per_epoch) for e in range(1, epochs + 1)]
 
 
 def test_quick_flops(quick_run):

@@ -52,7 +52,7 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
 # equal epochs and at equal FLOPs) plus the demo's recipe (`fastebm-train` with no flags: 1 epoch, half
 # the cost). Every arm costs about 8 CPU minutes per seed of evaluation, mostly its fine-tunings (a 1,000-step
 # and a 2,000-step run: 2.7 and 4.8 CPU minutes measured), plus its pretraining (fastebm 2 epochs: 3.4; MAE at
-# equal FLOPs: 3.9), so the default set is about 170 CPU minutes: about 85 minutes on an idle 2-core machine,
+# equal FLOPs: 3.9), so the default set is about 170 CPU minutes: about 1.5 hours on an idle 2-core machine,
 # above the 60 the study was meant to fit in before all-label fine-tuning needed 2,000 steps (docs/quality.md,
 # round 3). The other variants are one flag away (--arms variants).
 DEFAULT_ARMS = ["random_timm", "random_fastebm", "fastebm", "fastebm_1ep", "mae_epochs", "mae_flops"]
@@ -78,7 +78,7 @@ class Budget:
         return {"100": ["--few_shot", "10"], "all": ["--few_shot", "30"] if self.quick else []}
 
     def finetune_extra(self) -> List[str]:
-        return ["--epochs", "1"] if self.quick else []
+        return ["--epochs", "3"] if self.quick else []  # quick: 3 epochs, so the curves have 3 points
 
     def linprobe_extra(self) -> List[str]:
         return ["--epochs", "60", "--warmup_epochs", "5"] if self.quick else []

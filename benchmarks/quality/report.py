@@ -52,7 +52,12 @@ def ft_curve(summary: Dict) -> Dict[str, List[float]]:
     """A fine-tuning run's history as optimiser steps -> training loss and validation top-1; with LP-FT the
     validation curve starts at step 0 with the probe the head was loaded from."""
     hist = summary.get("history") or []
-    per_epoch = summary["updates"] / max(1, summary.get("epochs_done") or (hist[-1]["epoch"] if hist else 1))
+    cfg = summary.get("config") or {}
+    if summary.get("train_images") and cfg.get("batch_size"):  # as fastebm-eval counts them (tune.run_finetune)
+        per_rank = math.ceil(summary["train_images"] / max(1, summary.get("world_size") or 1))
+        per_epoch = per_rank // cfg["batch_size"] // max(1, cfg.get("accum_iter") or 1)
+    else:  # an interrupted run's updates include a partial epoch: only an estimate
+        per_epoch = summary["updates"] / max(1, summary.get("epochs_done") or (hist[-1]["epoch"] if hist else 1))
     loss = [h for h in hist if "train_loss" in h]
     val = [h for h in hist if "val_top1" in h]
     start = [(0.0, summary["probe"]["top1"])] if summary.get("probe") else []
@@ -310,9 +315,12 @@ def plot_curves(data: Dict, path: str) -> None:
             ax = axes[row, col]
             for name, arm in data["arms"].items():
                 curves = [r["curves"][part] for r in arm["seeds"].values() if part in r.get("curves", {})]
-                curves = [c for c in curves if c[x] == curves[0][x]] if curves else []
-                if curves and curves[0][x]:
-                    ax.plot(curves[0][x], np.mean([c[y] for c in curves], axis=0), label=arm["label"], linewidth=1.2)
+                grids = [tuple(c[x]) for c in curves]
+                if grids and grids[0]:  # the seeds on the most common step grid (all of them, unless a run stopped early)
+                    grid = max(set(grids), key=grids.count)
+                    same = [c[y] for c in curves if tuple(c[x]) == grid]
+                    label = arm["label"] + (f" ({len(same)} of {len(curves)} seeds)" if len(same) < len(curves) else "")
+                    ax.plot(grid, np.mean(same, axis=0), label=label, linewidth=1.2)
             labels = "100 labels" if part == "ft_100" else "1,300 labels"
             ax.set_title(f"fine-tuning, {labels}: {title}", fontsize=8)
             ax.set_xlabel("optimiser step", fontsize=8)

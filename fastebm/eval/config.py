@@ -63,7 +63,7 @@ class FeatureConfig:
 class FinetuneConfig(CommonConfig):
     """MAE's end-to-end fine-tuning recipe on timm parts."""
 
-    epochs: Optional[int] = _opt(None, "epochs; the schedule spans them (recipe; built-in digits: enough for 1,000 optimiser steps)")
+    epochs: Optional[int] = _opt(None, "epochs; the schedule spans them (recipe; built-in digits: enough for 1,000 optimiser steps, 2,000 with >= 32 labelled images per class)")
     max_epochs: Optional[int] = _opt(None, "stop after this many epochs without reshaping the schedule (resume later); none = all")
     warmup_epochs: Optional[float] = _opt(None, "linear warm-up epochs (recipe; built-in digits: 10 %% of --epochs)")
     eval_every: Optional[int] = _opt(None, "epochs between validation passes, the last epoch always (recipe; built-in: ~25 per run)")
@@ -75,7 +75,7 @@ class FinetuneConfig(CommonConfig):
     layer_decay: Optional[float] = _opt(None, "layer-wise lr decay (timm optimizer factory; recipe; 1 = off)")
     opt: str = _opt("adamw", "optimizer name for timm.optim.create_optimizer_v2")
     drop_path: Optional[float] = _opt(None, "stochastic depth rate (recipe)")
-    clip_grad: Optional[float] = _opt(None, "clip the gradient norm; 0 = off (recipe: 1.0 on the built-in digits, off on folder data as MAE)")
+    clip_grad: Optional[float] = _opt(None, "clip the gradient norm; 0 = off, none = the recipe's (1.0 on the built-in digits, off on folder data as MAE)")
     global_pool: str = _opt("avg", "classifier input: avg (mean of normed patch tokens) or token (class token)", choices=GLOBAL_POOLS)
     smoothing: float = _opt(0.1, "label smoothing")
     mixup: Optional[float] = _opt(None, "Mixup alpha, 0 = off (recipe: MAE 0.8; built-in 0)")

@@ -31,13 +31,13 @@ RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
 
 RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "builtin": {
-        # epochs/warm-up/eval_every: set from the data size by resolve_schedule (UPDATE_BUDGET steps)
+        # epochs/warm-up/eval_every: set from the data size by resolve_schedule (UPDATE_BUDGET or UPDATE_BUDGET_MANY steps)
         # drop_path 0: with LP-FT the head starts as a probe of the deterministic backbone; stochastic depth 0.1
         # drops whole residual branches of a 4-block model in train mode, and on a fastebm backbone (whose last
         # block cancels most of the residual stream) raised that head's loss on clean training digits from 0.2
         # to 14 (docs/quality.md). Chosen on timm's random init, where 0 also scored higher (validation split).
         # clip_grad 1: every built-in fine-tuning spiked in warm-up (train loss 1.5 -> 4.2 on timm's init); on the
-        # validation split, timm's init, clipping scored 0.910 against 0.887 (1,000 labels; docs/quality.md, round 4)
+        # validation split, timm's init, clipping scored 0.910 against 0.887 (1,000 labels; docs/quality.md, round 3 = recipe pilot round 4)
         "finetune": dict(batch_size=32, blr=4e-3, min_lr=1e-6, layer_decay=0.75, drop_path=0.0, mixup=0.0,
                          cutmix=0.0, aa="off", reprob=0.0, hflip=0.0, interpolation="bicubic",
                          crop_pct=1.0, head_init="probe", clip_grad=1.0),
@@ -59,7 +59,7 @@ RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
 # 1,000 steps are already ~300 epochs and fit the training images (train top-1 0.98-1.0); with many
 # (at least MANY_PER_CLASS labelled images per class) 1,000 steps are ~30 epochs and left timm's
 # random init at train top-1 0.93. On the validation split, 1,000 labels, 2,000 steps scored 0.933
-# against 0.887 (docs/quality.md, round 4).
+# against 0.887 (docs/quality.md, round 3 = recipe pilot round 4).
 UPDATE_BUDGET = 1000
 UPDATE_BUDGET_MANY = 2000
 WARMUP_FRACTION = 0.1  # of the epochs (MAE: 5 of 100 for ViT-B)
