@@ -49,6 +49,8 @@ def test_quick_outputs_are_complete_and_in_range(quick_run):
         assert metrics["ft_100_steps"] >= 1
         summary = data["arms"][name]["summary"]
         assert summary["ft_100"]["mean"] == metrics["ft_100"] and summary["ft_100"]["n"] == 1
+        # the header's step counts are the runs' own
+        assert f"{metrics['ft_100_steps']:.0f} (100 labels)" in data["settings"]["finetune_steps"]
     assert data["arms"]["fastebm"]["seeds"]["0"]["pretrain"]["step"] == 2
     jobs = data["jobs"]
     assert jobs and all(j["rc"] == 0 for j in jobs)

@@ -334,16 +334,26 @@ def plot_curves(data: Dict, path: str) -> None:
     plt.close(fig)
 
 
-def write(output_dir: str, meta: Dict, fl: Dict, jobs, budget) -> List[str]:
+def steps_done(arms: Dict) -> str:
+    """The fine-tuning runs' own optimiser-step counts (a reused work folder may hold runs of an older recipe)."""
+    def counts(part):
+        got = sorted({int(r["metrics"][f"{part}_steps"]) for a in arms.values() for r in a["seeds"].values()
+                      if f"{part}_steps" in r["metrics"]})
+        return " or ".join(map(str, got)) or "-"
+    return f"{counts('ft_100')} (100 labels) / {counts('ft_all')} (all labels)"
+
+
+def write(output_dir: str, meta: Dict, fl: Dict, jobs) -> List[str]:
     import arms as A
-    from fastebm.eval.recipes import PROBE_UPDATE_BUDGET, RECIPES, UPDATE_BUDGET, UPDATE_BUDGET_MANY
+    from fastebm.eval.recipes import PROBE_UPDATE_BUDGET, RECIPES
 
     os.makedirs(output_dir, exist_ok=True)
+    arms = collect(jobs, meta, fl)
     data = {"meta": meta, "env": environment(),
             "settings": {"pretrain_epochs": A.PRETRAIN_EPOCHS, "train_common_flags": A.TRAIN_COMMON,
-                         "finetune_steps": f"{UPDATE_BUDGET} (100 labels) / {UPDATE_BUDGET_MANY} (all labels)" if not budget.quick else "quick", "probe_steps": PROBE_UPDATE_BUDGET,
+                         "finetune_steps": steps_done(arms), "probe_steps": PROBE_UPDATE_BUDGET,
                          "head_init": RECIPES["builtin"]["finetune"]["head_init"], "reference_arm": A.REFERENCE},
-            "flops": fl, "arms": collect(jobs, meta, fl), "jobs": [j.record() for j in jobs]}
+            "flops": fl, "arms": arms, "jobs": [j.record() for j in jobs]}
     data["checks"] = acceptance(data["arms"], A.REFERENCE)
     from pixels import pixel_logistic_regression
 

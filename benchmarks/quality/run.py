@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     meta = {"argv": show([sys.executable, os.path.abspath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
             "quick": args.quick, "seeds": seeds, "arms": names, "jobs": args.jobs, "wall_s": time.time() - t0,
             "cpu_s": sum(j.cpu_s for j in jobs), "loadavg_start": load0, "loadavg_end": os.getloadavg(), "work_dir": work}
-    paths = report.write(args.output_dir, meta, fl, jobs, budget)
+    paths = report.write(args.output_dir, meta, fl, jobs)
     say(f"wrote {', '.join(paths)}")
     failed = [j.name for j in jobs if j.rc not in (0, None) and j.part != "pretrain"]
     return 1 if failed else 0
