@@ -207,3 +207,26 @@ def test_acceptance_marks_gaps_inside_the_seed_spread():
     assert vs_probe["pass"] and R._verdict(vs_probe) == ("PASS" if ft - lp >= max(std_ft, std_lp) else "PASS (within noise)")
     lp_check = checks["fastebm lp_all > stronger random init (random_timm)"]
     assert lp_check["noise"] == std_lp and R._verdict(lp_check) == ("PASS" if 0.2 >= std_lp else "PASS (within noise)")
+
+
+def test_paired_differences_use_only_the_shared_seeds():
+    import random
+    import statistics
+
+    import report as R
+
+    rng = random.Random()
+    seeds_a = {str(s): {"metrics": {"ft_all": rng.random(), "lp_all": rng.random()}} for s in range(5)}
+    seeds_b = {str(s): {"metrics": {"ft_all": rng.random()}} for s in (1, 2, 4, 7)}  # seed 7 only in b, 0 and 3 only in a
+    seeds_b["2"]["metrics"]["ft_all"] = None  # a run without a result is left out, not counted as 0
+    arms = {"fastebm": {"seeds": seeds_a}, "random_timm": {"seeds": seeds_b}}
+    diffs = [seeds_a[s]["metrics"]["ft_all"] - seeds_b[s]["metrics"]["ft_all"] for s in ("1", "4")]
+    p = R.paired(arms, "fastebm", "ft_all", "random_timm", "ft_all")
+    assert p["n"] == 2 and p["wins"] == sum(d > 0 for d in diffs)
+    assert math.isclose(p["mean"], statistics.fmean(diffs), rel_tol=1e-12)
+    assert math.isclose(p["std"], statistics.stdev(diffs), rel_tol=1e-9)
+    within = R.paired(arms, "fastebm", "ft_all", "fastebm", "lp_all")  # ft vs lp of one arm: all five seeds
+    assert within["n"] == 5
+    assert math.isclose(within["mean"], statistics.fmean(v["metrics"]["ft_all"] - v["metrics"]["lp_all"] for v in seeds_a.values()))
+    assert R.paired(arms, "random_timm", "lp_all", "fastebm", "lp_all") is None
+    assert "higher in" in R._paired_text(p) and R._paired_text(None) == ""

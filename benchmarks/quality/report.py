@@ -126,8 +126,26 @@ def fmt(m, s, digits=3) -> str:
     return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else "")
 
 
+def paired(arms: Dict, a: str, metric_a: str, b: str, metric_b: str):
+    """Per-seed differences ``a[metric_a] - b[metric_b]`` over the seeds both arms ran.
+
+    Seed s of every arm fine-tunes with the same data order and crops (``--seed s``), so a per-seed
+    difference removes part of the noise the unpaired stds carry. Returns ``{"n", "mean", "std",
+    "wins"}`` (``std`` None with one seed) or None when fewer than one seed is shared.
+    """
+    seeds_a, seeds_b = arms[a].get("seeds", {}), arms[b].get("seeds", {})
+    diffs = [seeds_a[s]["metrics"][metric_a] - seeds_b[s]["metrics"][metric_b] for s in sorted(seeds_a)
+             if s in seeds_b and seeds_a[s]["metrics"].get(metric_a) is not None
+             and seeds_b[s]["metrics"].get(metric_b) is not None]
+    if not diffs:
+        return None
+    mu, sd, n = mean_std(diffs)
+    return {"n": n, "mean": mu, "std": sd, "wins": sum(d > 0 for d in diffs)}
+
+
 def acceptance(arms: Dict, ref: str = "fastebm") -> List[Dict]:
-    """The issue's acceptance checks, each with the numbers it compares (means over seeds)."""
+    """The issue's acceptance checks, each with the numbers it compares (means over seeds) and the
+    per-seed paired difference (:func:`paired`)."""
     checks = []
     if ref not in arms:
         return checks
@@ -140,18 +158,21 @@ def acceptance(arms: Dict, ref: str = "fastebm") -> List[Dict]:
             if metric in m[best]:
                 checks.append({"check": f"{ref} {metric} > stronger random init ({best})", "ours": m[ref][metric],
                                "theirs": m[best][metric], "pass": m[ref][metric] > m[best][metric],
-                               "noise": max(sd[ref][metric], sd[best].get(metric, 0.0))})
+                               "noise": max(sd[ref][metric], sd[best].get(metric, 0.0)),
+                               "paired": paired(arms, ref, metric, best, metric)})
     for labels in ("100", "all"):
         ft, lp = m[ref].get(f"ft_{labels}"), m[ref].get(f"lp_{labels}")
         if ft is not None and lp is not None:
             checks.append({"check": f"{ref} ft_{labels} > lp_{labels} (same labels)", "ours": ft, "theirs": lp, "pass": ft > lp,
-                           "noise": max(sd[ref][f"ft_{labels}"], sd[ref][f"lp_{labels}"])})
+                           "noise": max(sd[ref][f"ft_{labels}"], sd[ref][f"lp_{labels}"]),
+                           "paired": paired(arms, ref, f"ft_{labels}", ref, f"lp_{labels}")})
     if "mae_flops" in m:
         for labels in ("100", "all"):
             ours, theirs = m[ref].get(f"ft_{labels}"), m["mae_flops"].get(f"ft_{labels}")
             if ours is not None and theirs is not None:
                 checks.append({"check": f"stretch: {ref} ft_{labels} >= MAE at equal FLOPs", "ours": ours, "theirs": theirs,
-                               "pass": ours >= theirs, "noise": max(sd[ref][f"ft_{labels}"], sd["mae_flops"][f"ft_{labels}"])})
+                               "pass": ours >= theirs, "noise": max(sd[ref][f"ft_{labels}"], sd["mae_flops"][f"ft_{labels}"]),
+                               "paired": paired(arms, ref, f"ft_{labels}", "mae_flops", f"ft_{labels}")})
     return checks
 
 
@@ -204,6 +225,12 @@ def _verdict(check: Dict) -> str:
     """PASS / FAIL on the means; "within noise" when the gap is below the larger seed std of the two."""
     word = "PASS" if check["pass"] else "FAIL"
     return f"{word} (within noise)" if abs(check["ours"] - check["theirs"]) < check.get("noise", 0.0) else word
+
+
+def _paired_text(p) -> str:
+    if not p:
+        return ""
+    return f"; paired {p['mean']:+.3f}" + (f" ± {p['std']:.3f}" if p["std"] is not None else "") + f", higher in {p['wins']} of {p['n']} seeds"
 
 
 def _reused(jobs: List[Dict]) -> str:
@@ -261,8 +288,11 @@ def markdown(data: Dict) -> str:
         lines.append(f"| {r['label']} | " + " | ".join(fmt(r["summary"].get(m, {}).get("mean"), None) for m in DIAG) + " |")
     if data["checks"]:
         lines += ["", "Acceptance checks (means):", ""]
-        lines += [f"- {_verdict(c)}: {c['check']}: {c['ours']:.3f} vs {c['theirs']:.3f}" for c in data["checks"]]
-        lines += ["", "within noise: the gap between the means is smaller than the larger of the two seed stds."]
+        lines += [f"- {_verdict(c)}: {c['check']}: {c['ours']:.3f} vs {c['theirs']:.3f}{_paired_text(c.get('paired'))}"
+                  for c in data["checks"]]
+        lines += ["", "within noise: the gap between the means is smaller than the larger of the two seed stds. "
+                  "Paired: the difference seed by seed (seed s of every arm fine-tunes on the same batches), "
+                  "mean ± std, and the seeds where ours is higher."]
     lines += ["", f"FLOPs per training step (torch FlopCounterMode, batch 32, forward + backward incl. the double backward): "
               f"fastebm defaults {data['flops']['fastebm_defaults_gflop_per_step']:.2f} G, MAE {data['flops']['mae_gflop_per_step']:.2f} G "
               f"(x{data['flops']['ratio']:.1f}); MAE at equal FLOPs trains {data['flops']['mae_equal_flops_epochs']:.2f} epochs.",
