@@ -47,6 +47,8 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
     Arm("fastebm_16px", "fastebm --img_size 16 (eval at 32 px)", "fastebm", flags=["--img_size", "16"],
         eval_flags=["--img_size", "32"]),
     Arm("fastebm_T1_mim", "fastebm --steps 1 --tasks mim", "fastebm", flags=["--steps", "1", "--tasks", "mim"]),
+    # more pretraining (4x the defaults' FLOPs): does what fine-tuning keeps grow with the budget?
+    Arm("fastebm_8ep", "fastebm --epochs 8 (4x the FLOPs)", "fastebm", flags=["--epochs", "8"]),
 ]}
 # The default set: what the acceptance checks compare (both random inits, the shipped defaults, MAE at
 # equal epochs and at equal FLOPs) plus the demo's recipe (`fastebm-train` with no flags: 1 epoch, half
@@ -56,7 +58,8 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
 # above the 60 the study was meant to fit in before all-label fine-tuning needed 2,000 steps (docs/quality.md,
 # round 3). The other variants are one flag away (--arms variants).
 DEFAULT_ARMS = ["random_timm", "random_fastebm", "fastebm", "fastebm_1ep", "mae_epochs", "mae_flops"]
-VARIANT_ARMS = ["fastebm_T1", "fastebm_truncated", "fastebm_linear", "fastebm_mim", "fastebm_16px", "fastebm_T1_mim"]
+VARIANT_ARMS = ["fastebm_T1", "fastebm_truncated", "fastebm_linear", "fastebm_mim", "fastebm_16px", "fastebm_T1_mim",
+                "fastebm_8ep"]
 QUICK_ARMS = ["random_timm", "fastebm"]
 REFERENCE = "fastebm"  # the arm the acceptance checks are about (the shipped defaults)
 
