@@ -230,3 +230,39 @@ def test_paired_differences_use_only_the_shared_seeds():
     assert math.isclose(within["mean"], statistics.fmean(v["metrics"]["ft_all"] - v["metrics"]["lp_all"] for v in seeds_a.values()))
     assert R.paired(arms, "random_timm", "lp_all", "fastebm", "lp_all") is None
     assert "higher in" in R._paired_text(p) and R._paired_text(None) == ""
+    # wins counts the seeds where the FIRST arm is higher: two of three here, whatever the random values
+    lo, hi = sorted(rng.random() for _ in range(2))
+    order = {"0": (hi, lo), "1": (hi + 0.1, lo), "2": (lo, hi)}
+    a = {s: {"metrics": {"m": x}} for s, (x, _) in order.items()}
+    b = {s: {"metrics": {"m": y}} for s, (_, y) in order.items()}
+    assert R.paired({"a": {"seeds": a}, "b": {"seeds": b}}, "a", "m", "b", "m")["wins"] == 2
+    # a NaN result is left out like a missing one; nothing finite left gives None
+    a["0"]["metrics"]["m"] = float("nan")
+    assert R.paired({"a": {"seeds": a}, "b": {"seeds": b}}, "a", "m", "b", "m")["n"] == 2
+    assert R.paired({"a": {"seeds": {"0": a["0"]}}, "b": {"seeds": b}}, "a", "m", "b", "m") is None
+
+
+def test_acceptance_pairs_each_check_with_the_arm_it_compares():
+    import random
+
+    import report as R
+
+    rng = random.Random()
+    seeds = ("0", "1", "2", "3")
+    per_seed = {arm: {s: {"metrics": {"ft_all": rng.random(), "lp_all": rng.random()}} for s in seeds}
+                for arm in ("fastebm", "random_timm", "random_fastebm")}
+    arms = {}
+    for arm, recs in per_seed.items():
+        summary = {k: dict(zip(("mean", "std", "n"), R.mean_std([r["metrics"][k] for r in recs.values()]))) for k in ("ft_all", "lp_all")}
+        arms[arm] = {"seeds": recs, "summary": summary}
+    checks = R.acceptance(arms)
+    for c in checks:
+        metric = c["check"].split(" ")[1]
+        if "stronger random init" in c["check"]:
+            other = c["check"].split("(")[1].rstrip(")")
+            assert other == max(("random_timm", "random_fastebm"), key=lambda a: arms[a]["summary"][metric]["mean"])
+            want = [per_seed["fastebm"][s]["metrics"][metric] - per_seed[other][s]["metrics"][metric] for s in seeds]
+        else:  # ft_all > lp_all of the same arm
+            want = [per_seed["fastebm"][s]["metrics"]["ft_all"] - per_seed["fastebm"][s]["metrics"]["lp_all"] for s in seeds]
+        assert c["paired"]["n"] == 4 and math.isclose(c["paired"]["mean"], sum(want) / 4, rel_tol=1e-9, abs_tol=1e-12)
+    assert len(checks) == 3

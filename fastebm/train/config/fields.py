@@ -40,7 +40,7 @@ class TrainConfig:
     model: str = _opt("vit_demo", "model preset (vit_demo, vit_tiny_patch16, vit_small_patch16, vit_base_patch16, vit_large_patch16)")
     img_size: Optional[int] = _opt(None, "input resolution in pixels; none = the preset's (32 for vit_demo)")
     energy: str = _opt("sqnorm", ("energy head: sqnorm (pre-norm tokens), sqnorm_post, linear (on the built-in benchmark linear leaves a "
-                                   "backbone that fine-tuning cannot fit: docs/quality.md)"), choices=ENERGIES)
+                                   "backbone that fine-tuning fits poorly: docs/quality.md)"), choices=ENERGIES)
     steps: int = _opt(2, "restoration gradient steps T per image")
     grad_mode: str = _opt("exact", "gradient through the steps: exact (all steps) or truncated (last step)", choices=GRAD_MODES)
     alpha_init: Optional[float] = _opt(None, "initial restoration step size alpha_t; none = the objective's default")
