@@ -247,8 +247,8 @@ def markdown(data: Dict) -> str:
     arms, meta = data["arms"], data["meta"]
     lines = [f"# Learning quality on the built-in digits ({'QUICK plumbing run, not results' if meta['quick'] else 'benchmark'})", "",
              f"Top-1 on the 497 held-out digits, mean ± sample std over seeds {', '.join(map(str, meta['seeds']))}; "
-             f"pretraining {data['settings']['pretrain_epochs']} epochs ({data['flops']['steps_per_epoch']} steps of batch 32 "
-             f"per epoch); fine-tuning {data['settings']['finetune_steps']} optimiser steps with LP-FT "
+             f"pretraining {data['settings']['pretrain_epochs']} epochs unless the arm's flags say otherwise "
+             f"({data['flops']['steps_per_epoch']} steps of batch 32 per epoch; each arm's steps are in the table); fine-tuning {data['settings']['finetune_steps']} optimiser steps with LP-FT "
              f"(`--head_init {data['settings']['head_init']}`); linear probe {data['settings']['probe_steps']} LARS steps. "
              f"{meta['jobs']} jobs x 1 thread, {meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.1f} CPU min; "
              f"load average {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at the end"
