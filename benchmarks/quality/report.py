@@ -75,8 +75,9 @@ def seed_curves(edir: str) -> Dict[str, Dict[str, List[float]]]:
     return out
 
 
-def seed_metrics(edir: str) -> Dict[str, float]:
-    """The metrics of one (arm, seed) from its evaluation folder (absent runs are left out)."""
+def seed_metrics(edir: str, curves: Dict[str, Dict[str, List[float]]]) -> Dict[str, float]:
+    """The metrics of one (arm, seed) from its evaluation folder (absent runs are left out); the
+    fine-tuning losses come from ``curves`` (:func:`seed_curves` of the same folder)."""
     out = {}
     for name in ("lp_100", "lp_all", "knn_all"):
         s = _load(os.path.join(edir, name, "summary.json"))
@@ -91,7 +92,7 @@ def seed_metrics(edir: str) -> Dict[str, float]:
             if s.get("probe"):
                 out[f"ft_{labels}_probe"] = s["probe"]["top1"]
             out[f"ft_{labels}_steps"] = s["updates"]
-            loss = ft_curve(s)["train_loss"]
+            loss = curves.get(f"ft_{labels}", {}).get("train_loss")
             if loss:
                 out[f"ft_{labels}_loss_first"], out[f"ft_{labels}_loss_peak"] = loss[0], max(loss)
         r = _load(os.path.join(edir, f"ft_{labels}_reprobe", "summary.json"))
@@ -209,7 +210,8 @@ def collect(jobs, meta: Dict, fl: Dict) -> Dict:
         per_seed = {}
         for seed in meta["seeds"]:
             edir = os.path.join(meta["work_dir"], "eval", f"{name}_s{seed}")
-            rec = {"metrics": seed_metrics(edir), "curves": seed_curves(edir)}
+            curves = seed_curves(edir)
+            rec = {"metrics": seed_metrics(edir, curves), "curves": curves}
             if arm.kind != "init":
                 rec["pretrain"] = pretrain_record(os.path.join(meta["work_dir"], "pretrain", f"{name}_s{seed}"))
                 pj = [j for j in jobs if j.arm == name and j.seed == seed and j.part == "pretrain"]
