@@ -51,6 +51,11 @@ def test_quick_outputs_are_complete_and_in_range(quick_run):
         assert summary["ft_100"]["mean"] == metrics["ft_100"] and summary["ft_100"]["n"] == 1
         # the header's step counts are the runs' own
         assert f"{metrics['ft_100_steps']:.0f} (100 labels)" in data["settings"]["finetune_steps"]
+        # ... and so are their learning rates (quick: 10 and 30 labels per class, both "few": blr 4e-3 at batch 32)
+        from fastebm.eval.recipes import BLR_FEW
+
+        assert metrics["ft_100_lr"] == pytest.approx(BLR_FEW * 32 / 256) == metrics["ft_all_lr"]
+        assert f"{metrics['ft_100_lr']:g} (100 labels)" in data["settings"]["finetune_lr"]
     assert data["arms"]["fastebm"]["seeds"]["0"]["pretrain"]["step"] == 2
     jobs = data["jobs"]
     assert jobs and all(j["rc"] == 0 for j in jobs)
@@ -266,3 +271,53 @@ def test_acceptance_pairs_each_check_with_the_arm_it_compares():
             want = [per_seed["fastebm"][s]["metrics"]["ft_all"] - per_seed["fastebm"][s]["metrics"]["lp_all"] for s in seeds]
         assert c["paired"]["n"] == 4 and math.isclose(c["paired"]["mean"], sum(want) / 4, rel_tol=1e-9, abs_tol=1e-12)
     assert len(checks) == 3
+
+
+def test_an_evaluation_only_arm_reuses_its_base_arms_pretraining(tmp_path, monkeypatch):
+    """An arm with ``pretrained_as`` runs no pretraining of its own: its jobs wait for the base arm's
+    run and read its backbone; ``ft_flags`` reach fine-tuning only, and ``parts`` limits the jobs."""
+    import arms as A
+    import run as RUN
+
+    from fastebm.eval.config import parse_args
+
+    extra = A.Arm("fastebm_ft_test", "test arm", "fastebm", pretrained_as="fastebm", ft_flags=["--blr", "0.0123"],
+                  parts=["ft_all"])
+    monkeypatch.setitem(A.ARMS, extra.name, extra)
+    jobs = RUN.build_jobs(["fastebm", extra.name], [0, 3], str(tmp_path), A.Budget(), {"arms": {}})
+    assert sorted(j.name for j in jobs if j.part == "pretrain") == ["pretrain/fastebm_s0", "pretrain/fastebm_s3"]
+    mine = [j for j in jobs if j.arm == extra.name]
+    assert sorted((j.part, j.seed) for j in mine) == [("ft_all", 0), ("ft_all", 3)]
+    for j in mine:
+        assert j.deps == [f"pretrain/fastebm_s{j.seed}"]
+        (tmp_path / "pretrain" / f"fastebm_s{j.seed}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pretrain" / f"fastebm_s{j.seed}" / "backbone.pth").write_bytes(b"x")  # parse_args checks it exists
+        ft = j.commands[0]
+        _, cfg = parse_args(ft[ft.index("eval") + 1:])
+        assert cfg.blr == pytest.approx(0.0123) and cfg.seed == j.seed
+        assert cfg.ckpt == os.path.join(str(tmp_path), "pretrain", f"fastebm_s{j.seed}", "backbone.pth")
+        assert all("--blr" not in c for c in j.commands[1:])  # the re-probe keeps its own recipe
+    base = [j.commands[0] for j in jobs if j.arm == "fastebm" and j.part == "ft_all"]
+    assert len(base) == 2 and all("--blr" not in c for c in base)
+    assert {j.part for j in jobs if j.arm == "fastebm"} == {"pretrain", "frozen", "ft_100", "ft_all"}
+
+
+def test_the_blr4e3_group_repeats_the_compared_arms_all_label_fine_tuning(tmp_path):
+    """--arms blr4e-3: the compared arms, and each one's all-label fine-tuning at the earlier lr, from the
+    same backbone (random inits: --init, no pretraining; fastebm: its own pretraining run, once)."""
+    import arms as A
+    import run as RUN
+
+    names = A.GROUPS["blr4e-3"]
+    assert all(n in A.ARMS for n in names) and set(A.COMPARED) < set(names)
+    jobs = RUN.build_jobs(names, [2], str(tmp_path), A.Budget(), {"arms": {}})
+    assert [j.name for j in jobs if j.part == "pretrain"] == ["pretrain/fastebm_s2"]
+    for base in A.COMPARED:
+        mine = [j for j in jobs if j.arm == f"{base}_blr4e-3"]
+        assert [j.part for j in mine] == ["ft_all"]
+        ft = mine[0].commands[0]
+        assert ft[ft.index("--blr") + 1] == A.EARLIER_BLR and "--few_shot" not in ft
+        base_ft = next(j for j in jobs if j.arm == base and j.part == "ft_all").commands[0]
+        assert "--blr" not in base_ft  # the default arm fine-tunes at the built-in rate
+        src = ft[ft.index("finetune") + 1:ft.index("--seed")]
+        assert src == base_ft[base_ft.index("finetune") + 1:base_ft.index("--seed")]  # the same backbone

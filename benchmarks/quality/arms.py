@@ -4,7 +4,9 @@ An arm is a backbone recipe: an untrained initialisation (timm's or fastebm's), 
 run with some flags, or the MAE baseline (mae.py) at equal epochs or at equal training FLOPs.
 Every arm is evaluated by the same fastebm-eval commands with their built-in recipes (nothing is
 tuned per arm): linear probe and fine-tuning on 100 labels (``--few_shot 10``) and on all 1,300,
-k-NN on all labels, a re-probe of each fine-tuned backbone on its labels, and diagnose.py.
+k-NN on all labels, a re-probe of each fine-tuned backbone on its labels, and diagnose.py. The
+``*_blr4e-3`` arms (``--arms blr4e-3``) repeat the compared arms' all-label fine-tuning at the lr
+used before round 6 (docs/quality.md), when a search per arm raised it.
 """
 from __future__ import annotations
 
@@ -30,6 +32,15 @@ class Arm:
     flags: List[str] = field(default_factory=list)  # kind fastebm: fastebm-train flags
     mae_budget: Optional[str] = None  # kind mae: "epochs" (same epochs) or "flops" (same training FLOPs)
     eval_flags: List[str] = field(default_factory=list)  # added to every fastebm-eval command
+    # an arm that only changes the evaluation: it reuses this arm's pretraining runs (same folder, no new job)
+    pretrained_as: Optional[str] = None
+    ft_flags: List[str] = field(default_factory=list)  # added to the fine-tuning commands only
+    parts: Optional[List[str]] = None  # the evaluation parts it runs (frozen, ft_100, ft_all); None: all
+
+    @property
+    def pretrain_name(self) -> str:
+        """The arm whose pretraining folder this arm's backbones come from."""
+        return self.pretrained_as or self.name
 
 
 ARMS: Dict[str, Arm] = {a.name: a for a in [
@@ -50,6 +61,28 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
     # more pretraining (4x the defaults' FLOPs): does what fine-tuning keeps grow with the budget?
     Arm("fastebm_8ep", "fastebm --epochs 8 (4x the FLOPs)", "fastebm", flags=["--epochs", "8"]),
 ]}
+# Round 6 (docs/quality.md): the built-in fine-tuning recipe was chosen on timm's random init alone, which
+# could favour random init. The three arms the fine-tuning checks compare then had their all-label lr and
+# layer decay searched with one grid and one rule on the validation split of the training digits
+# (recipe_pilot.py, two one-axis stages; benchmarks/results/quality/recipe_pilot.json). All three chose base lr
+# 16e-3, four times the earlier 4e-3, which became the built-in with many labels (fastebm/eval/recipes.py:
+# resolve_blr). These arms keep the comparison reproducible: the same arms' all-label fine-tuning at the
+# earlier 4e-3 (`--arms blr4e-3` runs them beside the default arms).
+EARLIER_BLR = "0.004"
+
+
+def ft_only_arm(base: Arm, suffix: str, label: str, ft_flags: List[str]) -> Arm:
+    """``base``'s all-label fine-tuning with ``ft_flags`` added; it reuses ``base``'s pretraining runs."""
+    return Arm(f"{base.name}_{suffix}", f"{base.label}, {label}", base.kind, init=base.init,
+               pretrained_as=None if base.kind == "init" else base.name, ft_flags=list(ft_flags), parts=["ft_all"],
+               eval_flags=list(base.eval_flags))
+
+
+COMPARED = ["random_timm", "random_fastebm", "fastebm"]
+for _base in COMPARED:
+    ARMS[f"{_base}_blr4e-3"] = ft_only_arm(ARMS[_base], "blr4e-3", "all-label FT at the earlier blr 4e-3",
+                                           ["--blr", EARLIER_BLR])
+
 # The default set: what the acceptance checks compare (both random inits, the shipped defaults, MAE at
 # equal epochs and at equal FLOPs) plus the demo's recipe (`fastebm-train` with no flags: 1 epoch, half
 # the cost). Every arm costs about 8 CPU minutes per seed of evaluation, mostly its fine-tunings (a 1,000-step
@@ -61,6 +94,9 @@ DEFAULT_ARMS = ["random_timm", "random_fastebm", "fastebm", "fastebm_1ep", "mae_
 VARIANT_ARMS = ["fastebm_T1", "fastebm_truncated", "fastebm_linear", "fastebm_mim", "fastebm_16px", "fastebm_T1_mim",
                 "fastebm_8ep"]
 QUICK_ARMS = ["random_timm", "fastebm"]
+# --arms NAME expands these groups; "blr4e-3": the compared arms, and their all-label fine-tuning at the lr
+# before round 6
+GROUPS = {"variants": VARIANT_ARMS, "blr4e-3": COMPARED + [f"{a}_blr4e-3" for a in COMPARED]}
 REFERENCE = "fastebm"  # the arm the acceptance checks are about (the shipped defaults)
 
 
@@ -133,10 +169,10 @@ def eval_commands(arm: Arm, seed: int, pretrain_dir: str, out: str, budget: Budg
         ft = os.path.join(out, f"ft_{labels}")
         # the re-probe reads the fine-tuned checkpoint, already at the evaluation size
         parts[f"ft_{labels}"] = [
-            [*ev, "finetune", *src, *common, *few, *budget.finetune_extra(), "--output_dir", ft],
+            [*ev, "finetune", *src, *common, *few, *budget.finetune_extra(), *arm.ft_flags, "--output_dir", ft],
             [*ev, "linprobe", "--ckpt", os.path.join(ft, "checkpoint.pt"), *common, *few, *budget.linprobe_extra(),
              "--output_dir", ft + "_reprobe"],
             [sys.executable, os.path.join(HERE, "train_accuracy.py"), "--ckpt", os.path.join(ft, "checkpoint.pt"),
              "--out", ft + "_train.json"],
         ]
-    return parts
+    return {k: v for k, v in parts.items() if arm.parts is None or k in arm.parts}

@@ -92,6 +92,8 @@ def seed_metrics(edir: str, curves: Dict[str, Dict[str, List[float]]]) -> Dict[s
             if s.get("probe"):
                 out[f"ft_{labels}_probe"] = s["probe"]["top1"]
             out[f"ft_{labels}_steps"] = s["updates"]
+            if s.get("lr") is not None:
+                out[f"ft_{labels}_lr"] = s["lr"]
             loss = curves.get(f"ft_{labels}", {}).get("train_loss")
             if loss:
                 out[f"ft_{labels}_loss_first"], out[f"ft_{labels}_loss_peak"] = loss[0], max(loss)
@@ -213,8 +215,8 @@ def collect(jobs, meta: Dict, fl: Dict) -> Dict:
             curves = seed_curves(edir)
             rec = {"metrics": seed_metrics(edir, curves), "curves": curves}
             if arm.kind != "init":
-                rec["pretrain"] = pretrain_record(os.path.join(meta["work_dir"], "pretrain", f"{name}_s{seed}"))
-                pj = [j for j in jobs if j.arm == name and j.seed == seed and j.part == "pretrain"]
+                rec["pretrain"] = pretrain_record(os.path.join(meta["work_dir"], "pretrain", f"{arm.pretrain_name}_s{seed}"))
+                pj = [j for j in jobs if j.arm == arm.pretrain_name and j.seed == seed and j.part == "pretrain"]
                 if pj and pj[0].rc not in (0, None):
                     rec["pretrain"]["failed_rc"] = pj[0].rc
             per_seed[str(seed)] = rec
@@ -250,7 +252,8 @@ def markdown(data: Dict) -> str:
     lines = [f"# Learning quality on the built-in digits ({'QUICK plumbing run, not results' if meta['quick'] else 'benchmark'})", "",
              f"Top-1 on the 497 held-out digits, mean ± sample std over seeds {', '.join(map(str, meta['seeds']))}; "
              f"pretraining {data['settings']['pretrain_epochs']} epochs unless the arm's flags say otherwise "
-             f"({data['flops']['steps_per_epoch']} steps of batch 32 per epoch; each arm's steps are in the table); fine-tuning {data['settings']['finetune_steps']} optimiser steps with LP-FT "
+             f"({data['flops']['steps_per_epoch']} steps of batch 32 per epoch; each arm's steps are in the table); fine-tuning {data['settings']['finetune_steps']} optimiser steps "
+             f"at peak lr {data['settings'].get('finetune_lr', '-')} with LP-FT "
              f"(`--head_init {data['settings']['head_init']}`); linear probe {data['settings']['probe_steps']} LARS steps. "
              f"{meta['jobs']} jobs x 1 thread, {meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.1f} CPU min; "
              f"load average {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at the end"
@@ -381,6 +384,15 @@ def steps_done(arms: Dict) -> str:
     return f"{counts('ft_100')} (100 labels) / {counts('ft_all')} (all labels)"
 
 
+def lrs_used(arms: Dict) -> str:
+    """The fine-tuning runs' own peak learning rates, per label set (an arm's flags or an older recipe in a
+    reused work folder show up here as a second value)."""
+    def values(part):
+        got = sorted({r["metrics"][f"{part}_lr"] for a in arms.values() for r in a["seeds"].values() if f"{part}_lr" in r["metrics"]})
+        return " or ".join(f"{v:g}" for v in got) or "-"
+    return f"{values('ft_100')} (100 labels) / {values('ft_all')} (all labels)"
+
+
 def write(output_dir: str, meta: Dict, fl: Dict, jobs) -> List[str]:
     import arms as A
     from fastebm.eval.recipes import PROBE_UPDATE_BUDGET, RECIPES
@@ -389,7 +401,7 @@ def write(output_dir: str, meta: Dict, fl: Dict, jobs) -> List[str]:
     arms = collect(jobs, meta, fl)
     data = {"meta": meta, "env": environment(),
             "settings": {"pretrain_epochs": A.PRETRAIN_EPOCHS, "train_common_flags": A.TRAIN_COMMON,
-                         "finetune_steps": steps_done(arms), "probe_steps": PROBE_UPDATE_BUDGET,
+                         "finetune_steps": steps_done(arms), "finetune_lr": lrs_used(arms), "probe_steps": PROBE_UPDATE_BUDGET,
                          "head_init": RECIPES["builtin"]["finetune"]["head_init"], "reference_arm": A.REFERENCE},
             "flops": fl, "arms": arms, "jobs": [j.record() for j in jobs]}
     data["checks"] = acceptance(data["arms"], A.REFERENCE)

@@ -8,6 +8,7 @@ One command runs the whole study on the built-in data and writes, into --output_
     nice -n 10 python benchmarks/quality/run.py                      # default set, 3 seeds, 2 jobs
     python benchmarks/quality/run.py --quick --output_dir /tmp/q      # plumbing check (CI), ~1-2 min
     python benchmarks/quality/run.py --arms variants --output_dir OUT   # the other fastebm variants (arms.py)
+    python benchmarks/quality/run.py --arms blr4e-3 --output_dir OUT   # all-label FT at the lr before round 6
 
 Each arm (arms.py) is pretrained per seed (fastebm-train, or mae.py), then evaluated with
 fastebm-eval's built-in recipes, the same for every arm: linear probe and fine-tuning with 100
@@ -143,7 +144,7 @@ def flops_table(arm_names: List[str], budget: A.Budget) -> Dict:
            "mae_gflop_per_step": mae / 1e9, "ratio": ref / mae,
            "mae_equal_flops_epochs": A.PRETRAIN_EPOCHS * ref / mae, "arms": {}}
     for name in arm_names:
-        arm = A.ARMS[name]
+        arm = A.ARMS[A.ARMS[name].pretrain_name]  # an evaluation-only arm costs what its pretraining did
         if arm.kind == "init":
             continue
         if arm.kind == "mae":
@@ -159,17 +160,19 @@ def build_jobs(arm_names: List[str], seeds: List[int], work: str, budget: A.Budg
     pre, ev = [], []
     for name in arm_names:
         arm = A.ARMS[name]
+        base = A.ARMS[arm.pretrain_name]  # whose pretraining runs the arm evaluates (itself, unless pretrained_as)
         for seed in seeds:
-            pdir = os.path.join(work, "pretrain", f"{name}_s{seed}")
+            pdir = os.path.join(work, "pretrain", f"{base.name}_s{seed}")
             mae_epochs = fl["arms"].get(name, {}).get("epochs")
-            cmd = A.pretrain_command(arm, seed, pdir, budget, mae_epochs)
+            cmd = A.pretrain_command(base, seed, pdir, budget, mae_epochs)
             deps = []
             if cmd is not None:
-                if arm.kind == "fastebm":  # a re-run resumes an unfinished run and keeps a finished one
+                if base.kind == "fastebm":  # a re-run resumes an unfinished run and keeps a finished one
                     cmd = cmd + ["--resume", "auto"]
-                job = Job(f"pretrain/{name}_s{seed}", cmd, [cmd], os.path.join(pdir, "backbone.pth"), name, seed, "pretrain")
+                job = Job(f"pretrain/{base.name}_s{seed}", cmd, [cmd], os.path.join(pdir, "backbone.pth"), base.name, seed, "pretrain")
                 job.log = pdir + ".log"
-                pre.append(job)
+                if all(j.name != job.name for j in pre):  # two arms sharing one pretraining run it once
+                    pre.append(job)
                 deps = [job.name]
             edir = os.path.join(work, "eval", f"{name}_s{seed}")
             for part, commands in A.eval_commands(arm, seed, pdir, edir, budget).items():
@@ -196,7 +199,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny plumbing check: 1 seed, 2 arms, a few steps each")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
-    ap.add_argument("--arms", default=None, help="comma-separated arm names (arms.py), \"variants\" for the other fastebm variants; default: the default set")
+    ap.add_argument("--arms", default=None, help="comma-separated arm names (arms.py); \"variants\": the other fastebm variants; \"blr4e-3\": the compared "
+                         "arms, and their all-label fine-tuning at the lr before round 6; default: the default set")
     ap.add_argument("--jobs", type=int, default=2, help="processes at a time, one thread each")
     ap.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results", "quality"))
     ap.add_argument("--work_dir", default=None, help="run folders (default OUTPUT_DIR/runs, git-ignored)")
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
     budget = A.Budget(quick=args.quick)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     names = args.arms.split(",") if args.arms else (A.QUICK_ARMS if args.quick else A.DEFAULT_ARMS)
-    names = [n for name in names for n in (A.VARIANT_ARMS if name == "variants" else [name])]
+    names = list(dict.fromkeys(n for name in names for n in A.GROUPS.get(name, [name])))
     unknown = [n for n in names if n not in A.ARMS]
     if unknown:
         print(f"run.py: error: unknown arm(s) {unknown}; choose from {', '.join(A.ARMS)}", file=sys.stderr)

@@ -21,6 +21,8 @@ import torch
 VAL_PER_CLASS = 30
 SPLIT_SEED = 12  # this split's own seed (the held-out split's is fastebm.data.builtin.SPLIT_SEED)
 # The built-in recipe of each fastebm-eval command, made explicit: folder data would get MAE's ImageNet recipe.
+# Settings the built-in data resolves from its size are not in it (fine-tuning: epochs, crop, blr): give them
+# explicitly on the split folder, as recipe_pilot.py does, or they fall back to the folder recipe's.
 def builtin_recipe(command: str) -> Dict:
     from fastebm.eval.recipes import RECIPES
 

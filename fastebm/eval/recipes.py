@@ -11,11 +11,13 @@ and a CPU budget: fine-tuning is a fixed number of optimiser steps, 1,000 with f
 with many (:func:`resolve_schedule`), gradient norm clipped at 1, without Mixup/CutMix, RandAugment and random erasing (in 1,000 steps
 they kept a randomly initialised ViT near chance), no horizontal flip (digits are not
 mirror-symmetric), crops that keep at least 80 % of the digit with few labels and no crop with
-many (:func:`resolve_crop`), no stochastic depth, no centre crop
+many (:func:`resolve_crop`), a base lr of 4e-3 with few labels and 16e-3 with many
+(:func:`resolve_blr`), no stochastic depth, no centre crop
 at evaluation, layer decay 0.75 (4 blocks instead of 12); the linear probe's LARS rate suits batch
 64. Both were chosen on a validation split of the training digits, on the random-initialisation
-arm only (docs/evaluation.md and docs/quality.md record how). The values are the same
-for every ``--init``/``--ckpt``: they are never tuned per arm.
+arm (docs/evaluation.md and docs/quality.md record how); the many-label lr was then searched
+for timm's init, EnergyViT's init and a fastebm backbone alike, and all three chose it. The
+values are the same for every ``--init``/``--ckpt``: they are never tuned per arm.
 
 RandAugment: MAE's ``rand-m9-mstd0.5-inc1`` with ``mmax9`` appended. timm's increasing posterize
 maps magnitude 10 to 0 kept bits, which Pillow 13 refuses with a ValueError; the magnitude noise
@@ -38,7 +40,8 @@ RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
         # to 14 (docs/quality.md). Chosen on timm's random init, where 0 also scored higher (validation split).
         # clip_grad 1: every built-in fine-tuning spiked in warm-up (train loss 1.5 -> 4.2 on timm's init); on the
         # validation split, timm's init, clipping scored 0.910 against 0.887 (1,000 labels; docs/quality.md, round 3 = recipe pilot round 4)
-        "finetune": dict(batch_size=32, blr=4e-3, min_lr=1e-6, layer_decay=0.75, drop_path=0.0, mixup=0.0,
+        # blr: set from the number of labelled images per class by resolve_blr (BLR_FEW or BLR_MANY)
+        "finetune": dict(batch_size=32, min_lr=1e-6, layer_decay=0.75, drop_path=0.0, mixup=0.0,
                          cutmix=0.0, aa="off", reprob=0.0, hflip=0.0, interpolation="bicubic",
                          crop_pct=1.0, head_init="probe", clip_grad=1.0),
         # linprobe epochs/warm-up: set from the number of labels by resolve_probe_schedule (PROBE_UPDATE_BUDGET steps)
@@ -77,6 +80,15 @@ PROBE_WARMUP_FRACTION = 10 / 90
 # RandomResizedCrop falls back to the whole image.)
 # Few labels need the crop's variety, many do not; the threshold is the geometric middle of 10 and 100.
 CROP_SCALE_MIN_FEW, CROP_SCALE_MIN_MANY, MANY_PER_CLASS = 0.8, 1.0, 32
+
+
+# Built-in digits, fine-tuning base lr (lr = blr x 32 / 256) by labelled images per class. With many labels
+# (all 1,300 digits) the lr was searched for each compared arm with one grid on the validation split
+# (docs/quality.md, round 6; two one-axis stages): base lr 2e-3 / 4e-3 / 8e-3 / 16e-3 at layer decay 0.75,
+# layer decay 0.65 / 0.9 / 1.0 at 4e-3; every arm chose
+# 16e-3 (mean validation top-1 of 2 seeds: timm's random init 0.947 -> 0.973, EnergyViT's init 0.943 ->
+# 0.967, a 2-epoch fastebm backbone 0.957 -> 0.992). Few labels keep 4e-3 (not searched again).
+BLR_FEW, BLR_MANY = 4e-3, 16e-3
 
 
 def many_labels(n_train: int, num_classes: int) -> bool:
@@ -150,3 +162,14 @@ def fill_recipe(cfg) -> None:
     for name, value in RECIPES[data_kind(cfg)][command_of(cfg)].items():
         if getattr(cfg, name, None) is None:
             setattr(cfg, name, value)
+
+
+def resolve_blr(cfg, n_train: int, num_classes: int) -> None:
+    """Fills the fine-tuning ``blr`` left unset (built-in digits) once the labelled set is known.
+
+    ``BLR_MANY`` (16e-3: lr 2e-3 at batch 32) with at least ``MANY_PER_CLASS`` (32) labelled images
+    per class, else ``BLR_FEW`` (4e-3: lr 5e-4). A user's ``--blr`` or ``--lr`` wins; folder data has
+    MAE's 5e-4 from its recipe already.
+    """
+    if cfg.blr is None and cfg.lr is None:
+        cfg.blr = BLR_MANY if many_labels(n_train, num_classes) else BLR_FEW

@@ -39,7 +39,7 @@ from ..signals import StopRequest
 from .backbone import resolve_backbone
 from .datasets import load_eval_data, make_transforms, with_transform
 from .probe import fit_probe_head
-from .recipes import resolve_crop, resolve_schedule
+from .recipes import resolve_blr, resolve_crop, resolve_schedule
 from .runio import (EpochShuffle, ShardSampler, base_summary, finish, loader, num_workers, plot_curves,
                     prepare_output_dir, seed_epoch, start_run, sum_over_ranks, what_line)
 from .timm_vit import build_classifier, check_img_size
@@ -223,6 +223,7 @@ def run_finetune(cfg) -> Dict[str, Any]:
         steps_per_epoch = len(sampler) // cfg.batch_size // cfg.accum_iter
         resolve_schedule(cfg, steps_per_epoch, len(data.train), data.num_classes)
         resolve_crop(cfg, len(data.train), data.num_classes)
+        resolve_blr(cfg, len(data.train), data.num_classes)
         resume = _load_resume(cfg)  # every input is checked before anything is written
         prepare_output_dir(run, cfg.output_dir)
         model = build_classifier(bb, data.num_classes, img_size=img_size, global_pool=cfg.global_pool,
