@@ -375,22 +375,24 @@ def plot_curves(data: Dict, path: str) -> None:
     plt.close(fig)
 
 
+def _per_label_set(arms: Dict, suffix: str, show) -> str:
+    """The distinct values of metric ``ft_*_<suffix>`` over every run, per label set ("a or b" when runs differ)."""
+    def values(part):
+        got = sorted({r["metrics"][f"{part}_{suffix}"] for a in arms.values() for r in a["seeds"].values()
+                      if f"{part}_{suffix}" in r["metrics"]})
+        return " or ".join(show(v) for v in got) or "-"
+    return f"{values('ft_100')} (100 labels) / {values('ft_all')} (all labels)"
+
+
 def steps_done(arms: Dict) -> str:
     """The fine-tuning runs' own optimiser-step counts (a reused work folder may hold runs of an older recipe)."""
-    def counts(part):
-        got = sorted({int(r["metrics"][f"{part}_steps"]) for a in arms.values() for r in a["seeds"].values()
-                      if f"{part}_steps" in r["metrics"]})
-        return " or ".join(map(str, got)) or "-"
-    return f"{counts('ft_100')} (100 labels) / {counts('ft_all')} (all labels)"
+    return _per_label_set(arms, "steps", lambda v: str(int(v)))
 
 
 def lrs_used(arms: Dict) -> str:
     """The fine-tuning runs' own peak learning rates, per label set (an arm's flags or an older recipe in a
     reused work folder show up here as a second value)."""
-    def values(part):
-        got = sorted({r["metrics"][f"{part}_lr"] for a in arms.values() for r in a["seeds"].values() if f"{part}_lr" in r["metrics"]})
-        return " or ".join(f"{v:g}" for v in got) or "-"
-    return f"{values('ft_100')} (100 labels) / {values('ft_all')} (all labels)"
+    return _per_label_set(arms, "lr", lambda v: f"{v:g}")
 
 
 def write(output_dir: str, meta: Dict, fl: Dict, jobs) -> List[str]:
