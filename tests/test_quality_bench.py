@@ -51,10 +51,10 @@ def test_quick_outputs_are_complete_and_in_range(quick_run):
         assert summary["ft_100"]["mean"] == metrics["ft_100"] and summary["ft_100"]["n"] == 1
         # the header's step counts are the runs' own
         assert f"{metrics['ft_100_steps']:.0f} (100 labels)" in data["settings"]["finetune_steps"]
-        # ... and so are their learning rates (quick: 10 and 30 labels per class, both "few": blr 4e-3 at batch 32)
-        from fastebm.eval.recipes import BLR_FEW
+        # ... and so are their learning rates (the built-in blr at batch 32)
+        from fastebm.eval.recipes import BLR_BUILTIN
 
-        assert metrics["ft_100_lr"] == pytest.approx(BLR_FEW * 32 / 256) == metrics["ft_all_lr"]
+        assert metrics["ft_100_lr"] == pytest.approx(BLR_BUILTIN * 32 / 256) == metrics["ft_all_lr"]
         assert f"{metrics['ft_100_lr']:g} (100 labels)" in data["settings"]["finetune_lr"]
     assert data["arms"]["fastebm"]["seeds"]["0"]["pretrain"]["step"] == 2
     jobs = data["jobs"]
@@ -302,22 +302,104 @@ def test_an_evaluation_only_arm_reuses_its_base_arms_pretraining(tmp_path, monke
     assert {j.part for j in jobs if j.arm == "fastebm"} == {"pretrain", "frozen", "ft_100", "ft_all"}
 
 
-def test_the_blr4e3_group_repeats_the_compared_arms_all_label_fine_tuning(tmp_path):
-    """--arms blr4e-3: the compared arms, and each one's all-label fine-tuning at the earlier lr, from the
+@pytest.mark.parametrize("group", ["blr4e-3", "blr32e-3"])
+def test_the_other_blr_groups_repeat_the_compared_arms_all_label_fine_tuning(tmp_path, group):
+    """--arms blr4e-3 / blr32e-3: the compared arms, and each one's all-label fine-tuning at another lr, from the
     same backbone (random inits: --init, no pretraining; fastebm: its own pretraining run, once)."""
     import arms as A
     import run as RUN
+    from fastebm.eval.recipes import BLR_BUILTIN
 
-    names = A.GROUPS["blr4e-3"]
+    names = A.GROUPS[group]
     assert all(n in A.ARMS for n in names) and set(A.COMPARED) < set(names)
+    assert float(A.OTHER_BLRS[group]) != BLR_BUILTIN  # another lr than today's built-in
     jobs = RUN.build_jobs(names, [2], str(tmp_path), A.Budget(), {"arms": {}})
     assert [j.name for j in jobs if j.part == "pretrain"] == ["pretrain/fastebm_s2"]
     for base in A.COMPARED:
-        mine = [j for j in jobs if j.arm == f"{base}_blr4e-3"]
+        mine = [j for j in jobs if j.arm == f"{base}_{group}"]
         assert [j.part for j in mine] == ["ft_all"]
         ft = mine[0].commands[0]
-        assert ft[ft.index("--blr") + 1] == A.EARLIER_BLR and "--few_shot" not in ft
+        assert ft[ft.index("--blr") + 1] == A.OTHER_BLRS[group] and "--few_shot" not in ft
         base_ft = next(j for j in jobs if j.arm == base and j.part == "ft_all").commands[0]
         assert "--blr" not in base_ft  # the default arm fine-tunes at the built-in rate
         src = ft[ft.index("finetune") + 1:ft.index("--seed")]
         assert src == base_ft[base_ft.index("finetune") + 1:base_ft.index("--seed")]  # the same backbone
+
+
+def test_shrink_perturb_matches_float64_and_round_trips(tmp_path):
+    """shrink_perturb.py: lambda * theta + sigma * fresh per tensor (float64 reference); the written file is what
+    fastebm-eval --ckpt reads; at (1, 0) it reproduces --init random's own starting weights exactly."""
+    import shrink_perturb as SP
+    from fastebm.eval.backbone import init_backbone, read_backbone
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    shapes = {"a": (3, 7), "b": (5,), "c": (2, 3, 5)}
+    state = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    fresh = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    lam, sig = 0.37 + 0.5 * float(torch.rand((), generator=g)), 0.05 + 0.2 * float(torch.rand((), generator=g))
+    out = SP.shrink_perturb(state, fresh, lam, sig)
+    for k in shapes:
+        ref = lam * state[k].double() + sig * fresh[k].double()
+        assert torch.allclose(out[k].double(), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError):
+        SP.shrink_perturb(state, {**fresh, "a": torch.randn(3, 8)}, lam, sig)
+
+    seed = 3
+    path = str(tmp_path / "sp.pth")
+    assert SP.main(["--src", "random", "--seed", str(seed), "--shrink", str(lam), "--perturb", str(sig), "--out", path]) == 0
+    written = read_backbone(path).state
+    bb = init_backbone("random", "vit_demo", None, seed)
+    theta, theta_fresh = SP.timm_init_state(bb, seed), SP.timm_init_state(bb, seed + SP.FRESH_SEED_OFFSET)
+    assert set(written) == set(theta) and not torch.equal(theta["blocks.0.attn.qkv.weight"], theta_fresh["blocks.0.attn.qkv.weight"])
+    for k, v in written.items():
+        assert torch.allclose(v.double(), lam * theta[k].double() + sig * theta_fresh[k].double(), atol=1e-6)
+    # the fresh init never reads the source's own weights (a backbone file as --src)
+    assert all(torch.equal(v, theta[k]) for k, v in SP.timm_init_state(read_backbone(path), seed).items())
+    # --src fastebm_init shrinks EnergyViT's own init (fastebm-eval --init fastebm --seed S), perturbed by timm's fresh one
+    ebm = str(tmp_path / "ebm.pth")
+    SP.main(["--src", "fastebm_init", "--seed", str(seed), "--shrink", str(lam), "--perturb", str(sig), "--out", ebm])
+    own = init_backbone("fastebm", "vit_demo", None, seed).state
+    assert not torch.equal(own["blocks.0.attn.qkv.weight"], theta["blocks.0.attn.qkv.weight"])
+    for k, v in read_backbone(ebm).state.items():
+        assert torch.allclose(v.double(), lam * own[k].double() + sig * theta_fresh[k].double(), atol=1e-6)
+    same = str(tmp_path / "same.pth")
+    SP.main(["--src", "random", "--seed", str(seed), "--shrink", "1", "--perturb", "0", "--out", same])
+    from fastebm.eval.timm_vit import build_classifier
+
+    model = build_classifier(bb, 10, img_size=None, global_pool="avg", drop_path_rate=0.0, head_init_std=2e-5, seed=seed)
+    own = model.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in read_backbone(same).state.items())
+
+
+def test_recipe_pilot_grids_build_valid_commands(tmp_path):
+    """Every recipe of every recipe_pilot grid parses as a fastebm-eval finetune command with the recipe's lr, layer
+    decay, crop and budget; shrink-and-perturb recipes start from the file their prep command writes."""
+    import recipe_pilot as P
+    from fastebm.eval.config import parse_args
+
+    split = str(tmp_path / "split")
+    os.makedirs(split)
+    for grid, names in P.GRIDS.items():
+        assert names and set(names) <= set(P.RECIPES), grid
+        for recipe in names:
+            head_init, steps, blr, scale_min, drop_path, *other = P.RECIPES[recipe]
+            extra = other[0] if other else {}
+            labels = 100 if steps == 1000 and scale_min < 1 else 1000
+            out = str(tmp_path / f"{recipe}_s1")
+            cmd = P.command(split, "random", labels, recipe, 1, out)
+            if "shrink_perturb" in extra:  # fastebm-eval checks that the starting file exists
+                open(P.start_file(out), "wb").close()
+            command, cfg = parse_args(cmd[3:])
+            assert command == "finetune" and cfg.blr == blr and cfg.scale_min == scale_min and cfg.head_init == head_init
+            assert cfg.layer_decay == extra.get("layer_decay", 0.75) and cfg.drop_path == drop_path
+            per_epoch = (100 if labels == 100 else 1000) // 32
+            assert steps <= cfg.epochs * per_epoch < steps + per_epoch
+            prep = P.prep_command("random", recipe, 1, out)
+            if "shrink_perturb" in extra:
+                assert cfg.ckpt == P.start_file(out) and cfg.init is None
+                shrink, perturb = extra["shrink_perturb"]
+                assert prep[prep.index("--out") + 1] == cfg.ckpt
+                assert prep[prep.index("--src") + 1] == "random" and prep[prep.index("--seed") + 1] == "1"
+                assert float(prep[prep.index("--shrink") + 1]) == shrink and float(prep[prep.index("--perturb") + 1]) == perturb
+            else:
+                assert prep is None and cfg.init == "random" and cfg.ckpt is None

@@ -9,6 +9,10 @@ for the three compared arms with one grid, all labels, in two stages:
     python benchmarks/quality/recipe_pilot.py --out DIR --arms random fastebm_init fastebm \
         --fastebm RUNS/pretrain/fastebm_sS/backbone.pth --labels 1000 --recipes round6 --seeds 0
     python benchmarks/quality/recipe_pilot.py ... --recipes round6_stage2 --seeds 0 1   # same flags otherwise
+Round 7, seeds 0 and 1, the same three arms and flags: ``--labels 1000 --recipes round7_many`` (past round 6's
+edge), ``--labels 1000 --recipes round7_sp`` (shrink-and-perturb, shrink_perturb.py) and ``--labels 100 --recipes
+round7_few`` (the 100-label lr); then, to settle a tie on timm's init, ``--arms random --labels 1000 --recipes
+probe_2000_crop10_dp0_clip1_lr16 probe_2000_crop10_dp0_clip1_lr32 --seeds 2 3``.
 Every run is the built-in recipe made explicit (folder data would otherwise get MAE's ImageNet one).
 
     python benchmarks/quality/recipe_pilot.py --out DIR --fastebm S0/backbone.pth [--seeds 0] [--jobs 2]
@@ -67,12 +71,29 @@ RECIPES = {  # name: (head_init, optimiser steps, blr, random-resized-crop scale
     # every arm's best was at the grid's edge (twice the lr, decay 0.9): one step further on both axes
     "probe_2000_crop10_dp0_clip1_lr16": ("probe", 2000, 16e-3, 1.0, 0.0, dict(clip_grad=1.0)),
     "probe_2000_crop10_dp0_clip1_ld100": ("probe", 2000, 4e-3, 1.0, 0.0, dict(clip_grad=1.0, layer_decay=1.0)),
+    # round 7, all labels: round 6's winner (16e-3, built in by round 6) sat at the grid's edge: one more lr step, and
+    # layer decay 0.9 (round 6's second best) at the new lr
+    "probe_2000_crop10_dp0_clip1_lr32": ("probe", 2000, 32e-3, 1.0, 0.0, dict(clip_grad=1.0)),
+    "probe_2000_crop10_dp0_clip1_lr16_ld90": ("probe", 2000, 16e-3, 1.0, 0.0, dict(clip_grad=1.0, layer_decay=0.9)),
+    # round 7, 100 labels: the same per-arm search (the 100-label recipe was chosen on timm's init alone)
+    "probe_1000_crop08_dp0_clip1_lr8": ("probe", 1000, 8e-3, 0.8, 0.0, dict(clip_grad=1.0)),
+    "probe_1000_crop08_dp0_clip1_lr16": ("probe", 1000, 16e-3, 0.8, 0.0, dict(clip_grad=1.0)),
+    # round 7, all labels, the built-in recipe from a shrunk-and-perturbed start (shrink_perturb.py; Ash and Adams
+    # 2020): every arm's starting weights become shrink * theta + perturb * (a fresh timm init). If a pretrained
+    # start fine-tunes worse than a fresh one (warm-starting), this should help the fastebm arm more than the others
+    "probe_2000_crop10_dp0_clip1_lr16_sp50": ("probe", 2000, 16e-3, 1.0, 0.0, dict(clip_grad=1.0, shrink_perturb=(0.5, 0.1))),
 }
 # stage 1 (seed 0) and stage 2 (seeds 0 and 1; each arm's choice: the best mean validation top-1 of the two seeds)
 ROUND6 = ["probe_2000_crop10_dp0_clip1", "probe_2000_crop10_dp0_clip1_lr2", "probe_2000_crop10_dp0_clip1_lr8",
           "probe_2000_crop10_dp0_clip1_ld65", "probe_2000_crop10_dp0_clip1_ld90"]
 ROUND6_STAGE2 = ["probe_2000_crop10_dp0_clip1", "probe_2000_crop10_dp0_clip1_lr8", "probe_2000_crop10_dp0_clip1_ld90",
                  "probe_2000_crop10_dp0_clip1_lr16", "probe_2000_crop10_dp0_clip1_ld100"]
+# round 7 (seeds 0 and 1 from the start): all labels, past round 6's edge; 100 labels, the round-6 grid's upward steps
+ROUND7_MANY = ["probe_2000_crop10_dp0_clip1_lr16", "probe_2000_crop10_dp0_clip1_lr32", "probe_2000_crop10_dp0_clip1_lr16_ld90"]
+ROUND7_FEW = ["probe_1000_crop08_dp0_clip1", "probe_1000_crop08_dp0_clip1_lr8", "probe_1000_crop08_dp0_clip1_lr16"]
+ROUND7_SP = ["probe_2000_crop10_dp0_clip1_lr16", "probe_2000_crop10_dp0_clip1_lr16_sp50"]
+GRIDS = {"round6": ROUND6, "round6_stage2": ROUND6_STAGE2, "round7_many": ROUND7_MANY, "round7_few": ROUND7_FEW,
+         "round7_sp": ROUND7_SP}
 # arm name in this pilot -> what fastebm-eval starts from ("fastebm": the backbone given with --fastebm)
 INITS = {"random": ["--init", "random"], "fastebm_init": ["--init", "fastebm"]}
 
@@ -85,6 +106,8 @@ def command(split: str, arm: str, labels: int, recipe: str, seed: int, out: str)
                  drop_path=drop_path, warmup_epochs=round(0.1 * epochs, 2), eval_every=max(1, epochs // 5))
     # rounds 1-3 ran without clipping, before the built-in recipe clipped at 1: 0 keeps them reproducible
     flags.update(dict(clip_grad=0.0), **(other[0] if other else {}))
+    if flags.pop("shrink_perturb", None):  # the run starts from the file prep_command writes
+        arm = start_file(out)
     cmd = [sys.executable, "-m", "fastebm.cli.eval", "finetune", "--data", split, "--num_workers", "0", "--seed", str(seed),
            "--save_ckpt", "false", "--output_dir", out]
     cmd += INITS[arm] if arm in INITS else ["--ckpt", arm]
@@ -95,6 +118,20 @@ def command(split: str, arm: str, labels: int, recipe: str, seed: int, out: str)
     return cmd
 
 
+def start_file(out: str) -> str:
+    return out + "_start.pth"
+
+
+def prep_command(src: str, recipe: str, seed: int, out: str):
+    """shrink_perturb.py's command writing the run's starting weights (None: the recipe starts from ``src``)."""
+    other = RECIPES[recipe][5] if len(RECIPES[recipe]) > 5 else {}
+    if "shrink_perturb" not in other:
+        return None
+    shrink, perturb = other["shrink_perturb"]
+    return [sys.executable, os.path.join(HERE, "shrink_perturb.py"), "--src", src, "--seed", str(seed),
+            "--shrink", str(shrink), "--perturb", str(perturb), "--out", start_file(out)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -102,14 +139,14 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=["random", "fastebm"], choices=["random", "fastebm_init", "fastebm"])
     ap.add_argument("--labels", type=int, nargs="+", default=[100, 1000], choices=[100, 1000])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), help="names in RECIPES, or 'round6' / 'round6_stage2'")
+    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), help="names in RECIPES, or one grid name (GRIDS)")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
-    if args.recipes in (["round6"], ["round6_stage2"]):
-        args.recipes = ROUND6 if args.recipes == ["round6"] else ROUND6_STAGE2
+    if len(args.recipes) == 1 and args.recipes[0] in GRIDS:
+        args.recipes = GRIDS[args.recipes[0]]
     unknown = sorted(set(args.recipes) - set(RECIPES))
     if unknown:
-        ap.error(f"unknown recipes {unknown}; choose from {sorted(RECIPES)}, 'round6' or 'round6_stage2'")
+        ap.error(f"unknown recipes {unknown}; choose from {sorted(RECIPES)} or a grid: {', '.join(GRIDS)}")
     split = os.path.join(args.out, "valsplit")
     write_split(split)
     jobs = []
@@ -119,27 +156,32 @@ def main() -> None:
         name = f"{arm}_{labels}_{recipe}_s{seed}"
         out = os.path.join(args.out, name)
         src = arm if arm in INITS else args.fastebm.replace("_sS", f"_s{seed}")
-        jobs.append((name, out, command(split, src, labels, recipe, seed, out), dict(arm=arm, labels=labels, recipe=recipe, seed=seed)))
+        prep = prep_command(src, recipe, seed, out)
+        cmd = command(split, src, labels, recipe, seed, out)
+        jobs.append((name, out, [prep, cmd] if prep else [cmd], dict(arm=arm, labels=labels, recipe=recipe, seed=seed)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def run(job):
-        name, out, cmd, meta = job
+        name, out, cmds, meta = job
         if not os.path.exists(os.path.join(out, "summary.json")):
             with open(out + ".log", "w") as log:
-                subprocess.run(["nice", "-n", "10", *cmd], env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
-        return name
+                for cmd in cmds:  # [shrink_perturb.py,] fastebm-eval finetune: a failed step stops the run
+                    rc = subprocess.run(["nice", "-n", "10", *cmd], env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                    if rc:
+                        return f"FAILED {name} (exit {rc} in {os.path.basename(cmd[1]) if cmd[1] != '-m' else cmd[2]}; see {out}.log)"
+        return f"done {name}"
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        for name in pool.map(run, jobs):
-            print("done", name, flush=True)
+        for status in pool.map(run, jobs):
+            print(status, flush=True)
     rows = []
-    for name, out, cmd, meta in jobs:
+    for name, out, cmds, meta in jobs:
         try:
             s = json.load(open(os.path.join(out, "summary.json")))
         except OSError:
             continue
         rows.append(dict(meta, val_top1=s["top1"], train_top1=s.get("train_top1"), probe_top1=(s.get("probe") or {}).get("top1"),
-                         wall_s=s["wall_time_s"], command=" ".join(cmd[1:])))
+                         wall_s=s["wall_time_s"], command=" && ".join(" ".join(c[1:]) for c in cmds)))
     with open(os.path.join(args.out, "pilot.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
     for r in rows:
