@@ -20,8 +20,6 @@ import argparse
 import os
 import sys
 
-import torch
-
 FRESH_SEED_OFFSET = 10_000
 
 
