@@ -18,7 +18,7 @@ import fastebm.eval as fe
 from fastebm.cli.eval import main
 from fastebm.eval.config import make_config
 from fastebm.eval.probe import fold_head, logistic_head, make_head
-from fastebm.eval.recipes import (BLR_BUILTIN, CROP_SCALE_MIN_FEW, CROP_SCALE_MIN_MANY, MANY_PER_CLASS, PROBE_UPDATE_BUDGET,
+from fastebm.eval.recipes import (BLR_FEW, BLR_MANY, CROP_SCALE_MIN_FEW, CROP_SCALE_MIN_MANY, MANY_PER_CLASS, PROBE_UPDATE_BUDGET,
                                    RECIPES, UPDATE_BUDGET, UPDATE_BUDGET_MANY, resolve_blr, resolve_crop, resolve_probe_schedule,
                                    resolve_schedule)
 from test_eval_support import image_folder, trained_checkpoint
@@ -167,20 +167,23 @@ def test_builtin_crop_follows_labelled_images_per_class(n_train, num_classes, ex
     assert kept.scale_min == 0.3
 
 
-@pytest.mark.parametrize("few_shot", [None, 10])
-def test_builtin_fine_tuning_lr_and_who_wins(few_shot, tmp_path):
+@pytest.mark.parametrize("few_shot, n_train, num_classes, expected", [
+    (10, 100, 10, BLR_FEW), (None, 1300, 10, BLR_MANY), (None, MANY_PER_CLASS * 7 - 1, 7, BLR_FEW),
+    (None, MANY_PER_CLASS * 7, 7, BLR_MANY)])
+def test_builtin_fine_tuning_lr_follows_labelled_images_per_class_and_who_wins(few_shot, n_train, num_classes, expected, tmp_path):
+    assert BLR_FEW != BLR_MANY  # otherwise the threshold below is not tested
     cfg = make_config("finetune", init="random", few_shot=few_shot)
     assert cfg.blr is None
-    resolve_blr(cfg)
-    assert cfg.blr == BLR_BUILTIN
+    resolve_blr(cfg, n_train, num_classes)
+    assert cfg.blr == expected
     kept = make_config("finetune", init="random", blr=3e-4, few_shot=few_shot)  # a user's value wins
-    resolve_blr(kept)
+    resolve_blr(kept, n_train, num_classes)
     assert kept.blr == 3e-4
     by_lr = make_config("finetune", init="random", lr=7e-5, few_shot=few_shot)  # so does --lr, with blr left unset
-    resolve_blr(by_lr)
+    resolve_blr(by_lr, n_train, num_classes)
     assert by_lr.blr is None and by_lr.lr == 7e-5
     folder = make_config("finetune", init="random", data=image_folder(tmp_path / "data"))
-    resolve_blr(folder)
+    resolve_blr(folder, n_train, num_classes)
     assert folder.blr == RECIPES["folder"]["finetune"]["blr"] == 5e-4  # folder data keeps MAE's
 
 

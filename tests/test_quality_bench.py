@@ -52,9 +52,10 @@ def test_quick_outputs_are_complete_and_in_range(quick_run):
         # the header's step counts are the runs' own
         assert f"{metrics['ft_100_steps']:.0f} (100 labels)" in data["settings"]["finetune_steps"]
         # ... and so are their learning rates (the built-in blr at batch 32)
-        from fastebm.eval.recipes import BLR_BUILTIN
+        from fastebm.eval.recipes import BLR_FEW, BLR_MANY
 
-        assert metrics["ft_100_lr"] == pytest.approx(BLR_BUILTIN * 32 / 256) == metrics["ft_all_lr"]
+        assert metrics["ft_100_lr"] == pytest.approx(BLR_FEW * 32 / 256)
+        assert metrics["ft_all_lr"] == pytest.approx(BLR_MANY * 32 / 256)
         assert f"{metrics['ft_100_lr']:g} (100 labels)" in data["settings"]["finetune_lr"]
     assert data["arms"]["fastebm"]["seeds"]["0"]["pretrain"]["step"] == 2
     jobs = data["jobs"]
@@ -308,11 +309,11 @@ def test_the_other_blr_groups_repeat_the_compared_arms_all_label_fine_tuning(tmp
     same backbone (random inits: --init, no pretraining; fastebm: its own pretraining run, once)."""
     import arms as A
     import run as RUN
-    from fastebm.eval.recipes import BLR_BUILTIN
+    from fastebm.eval.recipes import BLR_MANY
 
     names = A.GROUPS[group]
     assert all(n in A.ARMS for n in names) and set(A.COMPARED) < set(names)
-    assert float(A.OTHER_BLRS[group]) != BLR_BUILTIN  # another lr than today's built-in
+    assert float(A.OTHER_BLRS[group]) != BLR_MANY  # another lr than today's built-in with all labels
     jobs = RUN.build_jobs(names, [2], str(tmp_path), A.Budget(), {"arms": {}})
     assert [j.name for j in jobs if j.part == "pretrain"] == ["pretrain/fastebm_s2"]
     for base in A.COMPARED:
@@ -403,3 +404,43 @@ def test_recipe_pilot_grids_build_valid_commands(tmp_path):
                 assert float(prep[prep.index("--shrink") + 1]) == shrink and float(prep[prep.index("--perturb") + 1]) == perturb
             else:
                 assert prep is None and cfg.init == "random" and cfg.ckpt is None
+
+
+def test_pretraining_without_val_never_sees_a_validation_digit(tmp_path, monkeypatch):
+    """pretrain_without_val.py: fastebm-train's built-in data keeps its length, photo crops and every split-train
+    digit, holds no validation digit of valsplit.py's split, and labels each slot with its image's label."""
+    import pretrain_without_val as PV
+    import fastebm.train.build as build
+    from fastebm.data.builtin import BuiltinDemoData
+    from fastebm.eval.datasets import builtin_digit_split
+    from valsplit import split_indices
+
+    monkeypatch.setattr(build, "BuiltinDemoData", BuiltinDemoData)  # restored after the test
+    PV.install()
+    img_size, seed = 20, int(torch.randint(0, 1000, ()))
+    plain, patched = BuiltinDemoData(img_size, seed), build.BuiltinDemoData(img_size, seed)
+    x, y, _, _ = builtin_digit_split(img_size)
+    train, val = split_indices(y.numpy())
+    assert len(patched) == len(plain) and patched.train_digits.shape == plain.train_digits.shape
+
+    def nearest(a, b):  # exact distances (no matmul shortcut), so 0 means the same image
+        return torch.cdist(a.flatten(1).double(), b.flatten(1).double(), compute_mode="donot_use_mm_for_euclid_dist").min(1)
+
+    assert (nearest(x[val], patched.train_digits).values > 0).all()  # no validation digit left
+    assert (nearest(x[train], patched.train_digits).values == 0).all()  # every split-train digit kept
+    d, idx = nearest(patched.train_digits, x)
+    assert (d == 0).all() and torch.equal(patched.train_digit_labels, y[idx])
+    i = len(plain.train_digits) + int(torch.randint(0, plain.num_photo_crops, ()))
+    assert torch.equal(patched.load(i, 1)[0], plain.load(i, 1)[0])  # photo crops untouched
+    # the command's own training run builds its data through the patched class
+    calls = []
+    real = PV.without_val_digits
+    monkeypatch.setattr(PV, "without_val_digits", lambda *a: calls.append(1) or real(*a))
+    out = str(tmp_path / "run")
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    try:
+        assert PV.main(["--output_dir", out, "--max_steps", "1", "--grid_every", "0", "--demo_eval", "false", "--threads", "1"]) == 0
+    finally:  # fastebm-train sets both for its process; leave the rest of the session as it was
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+    assert calls and os.path.exists(os.path.join(out, "backbone.pth"))

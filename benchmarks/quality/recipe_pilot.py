@@ -13,6 +13,12 @@ Round 7, seeds 0 and 1, the same three arms and flags: ``--labels 1000 --recipes
 edge), ``--labels 1000 --recipes round7_sp`` (shrink-and-perturb, shrink_perturb.py) and ``--labels 100 --recipes
 round7_few`` (the 100-label lr); then, to settle a tie on timm's init, ``--arms random --labels 1000 --recipes
 probe_2000_crop10_dp0_clip1_lr16 probe_2000_crop10_dp0_clip1_lr32 --seeds 2 3``.
+Round 8: ``--labels 100 --recipes round8_few --seeds 0 1`` (the 100-label lr past round 7's edge), and the fastebm arm
+at round 7's recipe from backbones pretrained without the validation digits (``pretrain_without_val.py --output_dir
+NOVAL/fastebm_sS --seed S --epochs 2 --demo_eval false --threads 1 --save_every 0``, then ``--out PILOT_NOVAL --arms
+fastebm --fastebm NOVAL/fastebm_sS/backbone.pth`` with ``--labels 1000 --recipes probe_2000_crop10_dp0_clip1_lr16`` and
+``--labels 100 --recipes probe_1000_crop08_dp0_clip1_lr16``, seeds 0-3: a separate --out, since runs are kept by arm,
+labels, recipe and seed) against the study's backbones (the same two commands, seeds 0-3).
 Every run is the built-in recipe made explicit (folder data would otherwise get MAE's ImageNet one).
 
     python benchmarks/quality/recipe_pilot.py --out DIR --fastebm S0/backbone.pth [--seeds 0] [--jobs 2]
@@ -82,6 +88,9 @@ RECIPES = {  # name: (head_init, optimiser steps, blr, random-resized-crop scale
     # 2020): every arm's starting weights become shrink * theta + perturb * (a fresh timm init). If a pretrained
     # start fine-tunes worse than a fresh one (warm-starting), this should help the fastebm arm more than the others
     "probe_2000_crop10_dp0_clip1_lr16_sp50": ("probe", 2000, 16e-3, 1.0, 0.0, dict(clip_grad=1.0, shrink_perturb=(0.5, 0.1))),
+    # round 8, 100 labels: round 7's winner (16e-3, built in by round 7) sat at the grid's edge: one more lr step
+    "probe_1000_crop08_dp0_clip1_lr32": ("probe", 1000, 32e-3, 0.8, 0.0, dict(clip_grad=1.0)),
+    "probe_1000_crop08_dp0_clip1_lr64": ("probe", 1000, 64e-3, 0.8, 0.0, dict(clip_grad=1.0)),
 }
 # stage 1 (seed 0) and stage 2 (seeds 0 and 1; each arm's choice: the best mean validation top-1 of the two seeds)
 ROUND6 = ["probe_2000_crop10_dp0_clip1", "probe_2000_crop10_dp0_clip1_lr2", "probe_2000_crop10_dp0_clip1_lr8",
@@ -92,8 +101,9 @@ ROUND6_STAGE2 = ["probe_2000_crop10_dp0_clip1", "probe_2000_crop10_dp0_clip1_lr8
 ROUND7_MANY = ["probe_2000_crop10_dp0_clip1_lr16", "probe_2000_crop10_dp0_clip1_lr32", "probe_2000_crop10_dp0_clip1_lr16_ld90"]
 ROUND7_FEW = ["probe_1000_crop08_dp0_clip1", "probe_1000_crop08_dp0_clip1_lr8", "probe_1000_crop08_dp0_clip1_lr16"]
 ROUND7_SP = ["probe_2000_crop10_dp0_clip1_lr16", "probe_2000_crop10_dp0_clip1_lr16_sp50"]
+ROUND8_FEW = ["probe_1000_crop08_dp0_clip1_lr16", "probe_1000_crop08_dp0_clip1_lr32", "probe_1000_crop08_dp0_clip1_lr64"]
 GRIDS = {"round6": ROUND6, "round6_stage2": ROUND6_STAGE2, "round7_many": ROUND7_MANY, "round7_few": ROUND7_FEW,
-         "round7_sp": ROUND7_SP}
+         "round7_sp": ROUND7_SP, "round8_few": ROUND8_FEW}
 # arm name in this pilot -> what fastebm-eval starts from ("fastebm": the backbone given with --fastebm)
 INITS = {"random": ["--init", "random"], "fastebm_init": ["--init", "fastebm"]}
 

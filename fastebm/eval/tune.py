@@ -223,7 +223,7 @@ def run_finetune(cfg) -> Dict[str, Any]:
         steps_per_epoch = len(sampler) // cfg.batch_size // cfg.accum_iter
         resolve_schedule(cfg, steps_per_epoch, len(data.train), data.num_classes)
         resolve_crop(cfg, len(data.train), data.num_classes)
-        resolve_blr(cfg)
+        resolve_blr(cfg, len(data.train), data.num_classes)
         resume = _load_resume(cfg)  # every input is checked before anything is written
         prepare_output_dir(run, cfg.output_dir)
         model = build_classifier(bb, data.num_classes, img_size=img_size, global_pool=cfg.global_pool,
