@@ -18,7 +18,9 @@ at round 7's recipe from backbones pretrained without the validation digits (``p
 NOVAL/fastebm_sS --seed S --epochs 2 --demo_eval false --threads 1 --save_every 0``, then ``--out PILOT_NOVAL --arms
 fastebm --fastebm NOVAL/fastebm_sS/backbone.pth`` with ``--labels 1000 --recipes probe_2000_crop10_dp0_clip1_lr16`` and
 ``--labels 100 --recipes probe_1000_crop08_dp0_clip1_lr16``, seeds 0-3: a separate --out, since runs are kept by arm,
-labels, recipe and seed) against the study's backbones (the same two commands, seeds 0-3).
+labels, recipe and seed) against the study's backbones (the same two commands, seeds 0-3); then the all-label command
+on the study's 8-epoch and 1-epoch backbones (``--fastebm RUNS/pretrain/fastebm_8ep_sS/backbone.pth`` and ``fastebm_1ep``,
+each with its own --out, seeds 0 1).
 Every run is the built-in recipe made explicit (folder data would otherwise get MAE's ImageNet one).
 
     python benchmarks/quality/recipe_pilot.py --out DIR --fastebm S0/backbone.pth [--seeds 0] [--jobs 2]
