@@ -31,14 +31,14 @@ SUBSTITUTE_SEED = 7  # which split-train digit fills each validation digit's slo
 
 
 def without_val_digits(digits: torch.Tensor, labels: torch.Tensor):
-    """(digits, labels, replaced indices): ``digits`` (N, 3, S, S) with every validation digit of the
-    split (valsplit.split_indices of ``labels``) replaced by a split-train digit (and its label)."""
+    """(digits, labels): ``digits`` (N, 3, S, S) with every validation digit of the split
+    (valsplit.split_indices of ``labels``) replaced by a split-train digit (and its label)."""
     train, val = split_indices(labels.numpy())
     sub = torch.from_numpy(np.random.default_rng(SUBSTITUTE_SEED).choice(train, len(val)))
     val = torch.from_numpy(val)
     digits, labels = digits.clone(), labels.clone()
     digits[val], labels[val] = digits[sub], labels[sub]
-    return digits, labels, val
+    return digits, labels
 
 
 def install() -> None:
@@ -49,7 +49,7 @@ def install() -> None:
     class BuiltinWithoutValDigits(BuiltinDemoData):
         def __init__(self, img_size: int, seed: int):
             super().__init__(img_size, seed)
-            self.train_digits, self.train_digit_labels, _ = without_val_digits(self.train_digits, self.train_digit_labels)
+            self.train_digits, self.train_digit_labels = without_val_digits(self.train_digits, self.train_digit_labels)
 
     build.BuiltinDemoData = BuiltinWithoutValDigits
 
