@@ -66,7 +66,7 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
 # could favour random init. The three arms the fine-tuning checks compare then had their all-label lr and layer
 # decay searched with one grid and one rule on the validation split of the training digits (recipe_pilot.py,
 # one-axis stages; benchmarks/results/quality/recipe_pilot.json). Round 6: all three chose base lr 16e-3, four
-# times the earlier 4e-3, now the built-in (fastebm/eval/recipes.py: resolve_blr); round 7: one step further,
+# times the earlier 4e-3, now the built-in with all labels (fastebm/eval/recipes.py: BLR_MANY); round 7: one step further,
 # 32e-3 tied 16e-3 on timm's init and the built-in stayed. These arms keep both comparisons reproducible: the same
 # arms' all-label fine-tuning at another lr (`--arms blr4e-3` / `--arms blr32e-3` runs them beside the default arms).
 OTHER_BLRS = {"blr4e-3": "0.004", "blr32e-3": "0.032"}  # arm suffix -> --blr
