@@ -331,6 +331,35 @@ def test_the_other_blr_groups_repeat_the_compared_arms_all_label_fine_tuning(tmp
         assert src == base_ft[base_ft.index("finetune") + 1:base_ft.index("--seed")]  # the same backbone
 
 
+@pytest.mark.parametrize("group", ["ft1000steps", "ft400steps"])
+def test_the_budget_groups_repeat_the_compared_arms_all_label_fine_tuning_shorter(tmp_path, group):
+    """--arms ft1000steps / ft400steps: each compared arm's all-label fine-tuning with fewer epochs, from the same
+    backbone; the budget the arm's name promises is what fastebm-eval resolves for all 1,300 digits."""
+    import arms as A
+    import run as RUN
+    from fastebm.eval.config import parse_args
+    from fastebm.eval.recipes import RECIPES, UPDATE_BUDGET_MANY
+
+    names = A.GROUPS[group]
+    assert set(A.COMPARED) < set(names)
+    jobs = RUN.build_jobs(names, [1], str(tmp_path), A.Budget(), {"arms": {}})
+    assert [j.name for j in jobs if j.part == "pretrain"] == ["pretrain/fastebm_s1"]
+    promised = int(group[len("ft"):-len("steps")])
+    assert promised < UPDATE_BUDGET_MANY
+    (tmp_path / "pretrain" / "fastebm_s1").mkdir(parents=True)
+    (tmp_path / "pretrain" / "fastebm_s1" / "backbone.pth").write_bytes(b"x")  # parse_args checks it exists
+    batch = RECIPES["builtin"]["finetune"]["batch_size"]
+    for base in A.COMPARED:
+        mine = [j for j in jobs if j.arm == f"{base}_{group}"]
+        assert [j.part for j in mine] == ["ft_all"]
+        ft = mine[0].commands[0]
+        _, cfg = parse_args(ft[ft.index("eval") + 1:])
+        assert cfg.epochs * (1300 // batch) == promised and cfg.few_shot is None
+        base_ft = next(j for j in jobs if j.arm == base and j.part == "ft_all").commands[0]
+        assert "--epochs" not in base_ft and "--blr" not in ft
+        assert ft[ft.index("finetune") + 1:ft.index("--seed")] == base_ft[base_ft.index("finetune") + 1:base_ft.index("--seed")]
+
+
 def test_shrink_perturb_matches_float64_and_round_trips(tmp_path):
     """shrink_perturb.py: lambda * theta + sigma * fresh per tensor (float64 reference); the written file is what
     fastebm-eval --ckpt reads; at (1, 0) it reproduces --init random's own starting weights exactly."""

@@ -10,6 +10,7 @@ One command runs the whole study on the built-in data and writes, into --output_
     python benchmarks/quality/run.py --arms variants --output_dir OUT   # the other fastebm variants (arms.py)
     python benchmarks/quality/run.py --arms blr4e-3 --output_dir OUT   # all-label FT at the lr before round 6
     python benchmarks/quality/run.py --arms blr32e-3 --output_dir OUT  # ... and at round 7's candidate
+    python benchmarks/quality/run.py --arms ft1000steps,ft400steps --output_dir OUT  # ... for 1,000 / 400 steps
 
 Each arm (arms.py) is pretrained per seed (fastebm-train, or mae.py), then evaluated with
 fastebm-eval's built-in recipes, the same for every arm: linear probe and fine-tuning with 100
@@ -202,6 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
     ap.add_argument("--arms", default=None, help="comma-separated arm names (arms.py); \"variants\": the other fastebm variants; \"blr4e-3\" / \"blr32e-3\": "
                          "the compared arms, and their all-label fine-tuning at the built-in lr before round 6 / at round 7's candidate; "
+                         "\"ft1000steps\" / \"ft400steps\": ... for 1,000 / 400 steps instead of 2,000; "
                          "default: the default set")
     ap.add_argument("--jobs", type=int, default=2, help="processes at a time, one thread each")
     ap.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results", "quality"))
