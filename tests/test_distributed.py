@@ -135,55 +135,6 @@ def test_collective_failures_are_told_from_other_runtime_errors(text, expected):
     assert fdist.is_collective_failure(ValueError(text)) is False
 
 
-class _SlowStore:
-    """A rendezvous-store stand-in: each ``set`` blocks for the store timeout, then fails or succeeds."""
-
-    def __init__(self, block_s: float, fail: int):
-        self.block_s, self.fail, self.calls, self.values = block_s, fail, 0, {}
-
-    def set(self, key, value):
-        import time
-
-        self.calls += 1
-        time.sleep(self.block_s)
-        if self.calls <= self.fail:
-            raise RuntimeError("Timed out waiting for the store")
-        self.values[key] = value
-
-
-def test_liveness_thread_has_left_the_store_when_stop_returns(monkeypatch):
-    """A daemon thread still inside a C++ store call at interpreter exit aborts the process
-    (SIGABRT after a finished run), so ``stop`` must outwait the longest store call."""
-    import time
-
-    from fastebm.distributed import liveness
-
-    monkeypatch.setattr(liveness, "LIVENESS_STORE_TIMEOUT_S", 0.4)
-    # every stamp blocks for the whole store timeout and fails: stop() lands inside a store call
-    slow = _SlowStore(block_s=0.4, fail=10**6)
-    beat = liveness._Liveness(slow, interval_s=0.01)
-    time.sleep(0.1)
-    t0 = time.monotonic()
-    beat.stop()
-    assert not beat.thread.is_alive() and slow.calls >= 1
-    assert time.monotonic() - t0 < 5.0
-
-    # a slow stamp is retried (the rank is not reported dead for one timeout) ...
-    flaky = _SlowStore(block_s=0.0, fail=liveness.LIVENESS_MAX_FAILURES - 1)
-    beat = liveness._Liveness(flaky, interval_s=0.01)
-    deadline = time.monotonic() + 10
-    while not flaky.values and time.monotonic() < deadline:
-        time.sleep(0.01)
-    beat.stop()
-    assert list(flaky.values) == [liveness._key("alive", beat.rank)]
-    # ... and a store that fails every time is given up on, without stop() being called
-    gone = _SlowStore(block_s=0.0, fail=10**6)
-    beat = liveness._Liveness(gone, interval_s=0.01)
-    beat.thread.join(timeout=10)
-    assert not beat.thread.is_alive() and gone.calls == liveness.LIVENESS_MAX_FAILURES
-    beat.stop()
-
-
 def test_optimizer_state_round_trips_between_index_and_name_layouts():
     """FSDP2 checkpoints are converted to torch's index layout; the conversion must be lossless."""
     net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))

@@ -19,8 +19,6 @@ import torch.distributed as tdist
 from .process import is_initialized, rank, world_size
 
 LIVENESS_INTERVAL_S = 2.0
-LIVENESS_STORE_TIMEOUT_S = 3.0  # longest one stamp may block (a late stamp is retried next interval)
-LIVENESS_MAX_FAILURES = 3  # stamps failed in a row before the thread decides the store is gone
 _PREFIX = "fastebm/heartbeat/"
 
 
@@ -38,15 +36,7 @@ def _open_store(timeout_s: float = 30.0):
 
 
 class _Liveness:
-    """Daemon thread: refreshes this rank's liveness stamp through its own store connection.
-
-    Why every store call is bounded (``LIVENESS_STORE_TIMEOUT_S``) and ``stop`` waits longer than
-    that: a daemon thread that is still inside a C++ store call when the interpreter finalizes is
-    ended by ``pthread_exit`` as it takes the GIL back, which unwinds through a ``noexcept``
-    destructor and aborts the process ("terminate called without an active exception", SIGABRT):
-    a run that finished every step then exits with a failure that torchrun reports. So the thread
-    must have left the store before ``stop`` returns.
-    """
+    """Daemon thread: refreshes this rank's liveness stamp through its own store connection."""
 
     def __init__(self, store, interval_s: float):
         self.interval_s = interval_s
@@ -57,20 +47,16 @@ class _Liveness:
         self.thread.start()
 
     def _run(self) -> None:
-        failures = 0
         while not self.stop_event.is_set():
             try:
                 self.store.set(_key("alive", self.rank), f"{time.time():.3f}")
-                failures = 0
-            except Exception:  # slow (timed out) or gone: gone for good after a few tries in a row
-                failures += 1
-                if failures >= LIVENESS_MAX_FAILURES:
-                    return
+            except Exception:  # store gone (job ending): nothing left to report to
+                return
             self.stop_event.wait(self.interval_s)
 
     def stop(self) -> None:
         self.stop_event.set()
-        self.thread.join(timeout=LIVENESS_STORE_TIMEOUT_S + self.interval_s + 5.0)
+        self.thread.join(timeout=5)
 
 
 _liveness = None
@@ -83,10 +69,6 @@ def start_liveness() -> None:
     if _liveness is None:
         thread_store, _main_store = _open_store(), _open_store()
         if thread_store is not None:
-            try:  # connected with the patient timeout; every later call is bounded (see _Liveness)
-                thread_store.set_timeout(datetime.timedelta(seconds=LIVENESS_STORE_TIMEOUT_S))
-            except Exception:
-                pass
             _liveness = _Liveness(thread_store, LIVENESS_INTERVAL_S)
 
 
