@@ -84,6 +84,7 @@ def ft_only_arm(base: Arm, suffix: str, label: str, ft_flags: List[str]) -> Arm:
 # everything else built-in (warm-up 10 % of it, cosine to the end). A backbone worth having should get further
 # than a random init when the fine-tuning budget is short.
 FT_BUDGETS = {"ft1000steps": "25", "ft400steps": "10"}  # arm suffix -> --epochs
+ALL_LABEL_STEPS_PER_EPOCH = 40  # 1,300 training digits // the built-in batch 32 (the last partial batch is dropped)
 
 COMPARED = ["random_timm", "random_fastebm", "fastebm"]
 for _suffix, _blr in OTHER_BLRS.items():
@@ -91,7 +92,7 @@ for _suffix, _blr in OTHER_BLRS.items():
         ARMS[f"{_base}_{_suffix}"] = ft_only_arm(ARMS[_base], _suffix, f"all-label FT at blr {_blr}", ["--blr", _blr])
 for _suffix, _epochs in FT_BUDGETS.items():
     for _base in COMPARED:
-        ARMS[f"{_base}_{_suffix}"] = ft_only_arm(ARMS[_base], _suffix, f"all-label FT for {int(_epochs) * 40} steps",
+        ARMS[f"{_base}_{_suffix}"] = ft_only_arm(ARMS[_base], _suffix, f"all-label FT for {int(_epochs) * ALL_LABEL_STEPS_PER_EPOCH} steps",
                                                  ["--epochs", _epochs])
 
 # The default set: what the acceptance checks compare (both random inits, the shipped defaults, MAE at
