@@ -135,6 +135,17 @@ def test_collective_failures_are_told_from_other_runtime_errors(text, expected):
     assert fdist.is_collective_failure(ValueError(text)) is False
 
 
+def test_a_worker_that_dies_in_native_code_prints_its_python_stack(tmp_path):
+    """torchrun only reports a worker's signal; fastebm's workers print where every thread was."""
+    script = tmp_path / "abort_worker.py"
+    script.write_text("import os\nfrom fastebm import distributed as fdist\n\n\n"
+                      "def crash_inside_the_step():\n    os.abort()  # what a C++ std::terminate ends in\n\n\n"
+                      "fdist.init_distributed(device='cpu', timeout_s=30)\ncrash_inside_the_step()\n")
+    proc = subprocess.run(torchrun_cmd(1, str(script)), capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode != 0
+    assert "Fatal Python error: Aborted" in proc.stderr and "crash_inside_the_step" in proc.stderr
+
+
 def test_optimizer_state_round_trips_between_index_and_name_layouts():
     """FSDP2 checkpoints are converted to torch's index layout; the conversion must be lossless."""
     net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))

@@ -9,6 +9,7 @@ job instead of hanging it. Without those variables it returns a one-process :cla
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 from typing import Optional
 
@@ -112,6 +113,10 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: Opt
         # Abort the communicator and end the process when a collective times out or a peer
         # fails, instead of leaving the survivors blocked inside a CUDA kernel.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    # A worker that dies in native code (SIGABRT, SIGSEGV) prints every thread's Python stack to its
+    # stderr, which torchrun collects: the one clue such crashes leave (torchrun only reports the signal).
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
     _init_process_group(backend, rank, world, timeout, dev)
     start_liveness()
     heartbeat(0)
