@@ -87,13 +87,13 @@ FT_BUDGETS = {"ft1000steps": "25", "ft400steps": "10"}  # arm suffix -> --epochs
 ALL_LABEL_STEPS_PER_EPOCH = 40  # 1,300 training digits // the built-in batch 32 (the last partial batch is dropped)
 
 COMPARED = ["random_timm", "random_fastebm", "fastebm"]
-for _suffix, _blr in OTHER_BLRS.items():
+# arm suffix -> (label, fine-tuning flags) of every all-label-only repeat of the compared arms
+OTHER_FT = {**{sfx: (f"all-label FT at blr {blr}", ["--blr", blr]) for sfx, blr in OTHER_BLRS.items()},
+            **{sfx: (f"all-label FT for {int(ep) * ALL_LABEL_STEPS_PER_EPOCH} steps", ["--epochs", ep])
+               for sfx, ep in FT_BUDGETS.items()}}
+for _suffix, (_label, _flags) in OTHER_FT.items():
     for _base in COMPARED:
-        ARMS[f"{_base}_{_suffix}"] = ft_only_arm(ARMS[_base], _suffix, f"all-label FT at blr {_blr}", ["--blr", _blr])
-for _suffix, _epochs in FT_BUDGETS.items():
-    for _base in COMPARED:
-        ARMS[f"{_base}_{_suffix}"] = ft_only_arm(ARMS[_base], _suffix, f"all-label FT for {int(_epochs) * ALL_LABEL_STEPS_PER_EPOCH} steps",
-                                                 ["--epochs", _epochs])
+        ARMS[f"{_base}_{_suffix}"] = ft_only_arm(ARMS[_base], _suffix, _label, _flags)
 
 # The default set: what the acceptance checks compare (both random inits, the shipped defaults, MAE at
 # equal epochs and at equal FLOPs) plus the demo's recipe (`fastebm-train` with no flags: 1 epoch, half
@@ -109,7 +109,7 @@ QUICK_ARMS = ["random_timm", "fastebm"]
 # --arms NAME expands these groups; "blr4e-3" / "blr32e-3": the compared arms, and their all-label fine-tuning at
 # the built-in lr before round 6 / at round 7's candidate; "ft1000steps" / "ft400steps": ... for a shorter budget
 GROUPS = {"variants": VARIANT_ARMS,
-          **{sfx: COMPARED + [f"{a}_{sfx}" for a in COMPARED] for sfx in [*OTHER_BLRS, *FT_BUDGETS]}}
+          **{sfx: COMPARED + [f"{a}_{sfx}" for a in COMPARED] for sfx in OTHER_FT}}
 REFERENCE = "fastebm"  # the arm the acceptance checks are about (the shipped defaults)
 
 
