@@ -4,6 +4,7 @@ compared with ``build_parser()``; docs/training.md's table lists every flag; con
 defaults, as it says."""
 import os
 import re
+import sys
 
 import pytest
 
@@ -116,3 +117,15 @@ def test_the_checker_catches_a_drifted_default():
 def test_configs_demo_yaml_is_the_default_run():
     defaults = parse_config([])
     assert parse_config(["--config", os.path.join(ROOT, "configs", "demo.yaml")]) == defaults
+
+
+def test_configs_builtin_16px_yaml_is_the_quality_studys_16px_8_epoch_arm(tmp_path):
+    """configs/builtin_16px.yaml is what benchmarks/quality measured as ``fastebm_16px_8ep``: the arm's
+    fastebm-train flags give the same configuration (the output folder aside)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "quality"))
+    import arms
+
+    out = ["--output_dir", str(tmp_path)]
+    from_yaml = parse_config(["--config", os.path.join(ROOT, "configs", "builtin_16px.yaml"), *out])
+    assert from_yaml == parse_config([*arms.ARMS["fastebm_16px_8ep"].flags, *out])
+    assert from_yaml != parse_config(out)  # it is not the default run

@@ -477,3 +477,59 @@ def test_pretraining_without_val_never_sees_a_validation_digit(tmp_path, monkeyp
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
     assert calls and os.path.exists(os.path.join(out, "backbone.pth"))
+
+
+def test_a_smaller_pretraining_batch_costs_the_same_flops_in_more_steps(monkeypatch):
+    """The FLOPs table counts a --batch_size arm's steps at its own batch: the built-in data's images over that
+    batch (the last partial batch dropped) per epoch, so a quarter of the batch is four times the steps and, with
+    a quarter of the FLOPs per step, about the same training FLOPs as the defaults."""
+    import arms as A
+    import run as RUN
+    from fastebm.data.builtin import BuiltinDemoData
+
+    import flops
+
+    def fake_step_flops(flags):  # FLOPs proportional to the batch: the table's arithmetic, not the counter, is tested
+        return 1.37e9 * (int(flags[flags.index("--batch_size") + 1]) if "--batch_size" in flags else 32)
+
+    monkeypatch.setattr(flops, "fastebm_step_flops", fake_step_flops)
+    monkeypatch.setattr(flops, "mae_step_flops", lambda batch_size=32: 0.11e9 * batch_size)
+    bs = 8 + int(torch.randint(0, 20, ()))  # an odd batch too
+    arm = A.Arm(f"fastebm_bs{bs}_test", "test arm", "fastebm", flags=["--batch_size", str(bs)])
+    monkeypatch.setitem(A.ARMS, arm.name, arm)
+    fl = RUN.flops_table(["fastebm", "fastebm_bs8", arm.name], A.Budget())
+    n = len(BuiltinDemoData(32, 0))
+    for name, b in [("fastebm", 32), ("fastebm_bs8", 8), (arm.name, bs)]:
+        row = fl["arms"][name]
+        assert row["steps"] == 2 * (n // b), name
+        assert row["pflop"] == pytest.approx(b * 1.37e9 * 2 * (n // b) / 1e15)
+        assert row["pflop"] == pytest.approx(fl["arms"]["fastebm"]["pflop"], rel=b / n + 32 / n)
+
+
+def test_compare_plots_only_the_seeds_every_arm_shares(tmp_path, capsys):
+    """compare.py takes each arm from the first report that has it, keeps the seeds all chosen arms share, and
+    names a missing arm instead of plotting without it."""
+    import compare
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
+
+    def report(path, arms_seeds):
+        arms = {a: {"label": a.upper(), "seeds": {str(s): {"metrics": {m: float(torch.rand((), generator=gen))
+                                                                          for m, _ in compare.METRICS}} for s in seeds}}
+                for a, seeds in arms_seeds.items()}
+        path.write_text(json.dumps({"arms": arms}))
+        return str(path)
+
+    r1 = report(tmp_path / "a.json", {"x": [0, 1, 2, 3], "y": [1, 2, 3]})
+    r2 = report(tmp_path / "b.json", {"x": [5], "z": [0, 2, 3, 7]})
+    data = compare.collect([r1, r2], ["x", "z"])
+    assert set(data["x"]["seeds"]) == {0, 1, 2, 3}  # the first report's x, not the second's
+    assert data["x"]["seeds"][2] == json.loads((tmp_path / "a.json").read_text())["arms"]["x"]["seeds"]["2"]["metrics"]
+    out = tmp_path / "cmp.png"
+    assert compare.main(["--reports", r1, r2, "--arms", "x,y,z", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(seeds [2, 3])" in capsys.readouterr().out  # x has 0-3, y 1-3, z 0, 2, 3, 7
+    with pytest.raises(SystemExit, match="share no seed"):
+        compare.main(["--reports", r1, r2, "--arms", "x,z", "--seeds", "1", "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"\['w'\]"):
+        compare.main(["--reports", r1, r2, "--arms", "x,w", "--out", str(out)])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PRETRAIN_BATCH = 32  # fastebm-train's default batch, and the MAE baseline's
 PRETRAIN_EPOCHS = 2  # the study's pretraining budget for every fastebm arm (fastebm-train's default is 1)
 
 # What every fastebm-train run of the study adds to the arm's flags: the budget, one thread, and no
@@ -61,6 +62,16 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
     Arm("fastebm_T1_mim", "fastebm --steps 1 --tasks mim", "fastebm", flags=["--steps", "1", "--tasks", "mim"]),
     # more pretraining (4x the defaults' FLOPs): does what fine-tuning keeps grow with the budget?
     Arm("fastebm_8ep", "fastebm --epochs 8 (4x the FLOPs)", "fastebm", flags=["--epochs", "8"]),
+    # round 10: the pretraining batch at the same FLOPs (the lr scaled by fastebm-train's linear rule
+    # lr = blr * batch / 256): more optimiser steps (is it the 8-epoch arm's 4x the steps or its 4x the images
+    # that help?), or fewer and larger ones
+    Arm("fastebm_bs64", "fastebm --batch_size 64 (half the steps, same FLOPs)", "fastebm", flags=["--batch_size", "64"]),
+    Arm("fastebm_bs16", "fastebm --batch_size 16 (2x the steps, same FLOPs)", "fastebm", flags=["--batch_size", "16"]),
+    Arm("fastebm_bs8", "fastebm --batch_size 8 (4x the steps, same FLOPs)", "fastebm", flags=["--batch_size", "8"]),
+    # round 10: 16 px kept the quality at a quarter of the FLOPs (round 9) and 8 epochs led random init with all
+    # labels (round 9): at 16 px, 8 epochs cost about what the 2-epoch 32 px defaults cost
+    Arm("fastebm_16px_8ep", "fastebm --img_size 16 --epochs 8 (the defaults' FLOPs)", "fastebm",
+        flags=["--img_size", "16", "--epochs", "8"], eval_flags=["--img_size", "32"]),
 ]}
 # Rounds 6 and 7 (docs/quality.md): the built-in fine-tuning recipe was chosen on timm's random init alone, which
 # could favour random init. The three arms the fine-tuning checks compare then had their all-label lr and layer
@@ -104,7 +115,8 @@ for _suffix, (_label, _flags) in OTHER_FT.items():
 # round 3). The other variants are one flag away (--arms variants).
 DEFAULT_ARMS = ["random_timm", "random_fastebm", "fastebm", "fastebm_1ep", "mae_epochs", "mae_flops"]
 VARIANT_ARMS = ["fastebm_T1", "fastebm_truncated", "fastebm_linear", "fastebm_mim", "fastebm_16px", "fastebm_T1_mim",
-                "fastebm_8ep"]
+                "fastebm_8ep", "fastebm_bs64", "fastebm_bs16", "fastebm_bs8",
+                "fastebm_16px_8ep"]
 QUICK_ARMS = ["random_timm", "fastebm"]
 # --arms NAME expands these groups; "blr4e-3" / "blr32e-3": the compared arms, and their all-label fine-tuning at
 # the built-in lr before round 6 / at round 7's candidate; "ft1000steps" / "ft400steps": ... for a shorter budget
@@ -139,6 +151,14 @@ class Budget:
 def train_epochs(arm: Arm) -> float:
     flags = arm.flags
     return float(flags[flags.index("--epochs") + 1]) if "--epochs" in flags else float(PRETRAIN_EPOCHS)
+
+
+def train_batch_size(arm: Arm) -> int:
+    """The arm's pretraining batch (fastebm-train's default 32 unless its flags say otherwise)."""
+    flags = arm.flags
+    return int(flags[flags.index("--batch_size") + 1]) if "--batch_size" in flags else PRETRAIN_BATCH
+
+
 
 
 def pretrain_command(arm: Arm, seed: int, out: str, budget: Budget, mae_epochs: float = None) -> Optional[List[str]]:

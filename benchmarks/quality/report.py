@@ -252,7 +252,7 @@ def markdown(data: Dict) -> str:
     lines = [f"# Learning quality on the built-in digits ({'QUICK plumbing run, not results' if meta['quick'] else 'benchmark'})", "",
              f"Top-1 on the 497 held-out digits, mean ± sample std over seeds {', '.join(map(str, meta['seeds']))}; "
              f"pretraining {data['settings']['pretrain_epochs']} epochs unless the arm's flags say otherwise "
-             f"({data['flops']['steps_per_epoch']} steps of batch 32 per epoch; each arm's steps are in the table); fine-tuning {data['settings']['finetune_steps']} optimiser steps "
+             f"({data['flops']['steps_per_epoch']} steps of batch 32 per epoch unless the arm sets --batch_size; each arm's steps are in the table); fine-tuning {data['settings']['finetune_steps']} optimiser steps "
              f"at peak lr {data['settings'].get('finetune_lr', '-')} with LP-FT "
              f"(`--head_init {data['settings']['head_init']}`); linear probe {data['settings']['probe_steps']} LARS steps. "
              f"{meta['jobs']} jobs x 1 thread, {meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.1f} CPU min; "
@@ -304,7 +304,7 @@ def markdown(data: Dict) -> str:
                   "Paired: the difference seed by seed (seed s of every arm fine-tunes on the same batches), "
                   "mean ± std, and the seeds where ours is higher; it is narrower than the stds above only when "
                   "the two arms' seeds go up and down together."]
-    lines += ["", f"FLOPs per training step (torch FlopCounterMode, batch 32, forward + backward incl. the double backward): "
+    lines += ["", f"FLOPs per training step (torch FlopCounterMode, batch 32 unless the arm sets --batch_size, forward + backward incl. the double backward): "
               f"fastebm defaults {data['flops']['fastebm_defaults_gflop_per_step']:.2f} G, MAE {data['flops']['mae_gflop_per_step']:.2f} G "
               f"(x{data['flops']['ratio']:.1f}); MAE at equal FLOPs trains {data['flops']['mae_equal_flops_epochs']:.2f} epochs.",
               "", f"Command: `{meta['argv']}`. Every job's commands are in quality.json (`jobs`)."]

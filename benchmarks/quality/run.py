@@ -139,7 +139,8 @@ def flops_table(arm_names: List[str], budget: A.Budget) -> Dict:
     from fastebm.data.builtin import BuiltinDemoData
     from fastebm.data.sampling import BatchPlan
 
-    steps_per_epoch = BatchPlan(len(BuiltinDemoData(32, 0)), 32).steps_per_epoch
+    n_images = len(BuiltinDemoData(32, 0))
+    steps_per_epoch = BatchPlan(n_images, A.PRETRAIN_BATCH).steps_per_epoch
     ref = flops.fastebm_step_flops([])
     mae = flops.mae_step_flops()
     out = {"steps_per_epoch": steps_per_epoch, "fastebm_defaults_gflop_per_step": ref / 1e9,
@@ -153,7 +154,8 @@ def flops_table(arm_names: List[str], budget: A.Budget) -> Dict:
             per, epochs = mae, A.PRETRAIN_EPOCHS if arm.mae_budget == "epochs" else out["mae_equal_flops_epochs"]
         else:
             per, epochs = (ref if not arm.flags else flops.fastebm_step_flops(arm.flags)), A.train_epochs(arm)
-        steps = round(epochs * steps_per_epoch) if not budget.quick else 2
+        arm_steps_per_epoch = BatchPlan(n_images, A.train_batch_size(arm)).steps_per_epoch  # fewer images, more steps
+        steps = round(epochs * arm_steps_per_epoch) if not budget.quick else 2
         out["arms"][name] = {"gflop_per_step": per / 1e9, "epochs": epochs, "steps": steps, "pflop": per * steps / 1e15}
     return out
 

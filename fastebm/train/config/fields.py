@@ -39,8 +39,9 @@ class TrainConfig:
     # model and method
     model: str = _opt("vit_demo", "model preset (vit_demo, vit_tiny_patch16, vit_small_patch16, vit_base_patch16, vit_large_patch16)")
     img_size: Optional[int] = _opt(None, "input resolution in pixels; none = the preset's (32 for vit_demo). Built-in digits: "
-                                    "16 costs a quarter of the FLOPs and fine-tuned within noise of 32 px pretraining (evaluate with "
-                                    "fastebm-eval --img_size 32; docs/quality.md, Quality per FLOP)")
+                                    "16 costs a quarter of the FLOPs and fine-tuned within noise of 32 px pretraining; 8 epochs at 16 "
+                                    "px (configs/builtin_16px.yaml) gave better features than 2 at 32 px for the same FLOPs "
+                                    "(evaluate with fastebm-eval --img_size 32; docs/quality.md, Quality per FLOP)")
     energy: str = _opt("sqnorm", ("energy head: sqnorm (pre-norm tokens), sqnorm_post, linear (on the built-in benchmark linear leaves a "
                                    "backbone that fine-tuning fits poorly: docs/quality.md)"), choices=ENERGIES)
     steps: int = _opt(2, "restoration gradient steps T per image")
