@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -507,9 +508,11 @@ def test_a_smaller_pretraining_batch_costs_the_same_flops_in_more_steps(monkeypa
 
 
 def test_compare_plots_only_the_seeds_every_arm_shares(tmp_path, capsys):
-    """compare.py takes each arm from the first report that has it, keeps the seeds all chosen arms share, and
-    names a missing arm instead of plotting without it."""
+    """compare.py merges an arm's seeds over the reports (the first report holding a seed wins), keeps the seeds
+    all chosen arms share, prints paired differences that match a direct computation, and names a missing arm
+    instead of plotting without it."""
     import compare
+    from scipy import stats
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 10_000, ())))
 
@@ -521,15 +524,29 @@ def test_compare_plots_only_the_seeds_every_arm_shares(tmp_path, capsys):
         return str(path)
 
     r1 = report(tmp_path / "a.json", {"x": [0, 1, 2, 3], "y": [1, 2, 3]})
-    r2 = report(tmp_path / "b.json", {"x": [5], "z": [0, 2, 3, 7]})
+    r2 = report(tmp_path / "b.json", {"x": [2, 5], "z": [0, 2, 3, 5, 7]})
+    first = json.loads((tmp_path / "a.json").read_text())["arms"]
+    second = json.loads((tmp_path / "b.json").read_text())["arms"]
     data = compare.collect([r1, r2], ["x", "z"])
-    assert set(data["x"]["seeds"]) == {0, 1, 2, 3}  # the first report's x, not the second's
-    assert data["x"]["seeds"][2] == json.loads((tmp_path / "a.json").read_text())["arms"]["x"]["seeds"]["2"]["metrics"]
+    assert set(data["x"]["seeds"]) == {0, 1, 2, 3, 5}  # seed 5 from the second report
+    assert data["x"]["seeds"][2] == first["x"]["seeds"]["2"]["metrics"]  # the first report's seed 2 wins
     out = tmp_path / "cmp.png"
     assert compare.main(["--reports", r1, r2, "--arms", "x,y,z", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "(seeds [2, 3])" in capsys.readouterr().out  # x has 0-3, y 1-3, z 0, 2, 3, 7
+    assert "(seeds [2, 3])" in capsys.readouterr().out  # x has 0-3 and 5, y 1-3, z 0, 2, 3, 5, 7
+
+    assert compare.main(["--reports", r1, r2, "--arms", "z,x", "--paired", "z"]) == 0
+    table = capsys.readouterr().out
+    shared = [0, 2, 3, 5]
+    for m, _ in compare.METRICS:
+        x = {0: first["x"]["seeds"]["0"], 2: first["x"]["seeds"]["2"], 3: first["x"]["seeds"]["3"],
+             5: second["x"]["seeds"]["5"]}
+        d = np.array([x[s]["metrics"][m] - second["z"]["seeds"][str(s)]["metrics"][m] for s in shared], dtype=np.float64)
+        p = stats.ttest_1samp(d, 0).pvalue
+        assert f"{d.mean():+.3f} ± {d.std(ddof=1):.3f}, {int((d > 0).sum())} of 4 (p {p:.3f})" in table, m
     with pytest.raises(SystemExit, match="share no seed"):
-        compare.main(["--reports", r1, r2, "--arms", "x,z", "--seeds", "1", "--out", str(out)])
+        compare.main(["--reports", r1, r2, "--arms", "x,y", "--seeds", "0", "--out", str(out)])
     with pytest.raises(SystemExit, match=r"\['w'\]"):
         compare.main(["--reports", r1, r2, "--arms", "x,w", "--out", str(out)])
+    with pytest.raises(SystemExit, match="not one of"):
+        compare.main(["--reports", r1, r2, "--arms", "x,z", "--paired", "y"])

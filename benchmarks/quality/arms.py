@@ -159,8 +159,6 @@ def train_batch_size(arm: Arm) -> int:
     return int(flags[flags.index("--batch_size") + 1]) if "--batch_size" in flags else PRETRAIN_BATCH
 
 
-
-
 def pretrain_command(arm: Arm, seed: int, out: str, budget: Budget, mae_epochs: float = None) -> Optional[List[str]]:
     """argv of the arm's pretraining (None for an untrained init)."""
     if arm.kind == "init":

@@ -1,11 +1,15 @@
-"""One bar chart comparing arms from several quality reports (run.py's JSON files), seed by seed.
+"""Compare arms from several quality reports (run.py's JSON files), seed by seed: a bar chart, and
+paired differences against one arm.
 
-Each arm's per-seed metrics come from the first report that has the arm; only the seeds every
-chosen arm has are used, so the bars compare the same seeds (the same 100 labels, batches and
-heads). Bars: mean over those seeds; error bars: sample std.
+Each arm's per-seed metrics come from the reports in order, the first report holding a seed of an
+arm winning (so reports of extra seeds add to an arm); only the seeds every chosen arm has are
+used, so every number compares the same seeds (the same 100 labels, batches and heads). Bars: mean
+over those seeds; error bars: sample std. ``--paired REF`` prints, for every other arm, the mean ±
+sample std of its difference to REF seed by seed, the seeds where it is higher, and a two-sided
+one-sample t-test of the differences (scipy).
 
     python benchmarks/quality/compare.py --reports R1.json R2.json --arms random_timm,fastebm \
-        --out docs/images/round10.png [--seeds 0 1 2]
+        [--out docs/images/round10.png] [--paired random_timm] [--seeds 0 1 2]
 """
 from __future__ import annotations
 
@@ -22,13 +26,15 @@ METRICS = [("ft_100", "fine-tune, 100 labels"), ("lp_100", "linear probe, 100 la
 
 
 def collect(reports: List[str], arms: List[str]) -> Dict[str, Dict]:
-    """{arm: {"label": str, "seeds": {seed: metrics}}}, the first report holding an arm winning."""
+    """{arm: {"label": str, "seeds": {seed: metrics}}}, the first report holding a seed of an arm winning."""
     found: Dict[str, Dict] = {}
     for path in reports:
         with open(path) as fh:
             for name, arm in json.load(fh)["arms"].items():
-                if name in arms and name not in found:
-                    found[name] = {"label": arm["label"], "seeds": {int(s): v["metrics"] for s, v in arm["seeds"].items()}}
+                if name in arms:
+                    entry = found.setdefault(name, {"label": arm["label"], "seeds": {}})
+                    for s, v in arm["seeds"].items():
+                        entry["seeds"].setdefault(int(s), v["metrics"])
     missing = [a for a in arms if a not in found]
     if missing:
         raise SystemExit(f"compare.py: error: arm(s) {missing} are in none of the reports {reports}")
@@ -41,14 +47,44 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", required=True, help="comma-separated arm names, in bar order")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: every seed all arms share")
     ap.add_argument("--title", default="fastebm quality benchmark")
-    ap.add_argument("--out", required=True, help="PNG path")
+    ap.add_argument("--out", default=None, help="PNG path of the bar chart (none: no chart)")
+    ap.add_argument("--paired", default=None, help="print every other arm's paired differences to this arm")
     args = ap.parse_args(argv)
+    if args.out is None and args.paired is None:
+        ap.error("nothing to do: give --out (a chart), --paired REF (a table), or both")
     arms = args.arms.split(",")
     data = collect(args.reports, arms)
     shared = set.intersection(*(set(d["seeds"]) for d in data.values()))
     seeds = sorted(shared if args.seeds is None else shared & set(args.seeds))
     if not seeds:
         raise SystemExit("compare.py: error: the chosen arms share no seed; pick other reports or --seeds")
+    if args.paired is not None:
+        if args.paired not in arms:
+            raise SystemExit(f"compare.py: error: --paired {args.paired} is not one of --arms {arms}")
+        print(paired_table(data, args.paired, [a for a in arms if a != args.paired], seeds))
+    if args.out is not None:
+        plot(data, arms, seeds, args.title, args.out)
+    return 0
+
+
+def paired_table(data: Dict[str, Dict], ref: str, others: List[str], seeds: List[int]) -> str:
+    """Markdown: per arm and metric, mean ± sample std of (arm - ref) over ``seeds``, k of n higher, t-test p."""
+    from scipy import stats
+
+    lines = [f"Paired differences to {data[ref]['label']}, seeds {', '.join(map(str, seeds))}:", "",
+             "| arm | " + " | ".join(label for _, label in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for name in others:
+        cells = []
+        for m, _ in METRICS:
+            d = np.array([data[name]["seeds"][s][m] - data[ref]["seeds"][s][m] for s in seeds])
+            p = stats.ttest_1samp(d, 0).pvalue if len(d) > 1 and d.std() > 0 else float("nan")
+            sd = d.std(ddof=1) if len(d) > 1 else float("nan")
+            cells.append(f"{d.mean():+.3f} ± {sd:.3f}, {int((d > 0).sum())} of {len(d)} (p {p:.3f})")
+        lines.append(f"| {data[name]['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(data: Dict[str, Dict], arms: List[str], seeds: List[int], title: str, out: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,12 +100,11 @@ def main(argv=None) -> int:
     ax.set_ylabel("top-1 on the 497 held-out digits")
     ax.set_ylim(0.4, 1.0)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"{args.title} (mean ± std over seeds {', '.join(map(str, seeds))})")
+    ax.set_title(f"{title} (mean ± std over seeds {', '.join(map(str, seeds))})")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
-    print(f"wrote {args.out} (seeds {seeds})")
-    return 0
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out} (seeds {seeds})")
 
 
 if __name__ == "__main__":
