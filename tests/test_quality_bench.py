@@ -529,7 +529,7 @@ def test_compare_plots_only_the_seeds_every_arm_shares(tmp_path, capsys):
     second = json.loads((tmp_path / "b.json").read_text())["arms"]
     data = compare.collect([r1, r2], ["x", "z"])
     assert set(data["x"]["seeds"]) == {0, 1, 2, 3, 5}  # seed 5 from the second report
-    assert data["x"]["seeds"][2] == first["x"]["seeds"]["2"]["metrics"]  # the first report's seed 2 wins
+    assert data["x"]["seeds"][2] == first["x"]["seeds"]["2"]  # the first report's seed 2 wins
     out = tmp_path / "cmp.png"
     assert compare.main(["--reports", r1, r2, "--arms", "x,y,z", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

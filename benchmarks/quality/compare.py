@@ -26,7 +26,8 @@ METRICS = [("ft_100", "fine-tune, 100 labels"), ("lp_100", "linear probe, 100 la
 
 
 def collect(reports: List[str], arms: List[str]) -> Dict[str, Dict]:
-    """{arm: {"label": str, "seeds": {seed: metrics}}}, the first report holding a seed of an arm winning."""
+    """{arm: {"label": str, "seeds": {seed: {"metrics": {...}}}}} (run.py's layout, seeds as ints), the first
+    report holding a seed of an arm winning."""
     found: Dict[str, Dict] = {}
     for path in reports:
         with open(path) as fh:
@@ -34,7 +35,7 @@ def collect(reports: List[str], arms: List[str]) -> Dict[str, Dict]:
                 if name in arms:
                     entry = found.setdefault(name, {"label": arm["label"], "seeds": {}})
                     for s, v in arm["seeds"].items():
-                        entry["seeds"].setdefault(int(s), v["metrics"])
+                        entry["seeds"].setdefault(int(s), {"metrics": v["metrics"]})
     missing = [a for a in arms if a not in found]
     if missing:
         raise SystemExit(f"compare.py: error: arm(s) {missing} are in none of the reports {reports}")
@@ -68,18 +69,25 @@ def main(argv=None) -> int:
 
 
 def paired_table(data: Dict[str, Dict], ref: str, others: List[str], seeds: List[int]) -> str:
-    """Markdown: per arm and metric, mean ± sample std of (arm - ref) over ``seeds``, k of n higher, t-test p."""
+    """Markdown: per arm and metric, mean ± sample std of (arm - ref) over ``seeds`` (report.paired), k of n
+    higher, and the two-sided p of a one-sample t-test of the differences."""
     from scipy import stats
 
+    import report
+
+    on_seeds = {a: {"seeds": {s: data[a]["seeds"][s] for s in seeds}} for a in [ref, *others]}
     lines = [f"Paired differences to {data[ref]['label']}, seeds {', '.join(map(str, seeds))}:", "",
              "| arm | " + " | ".join(label for _, label in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for name in others:
         cells = []
         for m, _ in METRICS:
-            d = np.array([data[name]["seeds"][s][m] - data[ref]["seeds"][s][m] for s in seeds])
-            p = stats.ttest_1samp(d, 0).pvalue if len(d) > 1 and d.std() > 0 else float("nan")
-            sd = d.std(ddof=1) if len(d) > 1 else float("nan")
-            cells.append(f"{d.mean():+.3f} ± {sd:.3f}, {int((d > 0).sum())} of {len(d)} (p {p:.3f})")
+            d = report.paired(on_seeds, name, m, ref, m)
+            if d is None:
+                cells.append("-")
+                continue
+            sd = d["std"] if d["std"] is not None else float("nan")
+            p = 2 * stats.t.sf(abs(d["mean"]) / (sd / np.sqrt(d["n"])), d["n"] - 1) if d["n"] > 1 and sd > 0 else float("nan")
+            cells.append(f"{d['mean']:+.3f} ± {sd:.3f}, {d['wins']} of {d['n']} (p {p:.3f})")
         lines.append(f"| {data[name]['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -93,7 +101,7 @@ def plot(data: Dict[str, Dict], arms: List[str], seeds: List[int], title: str, o
     fig, ax = plt.subplots(figsize=(12, 5.4))
     width = 0.8 / len(arms)
     for i, name in enumerate(arms):
-        vals = np.array([[data[name]["seeds"][s].get(m, np.nan) for s in seeds] for m, _ in METRICS])
+        vals = np.array([[data[name]["seeds"][s]["metrics"].get(m, np.nan) for s in seeds] for m, _ in METRICS])
         ax.bar(np.arange(len(METRICS)) + (i - (len(arms) - 1) / 2) * width, np.nanmean(vals, 1), width,
                yerr=np.nanstd(vals, 1, ddof=1) if len(seeds) > 1 else None, capsize=2, label=data[name]["label"])
     ax.set_xticks(np.arange(len(METRICS)), [label for _, label in METRICS], fontsize=9)
