@@ -148,15 +148,18 @@ class Budget:
         return ["--epochs", "60", "--warmup_epochs", "5"] if self.quick else []
 
 
+def _train_flag(arm: Arm, flag: str, default):
+    """The value the arm's fastebm-train flags give ``flag``, else ``default``."""
+    return arm.flags[arm.flags.index(flag) + 1] if flag in arm.flags else default
+
+
 def train_epochs(arm: Arm) -> float:
-    flags = arm.flags
-    return float(flags[flags.index("--epochs") + 1]) if "--epochs" in flags else float(PRETRAIN_EPOCHS)
+    return float(_train_flag(arm, "--epochs", PRETRAIN_EPOCHS))
 
 
 def train_batch_size(arm: Arm) -> int:
     """The arm's pretraining batch (fastebm-train's default 32 unless its flags say otherwise)."""
-    flags = arm.flags
-    return int(flags[flags.index("--batch_size") + 1]) if "--batch_size" in flags else PRETRAIN_BATCH
+    return int(_train_flag(arm, "--batch_size", PRETRAIN_BATCH))
 
 
 def pretrain_command(arm: Arm, seed: int, out: str, budget: Budget, mae_epochs: float = None) -> Optional[List[str]]:
