@@ -119,13 +119,31 @@ def test_configs_demo_yaml_is_the_default_run():
     assert parse_config(["--config", os.path.join(ROOT, "configs", "demo.yaml")]) == defaults
 
 
-def test_configs_builtin_16px_yaml_is_the_quality_studys_16px_8_epoch_arm(tmp_path):
-    """configs/builtin_16px.yaml is what benchmarks/quality measured as ``fastebm_16px_8ep``: the arm's
-    fastebm-train flags give the same configuration (the output folder aside)."""
+def test_configs_builtin_32px_yaml_is_the_quality_studys_earlier_defaults(tmp_path):
+    """configs/builtin_32px.yaml is what benchmarks/quality measured as ``fastebm_32px_2ep`` (the defaults
+    before round 11): the arm's fastebm-train flags give the same configuration (the output folder aside)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks", "quality"))
     import arms
 
     out = ["--output_dir", str(tmp_path)]
-    from_yaml = parse_config(["--config", os.path.join(ROOT, "configs", "builtin_16px.yaml"), *out])
-    assert from_yaml == parse_config([*arms.ARMS["fastebm_16px_8ep"].flags, *out])
+    from_yaml = parse_config(["--config", os.path.join(ROOT, "configs", "builtin_32px.yaml"), *out])
+    assert from_yaml == parse_config([*arms.ARMS["fastebm_32px_2ep"].flags, *out])
     assert from_yaml != parse_config(out)  # it is not the default run
+    assert (from_yaml.img_size, from_yaml.epochs) == (32, 2)
+
+
+def test_the_quality_studys_reference_arm_is_the_shipped_default(tmp_path):
+    """benchmarks/quality's ``fastebm`` arm (what the acceptance checks are about) pretrains with exactly
+    fastebm-train's defaults: its flags and the study's epochs change nothing; vit_demo pretrains at 16 px
+    and fastebm-eval evaluates that backbone at 32 px."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "quality"))
+    import arms
+    from fastebm.models import PRESETS, eval_img_size
+
+    out = ["--output_dir", str(tmp_path)]
+    ref = arms.ARMS[arms.REFERENCE]
+    assert ref.kind == "fastebm" and not ref.eval_flags
+    defaults = parse_config(out)
+    assert parse_config([*ref.flags, "--epochs", str(arms.PRETRAIN_EPOCHS), *out]) == defaults
+    assert (defaults.img_size, defaults.epochs) == (16, 8)
+    assert eval_img_size(defaults.model, defaults.img_size) == PRESETS["vit_demo"]["img_size"] == 32

@@ -103,7 +103,7 @@ def test_lpft_starts_from_the_probe_end_to_end(tmp_path):
     out = tmp_path / "ft"
     s = fe.finetune(ckpt=trained_checkpoint(), data=root, head_init="probe", lr=1e-12, min_lr=0.0, epochs=2,
                     warmup_epochs=0, batch_size=4, num_workers=0, crop_pct=1.0, mixup=0.0, cutmix=0.0,
-                    output_dir=str(out))
+                    img_size=16, output_dir=str(out))
     assert s["head_init"] == "probe" and 0.0 <= s["probe"]["top1"] <= 1.0 and s["probe"]["pool"] == "avg"
     # the weights barely move, so the fine-tuned classifier scores what its starting probe scored
     assert [r["val_top1"] for r in s["history"]] == [s["probe"]["top1"]] * 2

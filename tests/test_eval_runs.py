@@ -75,7 +75,7 @@ def test_knn_cli_accuracy_matches_reference_pipeline(tmp_path):
     root = image_folder(tmp_path / "data", size=16, per_class=(5, 6, 4))
     out = tmp_path / "knn"
     assert main(["knn", "--ckpt", trained_checkpoint(), "--data", root, "--k", "3", "--temperature", "0.2",
-                 "--crop_pct", "1", "--num_workers", "0", "--output_dir", str(out)]) == 0
+                 "--crop_pct", "1", "--num_workers", "0", "--img_size", "16", "--output_dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     for name in ("results.md", "knn_accuracy.png", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0
@@ -222,6 +222,7 @@ def test_finetune_on_builtin_digits(tmp_path):
     s = fe.finetune(ckpt=trained_checkpoint(), few_shot=2, epochs=2, batch_size=10, eval_every=2,
                     output_dir=str(tmp_path / "ft"))
     assert s["train_images"] == 20 and s["val_images"] == 497 and s["num_classes"] == 10
+    assert s["img_size"] == 32 and s["arch"]["img_size"] == 16  # vit_demo pretrained at its default 16 px runs at 32
     assert [("val_top1" in r) for r in s["history"]] == [False, True] and s["updates"] == 4
     assert 0.0 <= s["top1"] <= s["top5"] <= 1.0
     for name in ("summary.json", "results.md", "accuracy.png", "metrics.jsonl", "checkpoint.pt"):

@@ -1,7 +1,8 @@
 """Shared fixtures of the fastebm-eval / fastebm-export tests (no tests here).
 
 ``trained_checkpoint()`` runs the real ``fastebm-train`` once per session (vit_demo at 16 px,
-one optimiser step) so the evaluation tests read a genuine ``last.pt``; ``image_folder()``
+one optimiser step) so the evaluation tests read a genuine ``last.pt`` (fastebm-eval evaluates it at
+32 px, vit_demo's evaluation size, unless a test gives ``img_size``); ``image_folder()``
 writes a tiny ImageNet-style tree of PNGs whose classes differ in colour.
 """
 from __future__ import annotations

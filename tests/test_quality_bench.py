@@ -142,7 +142,10 @@ def test_quick_flops(quick_run):
     fl = json.loads((quick_run / "quality.json").read_text())["flops"]
     assert fl["fastebm_defaults_gflop_per_step"] > fl["mae_gflop_per_step"] > 0
     assert fl["ratio"] == pytest.approx(fl["fastebm_defaults_gflop_per_step"] / fl["mae_gflop_per_step"])
-    assert fl["mae_equal_flops_epochs"] == pytest.approx(2 * fl["ratio"])
+    import arms as A
+
+    # MAE at equal FLOPs trains the study's fastebm epochs times the FLOP ratio of one step to one step
+    assert fl["mae_equal_flops_epochs"] == pytest.approx(A.PRETRAIN_EPOCHS * fl["ratio"])
 
 
 def test_flop_counter_counts_a_linear_layer_and_its_backward():
@@ -498,13 +501,18 @@ def test_a_smaller_pretraining_batch_costs_the_same_flops_in_more_steps(monkeypa
     bs = 8 + int(torch.randint(0, 20, ()))  # an odd batch too
     arm = A.Arm(f"fastebm_bs{bs}_test", "test arm", "fastebm", flags=["--batch_size", str(bs)])
     monkeypatch.setitem(A.ARMS, arm.name, arm)
-    fl = RUN.flops_table(["fastebm", "fastebm_bs8", arm.name], A.Budget())
+    fl = RUN.flops_table(["fastebm", "fastebm_32px_2ep", "fastebm_bs8", arm.name], A.Budget())
     n = len(BuiltinDemoData(32, 0))
-    for name, b in [("fastebm", 32), ("fastebm_bs8", 8), (arm.name, bs)]:
+    # each arm beside the batch-32 arm with its epochs (the defaults' 8, or the 2 of the 32 px variants)
+    for name, b, same_epochs in [("fastebm", 32, "fastebm"), ("fastebm_32px_2ep", 32, "fastebm_32px_2ep"),
+                                 ("fastebm_bs8", 8, "fastebm_32px_2ep"), (arm.name, bs, "fastebm")]:
         row = fl["arms"][name]
-        assert row["steps"] == 2 * (n // b), name
-        assert row["pflop"] == pytest.approx(b * 1.37e9 * 2 * (n // b) / 1e15)
-        assert row["pflop"] == pytest.approx(fl["arms"]["fastebm"]["pflop"], rel=b / n + 32 / n)
+        epochs = A.train_epochs(A.ARMS[name])
+        assert epochs == A.train_epochs(A.ARMS[same_epochs])
+        assert row["steps"] == round(epochs * (n // b)), name
+        assert row["pflop"] == pytest.approx(b * 1.37e9 * row["steps"] / 1e15)
+        assert row["pflop"] == pytest.approx(fl["arms"][same_epochs]["pflop"], rel=b / n + 32 / n)
+    assert A.train_epochs(A.ARMS["fastebm"]) == 8 and A.train_epochs(A.ARMS["fastebm_bs8"]) == 2
 
 
 def test_compare_plots_only_the_seeds_every_arm_shares(tmp_path, capsys):
@@ -550,3 +558,45 @@ def test_compare_plots_only_the_seeds_every_arm_shares(tmp_path, capsys):
         compare.main(["--reports", r1, r2, "--arms", "x,w", "--out", str(out)])
     with pytest.raises(SystemExit, match="not one of"):
         compare.main(["--reports", r1, r2, "--arms", "x,z", "--paired", "y"])
+
+
+def test_the_quick_run_records_every_jobs_commands(quick_run):
+    """Every job of the quick run left a record of its commands, which a second build of the same study matches."""
+    import arms as A
+    import run as RUN
+
+    data = json.loads((quick_run / "quality.json").read_text())
+    jobs = RUN.build_jobs(A.QUICK_ARMS, [0], data["meta"]["work_dir"], A.Budget(quick=True), data["flops"])
+    assert jobs and all(os.path.isfile(j.stamp) and os.path.isfile(j.done_file) for j in jobs)
+    assert RUN.reuse_conflicts(jobs) == []
+
+
+def test_a_work_dir_made_by_other_commands_is_refused(tmp_path, monkeypatch, capsys):
+    """Finished jobs are reused by folder name, so run.py records each job's commands (and the pretraining
+    command of the backbone it evaluates) and refuses a work dir whose outputs came from other commands:
+    a changed arm, or outputs without a record."""
+    import arms as A
+    import run as RUN
+
+    work = str(tmp_path / "work")
+    names, budget, fl = ["random_timm", "fastebm"], A.Budget(quick=True), {"arms": {}}
+    jobs = RUN.build_jobs(names, [0], work, budget, fl)
+    assert RUN.reuse_conflicts(jobs) == []
+    for job in jobs:  # as if every job had run
+        RUN.write_stamp(job)
+        os.makedirs(os.path.dirname(job.done_file), exist_ok=True)
+        open(job.done_file, "w").close()
+    assert RUN.reuse_conflicts(RUN.build_jobs(names, [0], work, budget, fl)) == []
+    flags = ["--steps", str(1 + int(torch.randint(0, 3, ())))]  # what the arm runs changes, its name does not
+    monkeypatch.setitem(A.ARMS, "fastebm", A.Arm("fastebm", "changed", "fastebm", flags=flags))
+    changed = RUN.reuse_conflicts(RUN.build_jobs(names, [0], work, budget, fl))
+    ours = [j.name for j in jobs if j.arm == "fastebm"]
+    assert sorted(changed) == sorted(ours) and len(ours) == 1 + len(A.eval_commands(A.ARMS["fastebm"], 0, "p", "e", budget))
+    monkeypatch.undo()
+    timm_job = next(j for j in jobs if j.arm == "random_timm")
+    os.remove(timm_job.stamp)  # finished outputs with no record of their commands
+    assert RUN.reuse_conflicts(RUN.build_jobs(names, [0], work, budget, fl)) == [timm_job.name]
+    assert RUN.main(["--quick", "--arms", ",".join(names), "--work_dir", work, "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert timm_job.name in err and "fresh --work_dir" in err
+    assert not os.path.exists(tmp_path / "out" / "quality.json")

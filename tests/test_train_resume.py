@@ -88,3 +88,29 @@ def test_save_ckpt_freq_keeps_epoch_checkpoints(tmp_path):
     assert (two["step"], two["epoch"], four["step"], last["step"]) == (4, 2, 8, 8)
     key = "model.blocks.0.attn.qkv.weight"
     assert torch.equal(four["model"][key], last["model"][key]) and not torch.equal(two["model"][key], last["model"][key])
+
+
+def test_resuming_a_checkpoint_from_before_the_16px_default(tmp_path, capsys):
+    """Checkpoints written before vit_demo pretrained at 16 px by default saved ``img_size: None`` for its 32 px.
+    Resuming one under today's default fails with a hint that names the flag to give; given, it resumes
+    without reporting a change of size."""
+    from fastebm.checkpoint import atomic_torch_save
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    make_image_folder(data, n=8)
+    assert main(fast_args(out, data, img_size=32, max_steps=1)) == 0
+    last = os.path.join(out, "last.pt")
+    ckpt = load_checkpoint(last)
+    ckpt["config"]["img_size"] = None  # as the earlier fastebm wrote it
+    atomic_torch_save(ckpt, last)
+    argv = fast_args(out, data, max_steps=2, resume="auto")
+    i = argv.index("--img_size")
+    default_size = argv[:i] + argv[i + 2:]  # no --img_size: today's 16 px
+    capsys.readouterr()
+    assert main(default_size) == 2
+    err = capsys.readouterr().err
+    assert "--img_size 32 (this run: 16)" in err and "Traceback" not in err
+    assert main(fast_args(out, data, img_size=32, max_steps=2, resume="auto")) == 0
+    resumed = capsys.readouterr()
+    assert "resumed from" in resumed.out and "img_size" not in resumed.out + resumed.err
+    assert load_checkpoint(last)["step"] == 2

@@ -4,8 +4,10 @@ For each base lr of the grid, mae.py pretrains seed 0 for the epochs that buy fa
 FLOPs (the budget of the stretch comparison), then fastebm-eval linprobe (its built-in recipe made
 explicit) is fitted on valsplit.py's 1,000 training digits and scored on its 300 validation
 digits; the base lr with the best validation top-1 is MAE_BLR. The 497 test digits are not used.
-``--method fastebm`` runs the same search for fastebm-train's ``--blr`` (the study's 2 epochs), so
-both methods' learning rates can be judged the same way.
+``--method fastebm`` runs the same search for fastebm-train's ``--blr`` (the study's budget), so
+both methods' learning rates can be judged the same way. The budget is the study's (arms.PRETRAIN_EPOCHS of
+fastebm-train's defaults: since round 11, 8 epochs at 16 px); benchmarks/results/quality/mae_lr.json and
+fastebm_lr.json were measured at the earlier 2 epochs at 32 px (MAE: 22.5 epochs).
 
     python benchmarks/quality/mae_lr.py --out DIR [--blr 0.003 0.006 0.012 0.024 0.048] [--jobs 2] [--method fastebm]
 

@@ -15,7 +15,7 @@ round7_few`` (the 100-label lr); then, to settle a tie on timm's init, ``--arms 
 probe_2000_crop10_dp0_clip1_lr16 probe_2000_crop10_dp0_clip1_lr32 --seeds 2 3``.
 Round 8: ``--labels 100 --recipes round8_few --seeds 0 1`` (the 100-label lr past round 7's edge), and the fastebm arm
 at round 7's recipe from backbones pretrained without the validation digits (``pretrain_without_val.py --output_dir
-NOVAL/fastebm_sS --seed S --epochs 2 --demo_eval false --threads 1 --save_every 0``, then ``--out PILOT_NOVAL --arms
+NOVAL/fastebm_sS --seed S --img_size 32 --epochs 2 --demo_eval false --threads 1 --save_every 0``, then ``--out PILOT_NOVAL --arms
 fastebm --fastebm NOVAL/fastebm_sS/backbone.pth`` with ``--labels 1000 --recipes probe_2000_crop10_dp0_clip1_lr16`` and
 ``--labels 100 --recipes probe_1000_crop08_dp0_clip1_lr16``, seeds 0-3: a separate --out, since runs are kept by arm,
 labels, recipe and seed) against the study's backbones (the same two commands, seeds 0-3); then the all-label command

@@ -53,6 +53,8 @@ class Job:
     part: str
     deps: List[str] = field(default_factory=list)
     log: str = ""
+    stamp: str = ""  # records the commands this job's outputs belong to (see reuse_conflicts)
+    upstream: List[List[str]] = field(default_factory=list)  # the pretraining command whose backbone it evaluates
     rc: Optional[int] = None
     wall_s: float = 0.0
     cpu_s: float = 0.0
@@ -69,6 +71,40 @@ def show(argv: List[str]) -> str:
     out = ["python" if a == sys.executable else os.path.relpath(a, ROOT) if os.path.isabs(a) and a.startswith(ROOT) else a
            for a in argv]
     return " ".join(shlex.quote(a) for a in out)
+
+
+def stamp_path(work: str, name: str) -> str:
+    return os.path.join(work, "stamps", name.replace("/", "__") + ".json")
+
+
+def identity(job: Job) -> List[str]:
+    """What a job's outputs depend on: its commands and the pretraining command of the backbone it reads."""
+    return [show(c) for c in job.commands + job.upstream]
+
+
+def write_stamp(job: Job) -> None:
+    os.makedirs(os.path.dirname(job.stamp), exist_ok=True)
+    tmp = job.stamp + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(identity(job), fh)
+    os.replace(tmp, job.stamp)
+
+
+def reuse_conflicts(jobs: List[Job]) -> List[str]:
+    """Jobs whose folders hold outputs of other commands: a stamp that differs from the job's commands, or
+    finished outputs with no stamp. An arm's folder is named after the arm, not its flags, so when an arm
+    or the study's budget changes (round 11 changed what the arm ``fastebm`` runs), reusing the folder
+    would report the old run under the new name."""
+    bad = []
+    for job in jobs:
+        try:
+            with open(job.stamp) as fh:
+                recorded = json.load(fh)
+        except (OSError, ValueError):
+            recorded = None
+        if (recorded is not None or os.path.exists(job.done_file)) and recorded != identity(job):
+            bad.append(job.name)
+    return bad
 
 
 def run_job(job: Job) -> None:
@@ -121,6 +157,8 @@ def schedule(jobs: List[Job], workers: int, say) -> None:
                 job.rc = 0
                 job.skipped = "reused"
             else:
+                if job.stamp:
+                    write_stamp(job)  # before it runs: a half-finished folder belongs to this command too
                 run_job(job)
                 say(f"{job.name}: rc {job.rc}, {job.wall_s:.0f} s wall, {job.cpu_s:.0f} s CPU")
             with lock:
@@ -175,6 +213,7 @@ def build_jobs(arm_names: List[str], seeds: List[int], work: str, budget: A.Budg
                     cmd = cmd + ["--resume", "auto"]
                 job = Job(f"pretrain/{base.name}_s{seed}", cmd, [cmd], os.path.join(pdir, "backbone.pth"), base.name, seed, "pretrain")
                 job.log = pdir + ".log"
+                job.stamp = stamp_path(work, job.name)
                 if all(j.name != job.name for j in pre):  # two arms sharing one pretraining run it once
                     pre.append(job)
                 deps = [job.name]
@@ -187,8 +226,9 @@ def build_jobs(arm_names: List[str], seeds: List[int], work: str, budget: A.Budg
                 import job as J
 
                 job = Job(f"eval/{name}_s{seed}/{part}", [sys.executable, os.path.join(HERE, "job.py"), spec], commands,
-                          J.output_of(commands[-1]), name, seed, part, deps)
+                          J.output_of(commands[-1]), name, seed, part, deps, upstream=[cmd] if cmd is not None else [])
                 job.log = os.path.join(edir, f"{part}.log")
+                job.stamp = stamp_path(work, job.name)
                 os.makedirs(edir, exist_ok=True)
                 ev.append(job)
     # longest first: pretraining (fine-tunings wait for it), fine-tunings, then the short frozen jobs
@@ -233,6 +273,12 @@ def main(argv=None) -> int:
     say(f"FLOPs per step: fastebm defaults {fl['fastebm_defaults_gflop_per_step']:.2f} G, MAE {fl['mae_gflop_per_step']:.2f} G "
         f"(x{fl['ratio']:.1f}); MAE at equal FLOPs: {fl['mae_equal_flops_epochs']:.2f} epochs")
     jobs = build_jobs(names, seeds, work, budget, fl)
+    conflicts = reuse_conflicts(jobs)
+    if conflicts:
+        print(f"run.py: error: {work} holds outputs of other commands for {len(conflicts)} job(s) ({', '.join(conflicts[:3])}"
+              f"{' ...' if len(conflicts) > 3 else ''}): an arm or the study's budget changed since they ran, or they "
+              f"predate the record of commands; give a fresh --work_dir, or delete those folders", file=sys.stderr)
+        return 2
     say(f"{len(jobs)} jobs, {args.jobs} at a time; work dir {work}")
     schedule(jobs, args.jobs, say)
     import report

@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..corrupt import IMAGENET_MEAN, IMAGENET_STD
-from ..models import PRESETS, TIMM_NAMES
+from ..models import PRESETS, TIMM_NAMES, eval_img_size
 from ..checkpoint import FORMAT as TRAIN_CHECKPOINT_FORMAT
 from ..checkpoint import REQUIRED_KEYS as TRAIN_CHECKPOINT_KEYS
 from ..errors import UsageError
@@ -47,6 +47,18 @@ class Backbone:
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     info: Dict[str, Any] = field(default_factory=dict)
+    test_img_size: Optional[int] = None  # an export's pretrained_cfg test_input_size; None: the rule below
+
+    @property
+    def eval_img_size(self) -> int:
+        """Pixels fastebm-eval runs at without ``--img_size``: the export's ``test_input_size`` if it names one,
+        else for a known preset :func:`fastebm.models.eval_img_size` (vit_demo pretrained at its default
+        16 px -> 32), else the size it was pretrained at."""
+        if self.test_img_size:
+            return int(self.test_img_size)
+        if self.preset in PRESETS:
+            return eval_img_size(self.preset, self.arch["img_size"])
+        return int(self.arch["img_size"])
 
     @property
     def timm_name(self) -> Optional[str]:
@@ -196,7 +208,9 @@ def _from_export(path: str, state: Dict[str, torch.Tensor], meta: Dict[str, Any]
     preset = meta.get("fastebm_model") if meta.get("fastebm_model") in PRESETS else preset_of(arch)
     mean = tuple(meta.get("mean", IMAGENET_MEAN))
     std = tuple(meta.get("std", IMAGENET_STD))
-    return Backbone(arch, state, "export", preset, path, mean, std, info={"meta": bool(meta)})
+    test = (meta.get("pretrained_cfg") or {}).get("test_input_size")
+    test = int(test[-1]) if isinstance(test, (list, tuple)) and test and isinstance(test[-1], int) and test[-1] > 0 else None
+    return Backbone(arch, state, "export", preset, path, mean, std, info={"meta": bool(meta)}, test_img_size=test)
 
 
 def init_backbone(kind: str, preset: str, img_size: Optional[int], seed: int) -> Backbone:
@@ -210,6 +224,11 @@ def init_backbone(kind: str, preset: str, img_size: Optional[int], seed: int) ->
         torch.manual_seed(seed)
         model = EnergyViT(**arch)
     return Backbone(arch, {k: v.clone() for k, v in model.backbone_state_dict().items()}, "fastebm", preset)
+
+
+def eval_size(cfg, bb: Backbone) -> int:
+    """Pixels an evaluation runs at: ``--img_size`` if given, else the backbone's :attr:`Backbone.eval_img_size`."""
+    return int(cfg.img_size or bb.eval_img_size)
 
 
 def resolve_backbone(cfg) -> Backbone:

@@ -15,7 +15,7 @@ import torch
 
 from .. import distributed
 from ..errors import UsageError
-from .backbone import resolve_backbone
+from .backbone import eval_size, resolve_backbone
 from .datasets import load_eval_data, make_transforms, with_transform
 from .runio import Run, ShardSampler, loader, num_workers, prepare_output_dir, start_run
 from .timm_vit import build_classifier, check_img_size
@@ -85,7 +85,7 @@ def frozen_features(command: str, cfg, settings: Union[str, Callable[[], str]], 
     run starts (the linear probe sizes its schedule from the number of labels); ``settings`` may be a
     callable, read after it."""
     bb = resolve_backbone(cfg)
-    img_size = int(cfg.img_size or bb.arch["img_size"])
+    img_size = eval_size(cfg, bb)
     check_img_size(bb.arch, img_size)
     layer = check_layer(cfg.layer, bb.arch["depth"])
     data = load_eval_data(cfg, img_size)
@@ -96,7 +96,7 @@ def frozen_features(command: str, cfg, settings: Union[str, Callable[[], str]], 
         prepare_output_dir(run, cfg.output_dir)
         model = build_classifier(bb, 0, img_size=img_size, global_pool="avg", drop_path_rate=0.0,
                                  head_init_std=1.0, seed=cfg.seed).to(run.device)
-        run.say(f"fastebm-eval {command}: {bb.describe()}; {data.description}; layer {layer}, pool {cfg.pool}, "
+        run.say(f"fastebm-eval {command}: {bb.describe()}; {data.description}; {img_size} px, layer {layer}, pool {cfg.pool}, "
                 f"{settings() if callable(settings) else settings}")
         tf = make_transforms(cfg, img_size, bb.mean, bb.std, training=False)
         kw = dict(layer=layer, pool=cfg.pool, final_norm=cfg.final_norm, batch_size=batch_size,

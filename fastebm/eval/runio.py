@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..data.sampling import generator_for, mix_seed
 from .. import distributed
 from ..errors import DistributedSetupError, UsageError
+from .backbone import eval_size
 from .config import to_dict
 from ..files import atomic_write, atomic_write_json, atomic_write_text
 
@@ -157,7 +158,7 @@ def prepare_output_dir(run: Run, path: str) -> None:
 
 def base_summary(run: Run, cfg, bb, data) -> Dict[str, Any]:
     return {"command": run.command, "status": "completed", "model": bb.preset, "timm_name": bb.timm_name,
-            "init": bb.source, "ckpt": bb.path, "arch": bb.arch, "data": data.description,
+            "init": bb.source, "ckpt": bb.path, "arch": bb.arch, "img_size": eval_size(cfg, bb), "data": data.description,
             "num_classes": data.num_classes, "train_images": len(data.train), "val_images": len(data.val),
             "few_shot": cfg.few_shot, "seed": cfg.seed, "device": str(run.device), "world_size": run.world}
 

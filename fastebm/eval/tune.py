@@ -36,7 +36,7 @@ from ..checkpoint import atomic_torch_save
 from ..errors import TrainingDiverged, UsageError
 from ..runlog import MetricsLogger
 from ..signals import StopRequest
-from .backbone import resolve_backbone
+from .backbone import eval_size, resolve_backbone
 from .datasets import load_eval_data, make_transforms, with_transform
 from .probe import fit_probe_head
 from .recipes import resolve_blr, resolve_crop, resolve_schedule
@@ -213,7 +213,7 @@ class _Trainer:
 def run_finetune(cfg) -> Dict[str, Any]:
     """Runs ``fastebm-eval finetune`` with a checked :class:`~fastebm.eval.config.FinetuneConfig`; returns the summary."""
     bb = resolve_backbone(cfg)
-    img_size = int(cfg.img_size or bb.arch["img_size"])
+    img_size = eval_size(cfg, bb)
     check_img_size(bb.arch, img_size)
     data = load_eval_data(cfg, img_size)
     run = start_run("finetune", cfg)

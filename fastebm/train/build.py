@@ -18,6 +18,7 @@ from ..data.folder import ImageFolderData
 from ..data.sampling import BatchPlan
 from ..data.streams import build_stream, folder_index
 from ..errors import UsageError
+from ..models import pretrain_img_size
 from ..restore import RestorationObjective
 from .config import TrainConfig
 from .rng import side_rng
@@ -33,7 +34,7 @@ def build_objective(cfg: TrainConfig) -> RestorationObjective:
     # math rather than the fused kernel that auto picks on CUDA; an explicit "triton" is still refused below.
     attn_backend = "math" if cfg.engine == "func" and cfg.attn_backend == "auto" else cfg.attn_backend
     try:
-        model = create_model(cfg.model, img_size=cfg.img_size, energy=cfg.energy, attn_backend=attn_backend)
+        model = create_model(cfg.model, img_size=cfg.img_size or pretrain_img_size(cfg.model), energy=cfg.energy, attn_backend=attn_backend)
     except ValueError as exc:
         raise UsageError(f"--model {cfg.model} / --img_size {cfg.img_size}: {exc}") from None
     if cfg.grad_checkpointing:

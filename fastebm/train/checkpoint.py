@@ -54,9 +54,20 @@ def checkpoint_state(cfg: TrainConfig, model_sd: Dict, optim_sd: Dict, scaler_sd
     }
 
 
+def saved_config(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """The checkpoint's config with ``img_size`` explicit: checkpoints written before vit_demo pretrained at
+    16 px by default saved ``None`` for "the preset's img_size" (32 for vit_demo)."""
+    from ..models import PRESETS
+
+    saved = dict(ckpt.get("config") or {})
+    if saved.get("img_size") is None and saved.get("model") in PRESETS:
+        saved["img_size"] = PRESETS[saved["model"]]["img_size"]
+    return saved
+
+
 def check_resume_config(ckpt: Dict[str, Any], cfg: TrainConfig, path: str, world_size: int) -> None:
     """Warns when the resuming run changes settings (or the process count) that make it a different run."""
-    saved = ckpt["config"]
+    saved = saved_config(ckpt)
     changed = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS and saved.get(k) != v}
     if changed:
         pretty = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))

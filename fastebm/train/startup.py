@@ -22,9 +22,9 @@ from ..checkpoint import LAST, find_resume_checkpoint, load_checkpoint
 from ..data.builtin import BuiltinDemoData
 from ..data.streams import resolve_loader
 from ..errors import CheckpointError
-from ..models import PRESETS
+from ..models import pretrain_img_size
 from .build import autocast_dtype, batch_plan, build_data, build_objective, check_corruption, preview_images
-from .checkpoint import check_resume_config
+from .checkpoint import check_resume_config, saved_config
 from .config import TrainConfig, save_yaml
 from .evaluation import demo_evaluation
 from ..runlog import MetricsLogger
@@ -53,7 +53,7 @@ class TrainerStartup:
         self.autocast_dtype = autocast_dtype(cfg, self.device)
         self.rank, self.world = distributed.rank(), distributed.world_size()
         check_output_dir(cfg)  # collective: rank 0 checks, every rank raises its verdict
-        self.source = build_data(cfg, cfg.img_size or PRESETS[cfg.model]["img_size"])
+        self.source = build_data(cfg, cfg.img_size or pretrain_img_size(cfg.model))
         self.is_demo = isinstance(self.source, BuiltinDemoData)
         self.loader = resolve_loader(cfg.loader, self.device, self.source)
         self._startup_vote()  # scanning a large folder takes a while: a stop request during it ends here
@@ -106,8 +106,8 @@ class TrainerStartup:
         try:
             distributed.load_from_checkpoint(self.objective, self.optimizer, ckpt["model"], ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            saved = ckpt.get("config") or {}
-            differs = [f"--{k} {saved.get(k)} (this run: {getattr(cfg, k, None)})" for k in ("model", "img_size", "energy")
+            saved = saved_config(ckpt)
+            differs = [f"--{k} {saved.get(k)} (this run: {getattr(cfg, k, None)})" for k in ("model", "img_size", "energy", "epochs")
                        if k in saved and saved.get(k) != getattr(cfg, k, None)]
             detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
             hint = ("it was trained with " + ", ".join(differs) + "; give the same flags or a new --output_dir"

@@ -59,7 +59,7 @@ def _check_model_and_tasks(cfg: TrainConfig) -> None:
 
 def _check_counts(cfg: TrainConfig) -> None:
     """Step, batch and size counts, and --img_size against the preset's patch size."""
-    from ...models import PRESETS
+    from ...models import PRESETS, pretrain_img_size
 
     positive = ["batch_size", "accum_iter", "epochs", "steps", "log_every", "max_bad_steps"]
     for name in positive:
@@ -70,10 +70,12 @@ def _check_counts(cfg: TrainConfig) -> None:
             raise UsageError(f"--{name} must be >= 0 (0 = only at the end; got {getattr(cfg, name)})")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise UsageError(f"--max_steps must be >= 1 or none (got {cfg.max_steps})")
-    if cfg.img_size is not None and cfg.img_size < 1:
+    if cfg.img_size is None:  # resolved here so that config.yaml and the checkpoint record the size trained at
+        cfg.img_size = pretrain_img_size(cfg.model)
+    if cfg.img_size < 1:
         raise UsageError(f"--img_size must be a positive number of pixels (got {cfg.img_size})")
     patch = PRESETS[cfg.model]["patch_size"]
-    if cfg.img_size is not None and cfg.img_size % patch:
+    if cfg.img_size % patch:
         raise UsageError(f"--img_size {cfg.img_size} is not a multiple of {cfg.model}'s patch size {patch}; "
                          f"use e.g. {max(patch, cfg.img_size // patch * patch)}")
 

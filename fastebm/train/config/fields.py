@@ -38,10 +38,10 @@ class TrainConfig:
 
     # model and method
     model: str = _opt("vit_demo", "model preset (vit_demo, vit_tiny_patch16, vit_small_patch16, vit_base_patch16, vit_large_patch16)")
-    img_size: Optional[int] = _opt(None, "input resolution in pixels; none = the preset's (32 for vit_demo). Built-in digits: "
-                                    "16 costs a quarter of the FLOPs and fine-tuned within noise of 32 px pretraining; 8 epochs at 16 "
-                                    "px (configs/builtin_16px.yaml) gave better features than 2 at 32 px for the same FLOPs "
-                                    "(evaluate with fastebm-eval --img_size 32; docs/quality.md, Quality per FLOP)")
+    img_size: Optional[int] = _opt(None, "pretraining resolution in pixels; none = the preset's pretraining size (16 for vit_demo, "
+                                    "which fastebm-eval then evaluates at its 32 px; the preset's img_size for the others). "
+                                    "On the built-in data 8 epochs at 16 px cost what 2 at 32 px cost and gave the better backbone "
+                                    "(docs/quality.md, Quality per FLOP)")
     energy: str = _opt("sqnorm", ("energy head: sqnorm (pre-norm tokens), sqnorm_post, linear (on the built-in benchmark linear leaves a "
                                    "backbone that fine-tuning fits poorly: docs/quality.md)"), choices=ENERGIES)
     steps: int = _opt(2, "restoration gradient steps T per image")
@@ -58,7 +58,8 @@ class TrainConfig:
     # optimisation
     batch_size: int = _opt(32, "images per process per micro-step")
     accum_iter: int = _opt(1, "micro-steps accumulated per optimiser step")
-    epochs: int = _opt(1, "epochs; the learning-rate schedule spans them")
+    epochs: int = _opt(8, "epochs; the learning-rate schedule spans them (8 for the built-in demo at 16 px: docs/quality.md; "
+                            "set it for your data)")
     max_steps: Optional[int] = _opt(None, "stop after this many optimiser steps (does not reshape the schedule); none = run all epochs")
     blr: float = _opt(0.024, "base learning rate: lr = blr * effective batch / 256")
     lr: Optional[float] = _opt(None, "absolute learning rate (MAE's --lr): replaces the blr scaling; an error together "
