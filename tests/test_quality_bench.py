@@ -558,6 +558,15 @@ def test_compare_plots_only_the_seeds_every_arm_shares(tmp_path, capsys):
         compare.main(["--reports", r1, r2, "--arms", "x,w", "--out", str(out)])
     with pytest.raises(SystemExit, match="not one of"):
         compare.main(["--reports", r1, r2, "--arms", "x,z", "--paired", "y"])
+    # an arm whose name outlived what it runs (another cost per step or other epochs) is not merged
+    for other in ({"gflop_per_step": 10.68, "epochs": 8.0}, {"gflop_per_step": 44.54, "epochs": 8.0}):
+        for path, cost in ((r1, {"gflop_per_step": 44.54, "epochs": 2.0}), (r2, other)):
+            d = json.loads(open(path).read())
+            d["flops"] = {"arms": {"x": cost}}
+            open(path, "w").write(json.dumps(d))
+        with pytest.raises(SystemExit, match="'x' ran differently"):
+            compare.collect([r1, r2], ["x", "z"])
+        assert set(compare.collect([r1, r2], ["y", "z"])) == {"y", "z"}  # the other arms still merge
 
 
 def test_the_quick_run_records_every_jobs_commands(quick_run):

@@ -122,9 +122,9 @@ for _suffix, (_label, _flags) in OTHER_FT.items():
 # The default set: what the acceptance checks compare (both random inits, the shipped defaults, MAE at
 # equal epochs and at equal FLOPs). Every arm costs about 8 CPU minutes per seed of evaluation, mostly its
 # fine-tunings (a 1,000-step and a 2,000-step run: 2.7 and 4.8 CPU minutes measured), plus its pretraining
-# (fastebm's defaults: 2.3; MAE at equal FLOPs: 3.9), so the default set is about 140 CPU minutes, above the 60
-# wall minutes on 2 cores the study was meant to fit in before all-label fine-tuning needed 2,000 steps
-# (docs/quality.md, round 3). The other variants are one flag away (--arms variants).
+# (fastebm's defaults: 2.2; MAE at equal FLOPs: 2.0), so the default set is about 130 CPU minutes (round 11
+# measured 128: 70 minutes wall on 2 cores), a little above the 60 the study was meant to fit in before all-label
+# fine-tuning needed 2,000 steps (docs/quality.md, round 3). The other variants are one flag away (--arms variants).
 DEFAULT_ARMS = ["random_timm", "random_fastebm", "fastebm", "mae_epochs", "mae_flops"]
 VARIANT_ARMS = ["fastebm_32px_2ep", "fastebm_1ep", "fastebm_T1", "fastebm_truncated", "fastebm_linear", "fastebm_mim",
                 "fastebm_16px", "fastebm_T1_mim", "fastebm_8ep", "fastebm_bs64", "fastebm_bs16", "fastebm_bs8",

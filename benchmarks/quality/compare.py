@@ -25,17 +25,34 @@ METRICS = [("ft_100", "fine-tune, 100 labels"), ("lp_100", "linear probe, 100 la
            ("knn_all", "k-NN (k 20), 1,300 labels")]
 
 
+def signature(report: Dict, name: str):
+    """What an arm of ``report`` ran: its fastebm-train flags and, for a pretrained arm, its GFLOP per step and
+    epochs. An arm's name can outlive what it runs (round 11 changed the defaults, and with them the arms
+    ``fastebm``, ``mae_epochs`` and ``mae_flops``), so reports are merged only where the signatures agree."""
+    arm = report["arms"][name]
+    cost = (report.get("flops") or {}).get("arms", {}).get(name)
+    return (tuple(arm.get("flags") or ()),
+            None if cost is None else (round(float(cost["gflop_per_step"]), 2), round(float(cost["epochs"]), 3)))
+
+
 def collect(reports: List[str], arms: List[str]) -> Dict[str, Dict]:
     """{arm: {"label": str, "seeds": {seed: {"metrics": {...}}}}} (run.py's layout, seeds as ints), the first
-    report holding a seed of an arm winning."""
+    report holding a seed of an arm winning. SystemExit when an arm ran differently in two reports."""
     found: Dict[str, Dict] = {}
     for path in reports:
         with open(path) as fh:
-            for name, arm in json.load(fh)["arms"].items():
-                if name in arms:
-                    entry = found.setdefault(name, {"label": arm["label"], "seeds": {}})
-                    for s, v in arm["seeds"].items():
-                        entry["seeds"].setdefault(int(s), {"metrics": v["metrics"]})
+            report = json.load(fh)
+        for name, arm in report["arms"].items():
+            if name not in arms:
+                continue
+            sig = signature(report, name)
+            entry = found.setdefault(name, {"label": arm["label"], "seeds": {}, "signature": sig, "from": path})
+            if sig != entry["signature"]:
+                raise SystemExit(f"compare.py: error: arm {name!r} ran differently in {entry['from']} and {path} "
+                                 f"(flags, GFLOP/step and epochs {entry['signature']} against {sig}): its name "
+                                 f"outlived what it runs; compare reports of one kind")
+            for s, v in arm["seeds"].items():
+                entry["seeds"].setdefault(int(s), {"metrics": v["metrics"]})
     missing = [a for a in arms if a not in found]
     if missing:
         raise SystemExit(f"compare.py: error: arm(s) {missing} are in none of the reports {reports}")
