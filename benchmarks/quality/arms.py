@@ -54,7 +54,7 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
     Arm("random_fastebm", "random init (fastebm)", "init", init="fastebm"),
     # the shipped defaults: 8 epochs at 16 px, evaluated at vit_demo's 32 px (fastebm-eval's default for it)
     Arm("fastebm", "fastebm defaults (16 px, 8 epochs, T 2, exact)", "fastebm"),
-    Arm("fastebm_32px_2ep", "fastebm at 32 px, 2 epochs (the defaults before round 11)", "fastebm", flags=AT_32PX_2EP),
+    Arm("fastebm_32px_2ep", "fastebm at 32 px, 2 epochs (the study's reference before round 11)", "fastebm", flags=AT_32PX_2EP),
     Arm("fastebm_T1", "fastebm --steps 1 (32 px, 2 epochs)", "fastebm", flags=[*AT_32PX_2EP, "--steps", "1"]),
     Arm("fastebm_truncated", "fastebm --grad_mode truncated (32 px, 2 epochs)", "fastebm",
         flags=[*AT_32PX_2EP, "--grad_mode", "truncated"]),
