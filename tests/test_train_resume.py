@@ -110,7 +110,11 @@ def test_resuming_a_checkpoint_from_before_the_16px_default(tmp_path, capsys):
     assert main(default_size) == 2
     err = capsys.readouterr().err
     assert "--img_size 32 (this run: 16)" in err and "Traceback" not in err
+    assert "changed settings" not in err  # a checkpoint that does not fit is an error, not also a warning
     assert main(fast_args(out, data, img_size=32, max_steps=2, resume="auto")) == 0
     resumed = capsys.readouterr()
     assert "resumed from" in resumed.out and "img_size" not in resumed.out + resumed.err
     assert load_checkpoint(last)["step"] == 2
+    # a resume that loads but changes a setting says so
+    assert main(fast_args(out, data, img_size=32, epochs=3, max_steps=3, resume="auto")) == 0
+    assert "changed settings (epochs: 2 -> 3)" in capsys.readouterr().err

@@ -15,9 +15,10 @@ Learners", CVPR 2022; the reference is their ``models_mae.py``), cut to what dif
   random photo crops per epoch, ``BatchPlan``'s seeded order), ImageNet mean/std normalisation;
 * optimiser: fastebm-train's (fused AdamW, betas 0.9/0.95, weight decay 0.05 except norms, biases,
   embeddings; lr = blr x batch / 256; linear warm-up over 5 % of the steps, as fastebm's 0.1 epoch
-  was of its 2 epochs before round 11 (of today's 8: 1.25 %), then cosine to 1e-5 per step; gradient-norm clip 1.0). The base lr (``MAE_BLR``,
-  0.006) was searched with ``mae_lr.py`` on a validation split of the training digits (grid 0.003
-  to 0.048, linear-probe top-1 on the split; benchmarks/results/quality/mae_lr.json). The study
+  was of its 2 epochs before round 11 (of today's 8: 1.25 %), then cosine to 1e-5 per step;
+  gradient-norm clip 1.0). The base lr (``MAE_BLR``, 0.006) was searched with ``mae_lr.py`` on a
+  validation split of the training digits (grid 0.003 to 0.048, linear-probe top-1 on the split;
+  benchmarks/results/quality/mae_lr.json). The study
   first ran with fastebm-train's default, 0.024, which is far worse for MAE (docs/quality.md).
 
     python benchmarks/quality/mae.py --output_dir DIR --epochs E --seed S [--blr B] [--max_steps N]

@@ -102,7 +102,6 @@ class TrainerStartup:
                 return
         else:
             ckpt, path = load_checkpoint(cfg.resume), cfg.resume
-        check_resume_config(ckpt, cfg, path, self.world)
         try:
             distributed.load_from_checkpoint(self.objective, self.optimizer, ckpt["model"], ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -113,6 +112,7 @@ class TrainerStartup:
             hint = ("it was trained with " + ", ".join(differs) + "; give the same flags or a new --output_dir"
                     if differs else detail)
             raise CheckpointError(f"checkpoint {path} does not fit this model/optimiser: {hint}") from None
+        check_resume_config(ckpt, cfg, path, self.world)  # after the load: a checkpoint that does not fit is an error only
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = LoopState.from_checkpoint(ckpt)

@@ -76,8 +76,9 @@ def _check_counts(cfg: TrainConfig) -> None:
         raise UsageError(f"--img_size must be a positive number of pixels (got {cfg.img_size})")
     patch = PRESETS[cfg.model]["patch_size"]
     if cfg.img_size % patch:
+        lo = max(patch, cfg.img_size // patch * patch)
         raise UsageError(f"--img_size {cfg.img_size} is not a multiple of {cfg.model}'s patch size {patch}; "
-                         f"use e.g. {max(patch, cfg.img_size // patch * patch)}")
+                         f"use e.g. {lo} or {lo + patch}")
 
 
 def _check_rates(cfg: TrainConfig) -> None:
