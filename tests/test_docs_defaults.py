@@ -134,16 +134,21 @@ def test_configs_builtin_32px_yaml_is_the_quality_studys_earlier_defaults(tmp_pa
 
 def test_the_quality_studys_reference_arm_is_the_shipped_default(tmp_path):
     """benchmarks/quality's ``fastebm`` arm (what the acceptance checks are about) pretrains with exactly
-    fastebm-train's defaults: its flags and the study's epochs change nothing; vit_demo pretrains at 16 px
-    and fastebm-eval evaluates that backbone at 32 px."""
+    fastebm-train's defaults: its flags and the study's epochs change nothing; vit_demo pretrains at 16 px,
+    and the study evaluates that backbone and the untrained inits at fastebm-eval's default size for them."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks", "quality"))
     import arms
-    from fastebm.models import PRESETS, eval_img_size
+    from fastebm.eval.backbone import init_backbone
 
     out = ["--output_dir", str(tmp_path)]
     ref = arms.ARMS[arms.REFERENCE]
-    assert ref.kind == "fastebm" and not ref.eval_flags
+    assert ref.kind == "fastebm" and not ref.eval_img_size
     defaults = parse_config(out)
     assert parse_config([*ref.flags, "--epochs", str(arms.PRETRAIN_EPOCHS), *out]) == defaults
     assert (defaults.img_size, defaults.epochs) == (16, 8)
-    assert eval_img_size(defaults.model, defaults.img_size) == PRESETS["vit_demo"]["img_size"] == 32
+    # a default backbone's fastebm-eval size is the size it was pretrained at (the export test checks that)
+    assert arms.eval_px(ref) == defaults.img_size == 16
+    for name in ("random_timm", "random_fastebm"):
+        arm = arms.ARMS[name]
+        assert arms.eval_px(arm) == init_backbone(arm.init, "vit_demo", None, 0).eval_img_size == 16
+    assert arms.eval_px(arms.ARMS["mae_flops"]) == 32 and arms.eval_px(arms.ARMS["mae_flops_16px"]) == 16

@@ -124,51 +124,63 @@ def test_fastebm_eval_builds_timm_named_models_from_an_export(tmp_path):
     assert s["arch"]["img_size"] == 32 and s["arch"]["depth"] == 12 and 0.0 <= s["top1"] <= 1.0
 
 
-def test_vit_demo_pretrained_at_its_default_16px_is_evaluated_at_32px(tmp_path):
-    """fastebm-train pretrains vit_demo at 16 px by default; the backbone's evaluation size is vit_demo's
-    32 px, from the training checkpoint, from the export (timm's pretrained_cfg ``test_input_size``, which
-    timm's resolve_data_config reads) and in fastebm-eval's runs. Any other size is kept."""
+def test_a_backbone_is_evaluated_at_the_size_it_was_pretrained_at(tmp_path):
+    """fastebm-train pretrains vit_demo at 16 px by default; fastebm-eval evaluates that backbone at 16 px,
+    from the training checkpoint and from its export (no timm ``test_input_size`` is written), and builds an
+    untrained --init baseline at 16 px too. An export that names a ``test_input_size`` (timm's field, which
+    timm's resolve_data_config reads) is believed, and --img_size overrides everything."""
     from timm.data import resolve_data_config
 
-    from fastebm.eval.backbone import Backbone
+    from fastebm.eval.backbone import Backbone, init_backbone
 
     ckpt = read_backbone(trained_checkpoint())
-    assert ckpt.arch["img_size"] == 16 and ckpt.eval_img_size == 32
+    assert ckpt.arch["img_size"] == 16 and ckpt.eval_img_size == 16
     out = tmp_path / "m.safetensors"
     assert main(["--ckpt", trained_checkpoint(), "--out", str(out)]) == 0
     meta = json.loads(open(sidecar_path(str(out))).read())
-    assert meta["pretrained_cfg"]["input_size"] == [3, 16, 16] and meta["pretrained_cfg"]["test_input_size"] == [3, 32, 32]
-    assert tuple(resolve_data_config(pretrained_cfg=meta["pretrained_cfg"], use_test_size=True)["input_size"]) == (3, 32, 32)
-    assert read_backbone(str(out)).eval_img_size == 32
-    # the README's recipe for building it at that size: resample pos_embed, then a strict load at 32 px
-    from safetensors.torch import load_file
-    from timm.layers import resample_abs_pos_embed
-    from timm.models.vision_transformer import VisionTransformer
-
-    state = load_file(str(out))
-    size = meta["pretrained_cfg"].get("test_input_size", meta["pretrained_cfg"]["input_size"])[-1]
-    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], [size // meta["patch_size"]] * 2, num_prefix_tokens=1)
-    vit = VisionTransformer(**{**meta["model_args"], "img_size": size}, num_classes=0).eval()
-    vit.load_state_dict(state)
-    with torch.no_grad():
-        assert vit.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 65, 128)
-    # a size the user chose is kept: vit_demo at 24 px, vit_tiny_patch16 at 32 px (not its preset's 224)
+    assert meta["pretrained_cfg"]["input_size"] == [3, 16, 16] and "test_input_size" not in meta["pretrained_cfg"]
+    assert read_backbone(str(out)).eval_img_size == 16
+    # any size is kept: vit_demo at 24 px, vit_tiny_patch16 at 32 px (not its preset's 224)
     for name, size in (("vit_demo", 24), ("vit_tiny_patch16", 32)):
         path = export_backbone(fastebm.create_model(name, img_size=size), str(tmp_path / f"{name}.safetensors"))
         side = json.loads(open(sidecar_path(path)).read())
         assert "test_input_size" not in side["pretrained_cfg"] and read_backbone(path).eval_img_size == size
-    # an export that names its own test_input_size is believed
+    # an export that names its own test_input_size is believed, and re-exporting it keeps it
     side = json.loads(open(sidecar_path(str(out))).read())
     side["pretrained_cfg"]["test_input_size"] = [3, 28, 28]
     pth = tmp_path / "other.pth"
     torch.save(read_backbone(str(out)).state, pth)
     open(sidecar_path(str(pth)), "w").write(json.dumps(side))
-    assert read_backbone(str(pth)).eval_img_size == 28
+    other = read_backbone(str(pth))
+    assert other.eval_img_size == 28
+    again = tmp_path / "again.safetensors"
+    assert main(["--ckpt", str(pth), "--out", str(again)]) == 0
+    cfg = json.loads(open(sidecar_path(str(again))).read())["pretrained_cfg"]
+    assert cfg["test_input_size"] == [3, 28, 28]
+    assert tuple(resolve_data_config(pretrained_cfg=cfg, use_test_size=True)["input_size"]) == (3, 28, 28)
+    # the README's recipe for building it at another size: resample pos_embed, then a strict load
+    from safetensors.torch import load_file
+    from timm.layers import resample_abs_pos_embed
+    from timm.models.vision_transformer import VisionTransformer
+
+    state = load_file(str(out))
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], [32 // meta["patch_size"]] * 2, num_prefix_tokens=1)
+    vit = VisionTransformer(**{**meta["model_args"], "img_size": 32}, num_classes=0).eval()
+    vit.load_state_dict(state)
+    with torch.no_grad():
+        assert vit.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 65, 128)
     assert Backbone(dict(ckpt.arch), None, "random", None).eval_img_size == 16  # no preset: its own size
-    # fastebm-eval without --img_size runs at 32 px; with it, at the size given
+    # the untrained baselines: at vit_demo's pretraining size unless a size is given
+    for kind in ("random", "fastebm"):
+        assert init_backbone(kind, "vit_demo", None, 0).eval_img_size == 16
+        assert init_backbone(kind, "vit_demo", 32, 0).eval_img_size == 32
+        assert init_backbone(kind, "vit_tiny_patch16", None, 0).eval_img_size == 224
+    # fastebm-eval without --img_size runs at 16 px; with it, at the size given
     import fastebm.eval as fe
 
     s = fe.knn(ckpt=trained_checkpoint(), k=3, few_shot=3, output_dir=str(tmp_path / "knn"))
-    assert s["img_size"] == 32 and s["arch"]["img_size"] == 16
-    s = fe.knn(ckpt=trained_checkpoint(), k=3, few_shot=3, img_size=16, output_dir=str(tmp_path / "knn16"))
+    assert s["img_size"] == 16 and s["arch"]["img_size"] == 16
+    s = fe.knn(ckpt=trained_checkpoint(), k=3, few_shot=3, img_size=32, output_dir=str(tmp_path / "knn32"))
+    assert s["img_size"] == 32
+    s = fe.knn(init="random", k=3, few_shot=3, output_dir=str(tmp_path / "knn_init"))
     assert s["img_size"] == 16

@@ -72,6 +72,7 @@ def test_quick_outputs_are_complete_and_in_range(quick_run):
 
 
 def test_quick_table_carries_the_json_numbers(quick_run):
+    import arms as A
     import report as R
 
     data = json.loads((quick_run / "quality.json").read_text())
@@ -80,7 +81,8 @@ def test_quick_table_carries_the_json_numbers(quick_run):
     for name, arm in data["arms"].items():
         row = next(line for line in table.splitlines() if line.startswith(f"| {arm['label']} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        got = [float(c) for c in cells[3:3 + len(R.METRICS)]]
+        assert cells[3] == f"{A.eval_px(A.ARMS[name])} px" == f"{arm['eval_img_size']} px"
+        got = [float(c) for c in cells[4:4 + len(R.METRICS)]]
         want = [arm["summary"][m]["mean"] for m in R.METRICS]
         assert got == pytest.approx(want, abs=5e-4), (name, row)
     for name in ("quality.png", "quality_curves.png"):
@@ -386,7 +388,7 @@ def test_shrink_perturb_matches_float64_and_round_trips(tmp_path):
     path = str(tmp_path / "sp.pth")
     assert SP.main(["--src", "random", "--seed", str(seed), "--shrink", str(lam), "--perturb", str(sig), "--out", path]) == 0
     written = read_backbone(path).state
-    bb = init_backbone("random", "vit_demo", None, seed)
+    bb = init_backbone("random", "vit_demo", 32, seed)  # shrink_perturb.py builds round 7's 32 px backbones
     theta, theta_fresh = SP.timm_init_state(bb, seed), SP.timm_init_state(bb, seed + SP.FRESH_SEED_OFFSET)
     assert set(written) == set(theta) and not torch.equal(theta["blocks.0.attn.qkv.weight"], theta_fresh["blocks.0.attn.qkv.weight"])
     for k, v in written.items():
@@ -396,7 +398,7 @@ def test_shrink_perturb_matches_float64_and_round_trips(tmp_path):
     # --src fastebm_init shrinks EnergyViT's own init (fastebm-eval --init fastebm --seed S), perturbed by timm's fresh one
     ebm = str(tmp_path / "ebm.pth")
     SP.main(["--src", "fastebm_init", "--seed", str(seed), "--shrink", str(lam), "--perturb", str(sig), "--out", ebm])
-    own = init_backbone("fastebm", "vit_demo", None, seed).state
+    own = init_backbone("fastebm", "vit_demo", 32, seed).state
     assert not torch.equal(own["blocks.0.attn.qkv.weight"], theta["blocks.0.attn.qkv.weight"])
     for k, v in read_backbone(ebm).state.items():
         assert torch.allclose(v.double(), lam * own[k].double() + sig * theta_fresh[k].double(), atol=1e-6)

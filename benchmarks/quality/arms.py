@@ -3,7 +3,7 @@
 An arm is a backbone recipe: an untrained initialisation (timm's or fastebm's), a fastebm-train
 run with some flags, or the MAE baseline (mae.py) at equal epochs or at equal training FLOPs.
 Every arm is evaluated by the same fastebm-eval commands with their built-in recipes (nothing is
-tuned per arm): linear probe and fine-tuning on 100 labels (``--few_shot 10``) and on all 1,300,
+tuned per arm), at an input size every command names (``--img_size``, :func:`eval_px`): linear probe and fine-tuning on 100 labels (``--few_shot 10``) and on all 1,300,
 k-NN on all labels, a re-probe of each fine-tuned backbone on its labels, and diagnose.py. The
 ``*_blr4e-3`` and ``*_blr32e-3`` arms (``--arms blr4e-3``, ``--arms blr32e-3``) repeat the compared arms'
 all-label fine-tuning at the built-in lr used before round 6, and at the one round 7 tried and did not adopt
@@ -37,7 +37,10 @@ class Arm:
     init: Optional[str] = None  # kind init: random (timm) or fastebm
     flags: List[str] = field(default_factory=list)  # kind fastebm: fastebm-train flags
     mae_budget: Optional[str] = None  # kind mae: "epochs" (same epochs) or "flops" (same training FLOPs)
-    eval_flags: List[str] = field(default_factory=list)  # added to every fastebm-eval command
+    # --img_size of every fastebm-eval command: the size the backbone was pretrained at (fastebm-eval's default),
+    # vit_demo's pretraining size for the untrained inits; 32 for the arms evaluated before round 12 (all at 32 px)
+    eval_img_size: int = 0  # 0: the study's rule, eval_px (below)
+    mae_img_size: int = 0  # kind mae: mae.py --img_size (0: vit_demo's 32 px)
     # an arm that only changes the evaluation: it reuses this arm's pretraining runs (same folder, no new job)
     pretrained_as: Optional[str] = None
     ft_flags: List[str] = field(default_factory=list)  # added to the fine-tuning commands only
@@ -52,8 +55,12 @@ class Arm:
 ARMS: Dict[str, Arm] = {a.name: a for a in [
     Arm("random_timm", "random init (timm)", "init", init="random"),
     Arm("random_fastebm", "random init (fastebm)", "init", init="fastebm"),
-    # the shipped defaults: 8 epochs at 16 px, evaluated at vit_demo's 32 px (fastebm-eval's default for it)
+    # the shipped defaults: 8 epochs at 16 px, evaluated at 16 px (fastebm-eval's default for it since round 12)
     Arm("fastebm", "fastebm defaults (16 px, 8 epochs, T 2, exact)", "fastebm"),
+    # round 12: the untrained inits at 32 px, as every arm was evaluated until round 11 (the stronger size for
+    # timm's init in one metric, the 1,300-label probe: docs/quality.md)
+    Arm("random_timm_32px", "random init (timm), evaluated at 32 px", "init", init="random", eval_img_size=32),
+    Arm("random_fastebm_32px", "random init (fastebm), evaluated at 32 px", "init", init="fastebm", eval_img_size=32),
     Arm("fastebm_32px_2ep", "fastebm at 32 px, 2 epochs (the study's reference before round 11)", "fastebm", flags=AT_32PX_2EP),
     Arm("fastebm_T1", "fastebm --steps 1 (32 px, 2 epochs)", "fastebm", flags=[*AT_32PX_2EP, "--steps", "1"]),
     Arm("fastebm_truncated", "fastebm --grad_mode truncated (32 px, 2 epochs)", "fastebm",
@@ -62,11 +69,14 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
     Arm("fastebm_mim", "fastebm --tasks mim (32 px, 2 epochs)", "fastebm", flags=[*AT_32PX_2EP, "--tasks", "mim"]),
     Arm("mae_epochs", "MAE, same epochs", "mae", mae_budget="epochs"),
     Arm("mae_flops", "MAE, same training FLOPs", "mae", mae_budget="flops"),
+    # round 12: MAE also pretrained (and evaluated) at 16 px, at fastebm's FLOPs: does the cheap resolution that
+    # made fastebm's defaults pay for MAE too? (its lr is the one searched at 32 px)
+    Arm("mae_flops_16px", "MAE at 16 px, same training FLOPs", "mae", mae_budget="flops", mae_img_size=16),
     # cheaper configurations (item 3)
     Arm("fastebm_1ep", "fastebm at 32 px, 1 epoch (the demo's recipe before round 11)", "fastebm",
         flags=["--img_size", "32", "--epochs", "1"]),
     Arm("fastebm_16px", "fastebm --img_size 16, 2 epochs (eval at 32 px)", "fastebm", flags=["--img_size", "16", "--epochs", "2"],
-        eval_flags=["--img_size", "32"]),
+        eval_img_size=32),
     Arm("fastebm_T1_mim", "fastebm --steps 1 --tasks mim (32 px, 2 epochs)", "fastebm",
         flags=[*AT_32PX_2EP, "--steps", "1", "--tasks", "mim"]),
     # more pretraining (4x the 32 px defaults' FLOPs): does what fine-tuning keeps grow with the budget?
@@ -84,7 +94,7 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
     # labels (round 9): at 16 px, 8 epochs cost about what the 2-epoch 32 px defaults cost. Since round 11 this
     # is what the defaults run (the arm `fastebm`); the explicit flags keep round 10's commands as they were.
     Arm("fastebm_16px_8ep", "fastebm --img_size 16 --epochs 8 (round 10; the defaults since round 11)", "fastebm",
-        flags=["--img_size", "16", "--epochs", "8"], eval_flags=["--img_size", "32"]),
+        flags=["--img_size", "16", "--epochs", "8"], eval_img_size=32),
 ]}
 # Rounds 6 and 7 (docs/quality.md): the built-in fine-tuning recipe was chosen on timm's random init alone, which
 # could favour random init. The three arms the fine-tuning checks compare then had their all-label lr and layer
@@ -100,7 +110,7 @@ def ft_only_arm(base: Arm, suffix: str, label: str, ft_flags: List[str]) -> Arm:
     """``base``'s all-label fine-tuning with ``ft_flags`` added; it reuses ``base``'s pretraining runs."""
     return Arm(f"{base.name}_{suffix}", f"{base.label}, {label}", base.kind, init=base.init,
                pretrained_as=None if base.kind == "init" else base.name, ft_flags=list(ft_flags), parts=["ft_all"],
-               eval_flags=list(base.eval_flags))
+               eval_img_size=base.eval_img_size)
 
 
 # Round 9: is the all-label tie a property of the 2,000-step budget? The compared arms' all-label fine-tuning
@@ -186,16 +196,35 @@ def pretrain_command(arm: Arm, seed: int, out: str, budget: Budget, mae_epochs: 
         return [sys.executable, "-m", "fastebm", "train", "--output_dir", out, "--seed", str(seed), *flags,
                 *arm.flags, *budget.pretrain_extra()]
     cmd = [sys.executable, os.path.join(HERE, "mae.py"), "--output_dir", out, "--seed", str(seed), "--epochs", f"{mae_epochs:.4f}"]
+    if arm.mae_img_size:
+        cmd += ["--img_size", str(arm.mae_img_size)]
     if budget.mae_max_steps():
         cmd += ["--max_steps", str(budget.mae_max_steps())]
     return cmd
 
 
+def pretrain_px(arm: Arm) -> int:
+    """The size the arm's backbone is pretrained at (an untrained init: vit_demo's pretraining size, 16)."""
+    from fastebm.models import PRESETS, pretrain_img_size
+
+    if arm.kind == "mae":
+        return arm.mae_img_size or PRESETS["vit_demo"]["img_size"]
+    if arm.kind == "fastebm":
+        return int(_train_flag(arm, "--img_size", pretrain_img_size("vit_demo")))
+    return pretrain_img_size("vit_demo")
+
+
+def eval_px(arm: Arm) -> int:
+    """The input size every evaluation of the arm runs at (round 12's protocol): the size its backbone was
+    pretrained at, which is fastebm-eval's default for it (an untrained init: the size a default fastebm
+    backbone is pretrained and evaluated at), unless the arm names one (the arms measured at 32 px before)."""
+    return arm.eval_img_size or pretrain_px(arm)
+
+
 def source_flags(arm: Arm, seed: int, pretrain_dir: str) -> List[str]:
-    """How fastebm-eval gets the arm's backbone."""
-    if arm.kind == "init":
-        return ["--init", arm.init]
-    return ["--ckpt", os.path.join(pretrain_dir, "backbone.pth"), *arm.eval_flags]
+    """How fastebm-eval gets the arm's backbone, and at what size."""
+    src = ["--init", arm.init] if arm.kind == "init" else ["--ckpt", os.path.join(pretrain_dir, "backbone.pth")]
+    return [*src, "--img_size", str(eval_px(arm))]
 
 
 def eval_commands(arm: Arm, seed: int, pretrain_dir: str, out: str, budget: Budget) -> Dict[str, List[List[str]]]:
@@ -209,8 +238,8 @@ def eval_commands(arm: Arm, seed: int, pretrain_dir: str, out: str, budget: Budg
                                 "--output_dir", os.path.join(out, f"lp_{labels}")])
     parts["frozen"].append([*ev, "knn", *src, *common, *budget.label_sets()["all"], "--output_dir", os.path.join(out, "knn_all")])
     diag_src = ["--init", arm.init] if arm.kind == "init" else ["--ckpt", os.path.join(pretrain_dir, "backbone.pth")]
-    parts["frozen"].append([sys.executable, os.path.join(HERE, "diagnose.py"), *diag_src, *common,
-                            "--out", os.path.join(out, "diag.json")])
+    parts["frozen"].append([sys.executable, os.path.join(HERE, "diagnose.py"), *diag_src, "--img_size", str(eval_px(arm)),
+                            *common, "--out", os.path.join(out, "diag.json")])
     for labels, few in budget.label_sets().items():
         ft = os.path.join(out, f"ft_{labels}")
         # the re-probe reads the fine-tuned checkpoint, already at the evaluation size

@@ -25,13 +25,18 @@ METRICS = [("ft_100", "fine-tune, 100 labels"), ("lp_100", "linear probe, 100 la
            ("knn_all", "k-NN (k 20), 1,300 labels")]
 
 
+# Reports written before round 12 do not record the evaluation size: every arm was evaluated at 32 px then.
+EVAL_PX_BEFORE_ROUND12 = 32
+
+
 def signature(report: Dict, name: str):
-    """What an arm of ``report`` ran: its fastebm-train flags and, for a pretrained arm, its GFLOP per step and
-    epochs. An arm's name can outlive what it runs (round 11 changed the defaults, and with them the arms
-    ``fastebm``, ``mae_epochs`` and ``mae_flops``), so reports are merged only where the signatures agree."""
+    """What an arm of ``report`` ran: its fastebm-train flags, its evaluation size and, for a pretrained arm, its
+    GFLOP per step and epochs. An arm's name can outlive what it runs (round 11 changed the defaults, and with
+    them the arms ``fastebm``, ``mae_epochs`` and ``mae_flops``; round 12 the evaluation size of ``fastebm`` and
+    the random inits), so reports are merged only where the signatures agree."""
     arm = report["arms"][name]
     cost = (report.get("flops") or {}).get("arms", {}).get(name)
-    return (tuple(arm.get("flags") or ()),
+    return (tuple(arm.get("flags") or ()), int(arm.get("eval_img_size", EVAL_PX_BEFORE_ROUND12)),
             None if cost is None else (round(float(cost["gflop_per_step"]), 2), round(float(cost["epochs"]), 3)))
 
 
@@ -49,7 +54,7 @@ def collect(reports: List[str], arms: List[str]) -> Dict[str, Dict]:
             entry = found.setdefault(name, {"label": arm["label"], "seeds": {}, "signature": sig, "from": path})
             if sig != entry["signature"]:
                 raise SystemExit(f"compare.py: error: arm {name!r} ran differently in {entry['from']} and {path} "
-                                 f"(flags, GFLOP/step and epochs {entry['signature']} against {sig}): its name "
+                                 f"(flags, evaluation px, GFLOP/step and epochs {entry['signature']} against {sig}): its name "
                                  f"outlived what it runs; compare reports of one kind")
             for s, v in arm["seeds"].items():
                 entry["seeds"].setdefault(int(s), {"metrics": v["metrics"]})

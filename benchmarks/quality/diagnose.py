@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    bb = read_backbone(args.ckpt) if args.ckpt else init_backbone(args.init, "vit_demo", None, args.seed)
+    bb = read_backbone(args.ckpt) if args.ckpt else init_backbone(args.init, "vit_demo", args.img_size, args.seed)
     model = build_classifier(bb, 0, img_size=args.img_size, global_pool="avg", drop_path_rate=0.0, head_init_std=1.0,
                              seed=args.seed)
     x_tr = builtin_digit_split(args.img_size)[0][:IMAGES]

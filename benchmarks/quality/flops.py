@@ -72,13 +72,13 @@ def fastebm_step_flops(train_flags: Sequence[str]) -> int:
     return count(step)
 
 
-def mae_step_flops(batch_size: int = 32) -> int:
-    """FLOPs of one MAE-baseline step (mae.py: encoder on visible patches, decoder, loss backward)."""
+def mae_step_flops(batch_size: int = 32, img_size: int = 32) -> int:
+    """FLOPs of one MAE-baseline step at ``img_size`` px (mae.py: encoder on visible patches, decoder, loss backward)."""
     import mae
 
     with torch.random.fork_rng(devices=[]):
-        model = mae.build(0)
-        x = mae.normalise(sample_images(batch_size))
+        model = mae.build(0, img_size=img_size)
+        x = mae.normalise(sample_images(batch_size, img_size))
 
         def step():
             loss, _, _ = model(x)

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from fastebm.eval.timm_vit import build_classifier
 
     bb = load(args)
-    size = bb.eval_img_size  # what fastebm-eval fine-tunes at (vit_demo pretrained at 16 px: 32)
+    size = bb.eval_img_size  # what fastebm-eval fine-tunes at: the size the backbone was pretrained at
     data = load_eval_data(make_config("finetune", init="random", seed=args.seed), size)
     y = torch.tensor(data.train.labels)
     images = [data.train[i][0] for i in range(len(data.train))]  # PIL images (no transform on data.train)

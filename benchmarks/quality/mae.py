@@ -21,7 +21,7 @@ Learners", CVPR 2022; the reference is their ``models_mae.py``), cut to what dif
   benchmarks/results/quality/mae_lr.json). The study
   first ran with fastebm-train's default, 0.024, which is far worse for MAE (docs/quality.md).
 
-    python benchmarks/quality/mae.py --output_dir DIR --epochs E --seed S [--blr B] [--max_steps N]
+    python benchmarks/quality/mae.py --output_dir DIR --epochs E --seed S [--blr B] [--max_steps N] [--img_size PX]
 
 Writes DIR/backbone.pth (timm names) and DIR/summary.json (loss, steps, wall time, FLOPs per step).
 """
@@ -138,11 +138,12 @@ class MaskedAutoencoder(nn.Module):
         return (loss * mask).sum() / mask.sum(), pred, mask
 
 
-def build(seed: int, model: str = "vit_demo") -> MaskedAutoencoder:
+def build(seed: int, model: str = "vit_demo", img_size: int = None) -> MaskedAutoencoder:
+    """The MAE around a fresh ``model`` encoder at ``img_size`` px (None: the preset's, 32 for vit_demo)."""
     import fastebm
 
     torch.manual_seed(seed)
-    return MaskedAutoencoder(fastebm.create_model(model))
+    return MaskedAutoencoder(fastebm.create_model(model, img_size=img_size))
 
 
 def batch_images(data, plan, step: int) -> torch.Tensor:
@@ -159,7 +160,7 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 def train(output_dir: str, epochs: float, seed: int, blr: float = MAE_BLR, batch_size: int = 32,
-          max_steps: int = None, log=print) -> Dict:
+          max_steps: int = None, img_size: int = None, log=print) -> Dict:
     """Pretrains the MAE baseline; writes backbone.pth and summary.json under ``output_dir``."""
     from fastebm.data.builtin import BuiltinDemoData
     from fastebm.data.sampling import BatchPlan
@@ -168,7 +169,7 @@ def train(output_dir: str, epochs: float, seed: int, blr: float = MAE_BLR, batch
     from fastebm.train.schedule import lr_at, scaled_lr
 
     t0 = time.time()
-    mae = build(seed)
+    mae = build(seed, img_size=img_size)
     data = BuiltinDemoData(mae.encoder.img_size[0], seed)
     plan = BatchPlan(len(data), batch_size, seed=seed)
     total = max(1, int(round(epochs * plan.steps_per_epoch)))
@@ -199,7 +200,7 @@ def train(output_dir: str, epochs: float, seed: int, blr: float = MAE_BLR, batch
     torch.save(mae.encoder.backbone_state_dict(), backbone + ".tmp")
     os.replace(backbone + ".tmp", backbone)
     summary = {"method": "mae", "epochs": epochs, "steps": run_steps, "total_steps": total, "blr": blr, "lr": base_lr,
-               "batch_size": batch_size, "seed": seed, "final_loss": float(np.mean(losses[-10:])),
+               "batch_size": batch_size, "seed": seed, "img_size": mae.encoder.img_size[0], "final_loss": float(np.mean(losses[-10:])),
                "first_loss": losses[0], "wall_time_s": time.time() - t0, "backbone": backbone,
                "mask_ratio": mae.mask_ratio, "decoder": {"dim": DECODER_DIM, "depth": DECODER_DEPTH, "heads": DECODER_HEADS}}
     path = os.path.join(output_dir, "summary.json")
@@ -217,9 +218,12 @@ def main(argv=None) -> int:
     ap.add_argument("--blr", type=float, default=MAE_BLR)
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--max_steps", type=int, default=None)
+    ap.add_argument("--img_size", type=int, default=None, help="pretraining size in px (default: vit_demo's 32)")
     args = ap.parse_args(argv)
+    if args.img_size is not None and (args.img_size < 4 or args.img_size % 4):
+        ap.error(f"--img_size {args.img_size}: give a multiple of vit_demo's patch size 4 (e.g. 16 or 32)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    s = train(args.output_dir, args.epochs, args.seed, args.blr, args.batch_size, args.max_steps)
+    s = train(args.output_dir, args.epochs, args.seed, args.blr, args.batch_size, args.max_steps, args.img_size)
     print(json.dumps({k: s[k] for k in ("steps", "final_loss", "wall_time_s")}))
     return 0
 

@@ -107,7 +107,8 @@ ROUND8_FEW = ["probe_1000_crop08_dp0_clip1_lr16", "probe_1000_crop08_dp0_clip1_l
 GRIDS = {"round6": ROUND6, "round6_stage2": ROUND6_STAGE2, "round7_many": ROUND7_MANY, "round7_few": ROUND7_FEW,
          "round7_sp": ROUND7_SP, "round8_few": ROUND8_FEW}
 # arm name in this pilot -> what fastebm-eval starts from ("fastebm": the backbone given with --fastebm)
-INITS = {"random": ["--init", "random"], "fastebm_init": ["--init", "fastebm"]}
+# (at 32 px, the size rounds 6-8 ran at: since round 12 an untrained vit_demo is built at 16 px unless told)
+INITS = {"random": ["--init", "random", "--img_size", "32"], "fastebm_init": ["--init", "fastebm", "--img_size", "32"]}
 
 
 def command(split: str, arm: str, labels: int, recipe: str, seed: int, out: str) -> list:

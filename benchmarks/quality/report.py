@@ -225,8 +225,8 @@ def collect(jobs, meta: Dict, fl: Dict) -> Dict:
         for k in keys:
             mu, sd, n = mean_std([r["metrics"].get(k) for r in per_seed.values()])
             summary[k] = {"mean": mu, "std": sd, "n": n}
-        arms[name] = {"label": arm.label, "kind": arm.kind, "flags": arm.flags, "seeds": per_seed, "summary": summary,
-                      "flops": fl["arms"].get(name)}
+        arms[name] = {"label": arm.label, "kind": arm.kind, "flags": arm.flags, "eval_img_size": A.eval_px(arm),
+                      "seeds": per_seed, "summary": summary, "flops": fl["arms"].get(name)}
     return arms
 
 
@@ -259,8 +259,8 @@ def markdown(data: Dict) -> str:
              f"load average {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at the end"
              f"{_reused(data['jobs'])}. "
              f"{data['env']['date_utc']}, commit {str(data['env']['git_commit'])[:10]}{' (dirty)' if data['env']['git_dirty'] else ''}.", "",
-             "| arm | pretraining: GFLOP/step x steps | wall s (1 thread) | " + " | ".join(TITLES[m] for m in METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
+             "| arm | pretraining: GFLOP/step x steps | wall s (1 thread) | evaluated at | " + " | ".join(TITLES[m] for m in METRICS) + " |",
+             "|---|---|---|---|" + "---|" * len(METRICS)]
     for name, r in arms.items():
         f = r["flops"]
         cost = "0" if not f else f"{f['gflop_per_step']:.1f} x {f['steps']} = {1000 * f['pflop']:.2f} TFLOP"
@@ -269,11 +269,12 @@ def markdown(data: Dict) -> str:
         cells = [fmt(r["summary"].get(m, {}).get("mean"), r["summary"].get(m, {}).get("std")) for m in METRICS]
         fails = [s for s, v in r["seeds"].items() if v.get("pretrain", {}).get("failed_rc")]
         label = r["label"] + (f" (pretraining failed: seeds {', '.join(fails)})" if fails else "")
-        lines.append(f"| {label} | {cost} | {wall} | " + " | ".join(cells) + " |")
+        px = f"{r['eval_img_size']} px" if r.get("eval_img_size") else "-"
+        lines.append(f"| {label} | {cost} | {wall} | {px} | " + " | ".join(cells) + " |")
     ref = data.get("reference_pixels")
     if ref:
         cells = [fmt(*mean_std(list(ref[m].values()))[:2]) if m in ref else "-" for m in METRICS]
-        lines.append("| reference, no network: logistic regression on the raw pixels (pixels.py) | 0 | - | " + " | ".join(cells) + " |")
+        lines.append("| reference, no network: logistic regression on the raw pixels (pixels.py) | 0 | - | - | " + " | ".join(cells) + " |")
     lines += ["", "Did fine-tuning fit, and what did it do to the features: training top-1 in the last epoch "
               "(augmented) and on the clean training images after fine-tuning, the LP-FT probe it started from, "
               "and a linear probe of the fine-tuned backbone (same labels):", "",

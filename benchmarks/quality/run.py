@@ -189,7 +189,8 @@ def flops_table(arm_names: List[str], budget: A.Budget) -> Dict:
         if arm.kind == "init":
             continue
         if arm.kind == "mae":
-            per, epochs = mae, A.PRETRAIN_EPOCHS if arm.mae_budget == "epochs" else out["mae_equal_flops_epochs"]
+            per = mae if not arm.mae_img_size else flops.mae_step_flops(img_size=arm.mae_img_size)
+            epochs = A.PRETRAIN_EPOCHS if arm.mae_budget == "epochs" else A.PRETRAIN_EPOCHS * ref / per
         else:
             per, epochs = (ref if not arm.flags else flops.fastebm_step_flops(arm.flags)), A.train_epochs(arm)
         arm_steps_per_epoch = BatchPlan(n_images, A.train_batch_size(arm)).steps_per_epoch  # fewer images, more steps

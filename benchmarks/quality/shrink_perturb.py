@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     from fastebm.eval.export import write_export
 
     if args.src in ("random", "fastebm_init"):
-        bb = init_backbone("random" if args.src == "random" else "fastebm", "vit_demo", None, args.seed)
+        # 32 px: the size round 7 measured at (an untrained vit_demo is otherwise built at 16 px since round 12)
+        bb = init_backbone("random" if args.src == "random" else "fastebm", "vit_demo", 32, args.seed)
     else:
         bb = read_backbone(args.src)
     if bb.state is None:

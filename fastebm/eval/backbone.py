@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from ..corrupt import IMAGENET_MEAN, IMAGENET_STD
-from ..models import PRESETS, TIMM_NAMES, eval_img_size
+from ..models import PRESETS, TIMM_NAMES, pretrain_img_size
 from ..checkpoint import FORMAT as TRAIN_CHECKPOINT_FORMAT
 from ..checkpoint import REQUIRED_KEYS as TRAIN_CHECKPOINT_KEYS
 from ..errors import UsageError
@@ -47,17 +47,15 @@ class Backbone:
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     info: Dict[str, Any] = field(default_factory=dict)
-    test_img_size: Optional[int] = None  # an export's pretrained_cfg test_input_size; None: the rule below
+    test_img_size: Optional[int] = None  # an export's pretrained_cfg test_input_size; None: its own img_size
 
     @property
     def eval_img_size(self) -> int:
-        """Pixels fastebm-eval runs at without ``--img_size``: the export's ``test_input_size`` if it names one,
-        else for a known preset :func:`fastebm.models.eval_img_size` (vit_demo pretrained at its default
-        16 px -> 32), else the size it was pretrained at."""
+        """Pixels fastebm-eval runs at without ``--img_size``: the export's timm ``test_input_size`` if it
+        names one, else the size the backbone was pretrained at (``arch["img_size"]``), as MAE fine-tunes
+        at its pretraining resolution. A vit_demo pretrained at its default 16 px is evaluated at 16 px."""
         if self.test_img_size:
             return int(self.test_img_size)
-        if self.preset in PRESETS:
-            return eval_img_size(self.preset, self.arch["img_size"])
         return int(self.arch["img_size"])
 
     @property
@@ -214,8 +212,12 @@ def _from_export(path: str, state: Dict[str, torch.Tensor], meta: Dict[str, Any]
 
 
 def init_backbone(kind: str, preset: str, img_size: Optional[int], seed: int) -> Backbone:
-    """The untrained baselines: ``random`` = timm's init (built later, seeded), ``fastebm`` = EnergyViT's."""
-    arch = preset_arch(preset, img_size)
+    """The untrained baselines: ``random`` = timm's init (built later, seeded), ``fastebm`` = EnergyViT's.
+
+    Built at ``img_size`` if given, else at the size fastebm-train pretrains ``preset`` at
+    (:func:`fastebm.models.pretrain_img_size`: 16 px for vit_demo), so that ``--init random`` is evaluated
+    like a default backbone of the same preset."""
+    arch = preset_arch(preset, img_size or pretrain_img_size(preset))
     if kind == "random":
         return Backbone(arch, None, "random", preset)
     from ..models import EnergyViT

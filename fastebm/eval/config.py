@@ -35,9 +35,9 @@ class CommonConfig:
     ckpt: Optional[str] = _opt(None, "a fastebm training checkpoint (last.pt) or an exported backbone (.safetensors/.pth)")
     init: Optional[str] = _opt(None, "instead of --ckpt: random (timm's default init) or fastebm (EnergyViT's init); the baseline", choices=INITS)
     model: Optional[str] = _opt(None, "fastebm preset; with --ckpt it must match the checkpoint (default: the checkpoint's; vit_demo with --init)")
-    img_size: Optional[int] = _opt(None, "input size; none = the size the backbone was pretrained at, except a vit_demo pretrained at "
-                                    "16 px (fastebm-train's default for it), which is evaluated at vit_demo's 32 px; pos_embed is "
-                                    "resampled when different")
+    img_size: Optional[int] = _opt(None, "input size in px; none = the size the backbone was pretrained at (an export's timm "
+                                    "test_input_size if it names one; with --init, the size fastebm-train pretrains the preset at: "
+                                    "16 for vit_demo); pos_embed is resampled when different")
     data: Optional[str] = _opt(None, "folder with train/ and val/ class folders (ImageNet layout); none = built-in digits")
     train_dir: Optional[str] = _opt(None, "training class folders (instead of --data)")
     val_dir: Optional[str] = _opt(None, "validation class folders (instead of --data)")

@@ -52,7 +52,7 @@ def export_metadata(bb, source: Dict[str, Any] = None) -> Dict[str, Any]:
     size = int(a["img_size"])
     cfg = {"input_size": [a["in_chans"], size, size], "mean": list(bb.mean), "std": list(bb.std),
            "interpolation": "bicubic", "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"}
-    if bb.eval_img_size != size:  # timm's name for the size to evaluate at (vit_demo: pretrained at 16 px, used at 32)
+    if bb.eval_img_size != size:  # timm's name for the size to evaluate at: kept from an export that named one
         cfg["test_input_size"] = [a["in_chans"], bb.eval_img_size, bb.eval_img_size]
     return {
         "format": EXPORT_FORMAT,

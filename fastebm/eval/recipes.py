@@ -5,9 +5,11 @@ Vision Learners", appendix A.1-A.2; ViT-B column): fine-tuning with AdamW, layer
 RandAugment, Mixup/CutMix, label smoothing and random erasing; linear probing with LARS, a
 BatchNorm (no affine) + linear head and blr 0.1.
 
-The built-in digits (1,300 training / 497 held-out 8x8 digits upsampled to 32 px, ``vit_demo``:
-patch 4, width 128, depth 4) get the same parts adapted to a 32 px, 4-block ViT, a tiny data set
-and a CPU budget: fine-tuning is a fixed number of optimiser steps, 1,000 with few labels and 2,000
+The built-in digits (1,300 training / 497 held-out 8x8 digits upsampled to the evaluation size,
+``vit_demo``: patch 4, width 128, depth 4) get the same parts adapted to a small 4-block ViT, a tiny
+data set and a CPU budget. They were chosen at 32 px; since round 12 fastebm-eval evaluates a default
+(16 px) vit_demo backbone, and an untrained vit_demo, at 16 px with the same values. Fine-tuning is a
+fixed number of optimiser steps, 1,000 with few labels and 2,000
 with many (:func:`resolve_schedule`), gradient norm clipped at 1, without Mixup/CutMix, RandAugment and random erasing (in 1,000 steps
 they kept a randomly initialised ViT near chance), no horizontal flip (digits are not
 mirror-symmetric), crops that keep at least 80 % of the digit with few labels and no crop with

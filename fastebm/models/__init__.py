@@ -15,8 +15,9 @@ PRESETS = {
 # The resolution fastebm-train pretrains at when --img_size is not given, where it is not the preset's
 # own img_size. vit_demo pretrains at 16 px: on the built-in data, 8 epochs at 16 px cost what 2 at
 # 32 px cost and gave better frozen features and fine-tuning above random init in 7 of 7 seeds
-# (docs/quality.md, rounds 10-11). The backbone keeps the preset's img_size as its evaluation size
-# (:func:`eval_img_size`); fastebm-eval resamples the position embedding to it.
+# (docs/quality.md, rounds 10-11). fastebm-eval evaluates a backbone at the size it was pretrained at,
+# and builds an untrained baseline (--init) at this size, so that both are compared like for like
+# (round 12: evaluated at 32 px instead, the same backbone fine-tuned lower in three times the time).
 PRETRAIN_IMG_SIZE = {"vit_demo": 16}
 
 # timm model names of the same backbones (for export / loading into timm).
@@ -33,22 +34,9 @@ def list_models():
 
 
 def pretrain_img_size(name: str) -> int:
-    """Pixels fastebm-train pretrains preset ``name`` at by default (16 for vit_demo, else the preset's img_size)."""
+    """Pixels fastebm-train pretrains preset ``name`` at by default, and fastebm-eval builds an untrained
+    ``--init`` baseline of it at: 16 for vit_demo, else the preset's img_size. KeyError for an unknown name."""
     return int(PRETRAIN_IMG_SIZE.get(name, PRESETS[name]["img_size"]))
-
-
-def eval_img_size(name: str, trained_at: int) -> int:
-    """Pixels a backbone of preset ``name`` pretrained at ``trained_at`` px is evaluated at by default.
-
-    A backbone pretrained at its preset's default pretraining size, where that is below the preset's
-    img_size (vit_demo at 16 px), is fine-tuned and probed at the preset's img_size (32): pretrain at a
-    lower resolution than you test at, as in FixRes (Touvron et al., NeurIPS 2019). Any other size was the
-    user's choice, and is kept (vit_tiny_patch16 pretrained at 32 px is evaluated at 32 px, not 224).
-    """
-    trained_at = int(trained_at)
-    if name in PRETRAIN_IMG_SIZE and trained_at == PRETRAIN_IMG_SIZE[name]:
-        return int(PRESETS[name]["img_size"])
-    return trained_at
 
 
 def create_model(name: str, img_size=None, **kwargs) -> EnergyViT:
@@ -62,5 +50,5 @@ def create_model(name: str, img_size=None, **kwargs) -> EnergyViT:
     return EnergyViT(**cfg)
 
 
-__all__ = ["EnergyViT", "PRESETS", "PRETRAIN_IMG_SIZE", "TIMM_NAMES", "create_model", "eval_img_size", "list_models",
+__all__ = ["EnergyViT", "PRESETS", "PRETRAIN_IMG_SIZE", "TIMM_NAMES", "create_model", "list_models",
            "pretrain_img_size"]

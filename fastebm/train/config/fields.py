@@ -39,7 +39,7 @@ class TrainConfig:
     # model and method
     model: str = _opt("vit_demo", "model preset (vit_demo, vit_tiny_patch16, vit_small_patch16, vit_base_patch16, vit_large_patch16)")
     img_size: Optional[int] = _opt(None, "pretraining resolution in pixels; none = the preset's pretraining size (16 for vit_demo, "
-                                    "which fastebm-eval then evaluates at its 32 px; the preset's img_size for the others). "
+                                    "the size fastebm-eval then evaluates it at; the preset's img_size for the others). "
                                     "On the built-in data 8 epochs at 16 px cost what 2 at 32 px cost and gave better frozen features "
                                     "and fine-tuning level with them (docs/quality.md, Quality per FLOP)")
     energy: str = _opt("sqnorm", ("energy head: sqnorm (pre-norm tokens), sqnorm_post, linear (on the built-in benchmark linear leaves a "
