@@ -222,7 +222,7 @@ def test_finetune_on_builtin_digits(tmp_path):
     s = fe.finetune(ckpt=trained_checkpoint(), few_shot=2, epochs=2, batch_size=10, eval_every=2,
                     output_dir=str(tmp_path / "ft"))
     assert s["train_images"] == 20 and s["val_images"] == 497 and s["num_classes"] == 10
-    assert s["img_size"] == 32 and s["arch"]["img_size"] == 16  # vit_demo pretrained at its default 16 px runs at 32
+    assert s["img_size"] == 16 and s["arch"]["img_size"] == 16  # evaluated at the size it was pretrained at
     assert [("val_top1" in r) for r in s["history"]] == [False, True] and s["updates"] == 4
     assert 0.0 <= s["top1"] <= s["top5"] <= 1.0
     for name in ("summary.json", "results.md", "accuracy.png", "metrics.jsonl", "checkpoint.pt"):

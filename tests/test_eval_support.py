@@ -2,7 +2,7 @@
 
 ``trained_checkpoint()`` runs the real ``fastebm-train`` once per session (vit_demo at 16 px,
 one optimiser step) so the evaluation tests read a genuine ``last.pt`` (fastebm-eval evaluates it at
-32 px, vit_demo's evaluation size, unless a test gives ``img_size``); ``image_folder()``
+the 16 px it was pretrained at, unless a test gives ``img_size``); ``image_folder()``
 writes a tiny ImageNet-style tree of PNGs whose classes differ in colour.
 """
 from __future__ import annotations

@@ -180,6 +180,51 @@ def test_mae_masks_three_quarters_and_scores_only_masked_patches():
     assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
+def test_mae_at_16px_masks_three_quarters_of_its_16_patches_and_costs_less(tmp_path):
+    """mae.py --img_size 16: 16 patches, 4 visible; its step costs less than at 32 px, so equal FLOPs buy
+    more epochs (run.py's flops table), and a two-step run writes a 16 px backbone fastebm-eval reads."""
+    import flops
+    import mae
+    from fastebm.eval.backbone import read_backbone
+
+    model = mae.build(seed=int(torch.randint(0, 10_000, ())), img_size=16)
+    x = torch.randn(5, 3, 16, 16)
+    loss, pred, mask = model(x)
+    assert pred.shape == (5, 16, 48) and torch.equal(mask.sum(1), torch.full((5,), 12.0))
+    p = x.double().unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 4, 5, 1).reshape(5, 16, 48)
+    target = (p - p.mean(-1, keepdim=True)) / (p.var(-1, keepdim=True) + 1e-6).sqrt()
+    per = ((pred.double() - target) ** 2).mean(-1)
+    assert loss.item() == pytest.approx(float((per * mask).sum() / mask.sum()), rel=1e-5)
+    assert 0 < flops.mae_step_flops(batch_size=4, img_size=16) < flops.mae_step_flops(batch_size=4, img_size=32)
+    out = tmp_path / "m16"
+    assert mae.main(["--output_dir", str(out), "--epochs", "1", "--max_steps", "2", "--img_size", "16"]) == 0
+    assert read_backbone(str(out / "backbone.pth")).eval_img_size == 16
+    assert json.loads((out / "summary.json").read_text())["img_size"] == 16
+    with pytest.raises(SystemExit):
+        mae.main(["--output_dir", str(out), "--epochs", "1", "--img_size", "18"])
+
+
+def test_every_arm_is_evaluated_at_its_pretraining_size_unless_it_names_one():
+    """Round 12's protocol: each evaluation command names --img_size; it is the size the arm's backbone was
+    pretrained at (an untrained init: vit_demo's pretraining size), except the arms measured at 32 px before."""
+    import arms as A
+    from fastebm.models import pretrain_img_size
+
+    for name, arm in A.ARMS.items():
+        cmds = [c for cs in A.eval_commands(arm, 0, "p", "e", A.Budget()).values() for c in cs]
+        sizes = {c[c.index("--img_size") + 1] for c in cmds if "--img_size" in c}
+        from_src = [c for c in cmds if "--ckpt" not in c or c[c.index("--ckpt") + 1].startswith("p")]
+        assert all("--img_size" in c for c in from_src), name
+        assert sizes == {str(A.eval_px(arm))}, name
+        if arm.eval_img_size:
+            assert A.eval_px(arm) == arm.eval_img_size
+        elif arm.kind == "fastebm":
+            flags = arm.flags
+            assert A.eval_px(arm) == (int(flags[flags.index("--img_size") + 1]) if "--img_size" in flags
+                                      else pretrain_img_size("vit_demo"))
+    assert [A.eval_px(A.ARMS[a]) for a in A.DEFAULT_ARMS] == [16, 16, 16, 32, 32]
+
+
 def test_quick_run_reports_the_pixel_reference(quick_run):
     data = json.loads((quick_run / "quality.json").read_text())
     ref = data["reference_pixels"]
@@ -569,6 +614,20 @@ def test_compare_plots_only_the_seeds_every_arm_shares(tmp_path, capsys):
         with pytest.raises(SystemExit, match="'x' ran differently"):
             compare.collect([r1, r2], ["x", "z"])
         assert set(compare.collect([r1, r2], ["y", "z"])) == {"y", "z"}  # the other arms still merge
+    # ... nor one evaluated at another size (a report before round 12 holds no size: every arm ran at 32 px)
+    for path in (r1, r2):
+        d = json.loads(open(path).read())
+        d.pop("flops", None)
+        open(path, "w").write(json.dumps(d))
+    assert set(compare.collect([r1, r2], ["x", "z"])) == {"x", "z"}
+    d = json.loads(open(r2).read())
+    d["arms"]["x"]["eval_img_size"] = 16
+    open(r2, "w").write(json.dumps(d))
+    with pytest.raises(SystemExit, match="'x' ran differently"):
+        compare.collect([r1, r2], ["x", "z"])
+    d["arms"]["x"]["eval_img_size"] = 32
+    open(r2, "w").write(json.dumps(d))
+    assert set(compare.collect([r1, r2], ["x", "z"])) == {"x", "z"}
 
 
 def test_the_quick_run_records_every_jobs_commands(quick_run):

@@ -3,7 +3,7 @@
 Every field is a flag of its sub-command (same name, MAE/timm spelling) and a key of the YAML
 file given with ``--config``; flags override the file. A ``None`` default marked "recipe" is
 filled from :mod:`fastebm.eval.recipes` according to the data (built-in digits or a folder), so
-the built-in defaults suit a 32 px ViT and the folder defaults are MAE's ImageNet recipe.
+the built-in defaults suit a small ViT on the digits and the folder defaults are MAE's ImageNet recipe.
 """
 from __future__ import annotations
 
