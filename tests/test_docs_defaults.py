@@ -152,3 +152,5 @@ def test_the_quality_studys_reference_arm_is_the_shipped_default(tmp_path):
         arm = arms.ARMS[name]
         assert arms.eval_px(arm) == init_backbone(arm.init, "vit_demo", None, 0).eval_img_size == 16
     assert arms.eval_px(arms.ARMS["mae_flops"]) == 32 and arms.eval_px(arms.ARMS["mae_flops_16px"]) == 16
+    # the default set's MAE baseline pretrains at the size the defaults pretrain at
+    assert {arms.ARMS[a].mae_img_size for a in arms.DEFAULT_ARMS if arms.ARMS[a].kind == "mae"} == {defaults.img_size}

@@ -222,7 +222,7 @@ def test_every_arm_is_evaluated_at_its_pretraining_size_unless_it_names_one():
             flags = arm.flags
             assert A.eval_px(arm) == (int(flags[flags.index("--img_size") + 1]) if "--img_size" in flags
                                       else pretrain_img_size("vit_demo"))
-    assert [A.eval_px(A.ARMS[a]) for a in A.DEFAULT_ARMS] == [16, 16, 16, 32, 32]
+    assert [A.eval_px(A.ARMS[a]) for a in A.DEFAULT_ARMS] == [16] * 5  # every default arm at 16 px
 
 
 def test_quick_run_reports_the_pixel_reference(quick_run):
@@ -268,6 +268,25 @@ def test_acceptance_marks_gaps_inside_the_seed_spread():
     assert vs_probe["pass"] and R._verdict(vs_probe) == ("PASS" if ft - lp >= max(std_ft, std_lp) else "PASS (within noise)")
     lp_check = checks["fastebm lp_all > stronger random init (random_timm)"]
     assert lp_check["noise"] == std_lp and R._verdict(lp_check) == ("PASS" if 0.2 >= std_lp else "PASS (within noise)")
+
+
+def test_the_stretch_check_compares_with_the_stronger_mae_at_equal_flops():
+    """With MAE at equal FLOPs at two sizes in a report, each stretch check names and uses the stronger one."""
+    import random
+
+    import report as R
+
+    rng = random.Random()
+    summary = lambda mean: {"mean": mean, "std": 0.01, "n": 3}  # noqa: E731
+    a, b = rng.random(), rng.random()
+    arms = {"fastebm": {"summary": {"ft_100": summary(0.5), "ft_all": summary(0.5)}},
+            "mae_flops": {"summary": {"ft_100": summary(a), "ft_all": summary(b)}},
+            "mae_flops_16px": {"summary": {"ft_100": summary(b), "ft_all": summary(a)}}}
+    checks = [c for c in R.acceptance(arms) if c["check"].startswith("stretch")]
+    assert len(checks) == 2
+    for c, metric in zip(checks, ("ft_100", "ft_all")):
+        best = max(("mae_flops", "mae_flops_16px"), key=lambda n: arms[n]["summary"][metric]["mean"])
+        assert c["check"].endswith(f"({best})") and c["theirs"] == max(a, b) and c["pass"] == (0.5 >= max(a, b))
 
 
 def test_paired_differences_use_only_the_shared_seeds():
@@ -544,11 +563,18 @@ def test_a_smaller_pretraining_batch_costs_the_same_flops_in_more_steps(monkeypa
         return 1.37e9 * (int(flags[flags.index("--batch_size") + 1]) if "--batch_size" in flags else 32)
 
     monkeypatch.setattr(flops, "fastebm_step_flops", fake_step_flops)
-    monkeypatch.setattr(flops, "mae_step_flops", lambda batch_size=32: 0.11e9 * batch_size)
+    monkeypatch.setattr(flops, "mae_step_flops", lambda batch_size=32, img_size=32: 0.11e9 * batch_size * (img_size / 32) ** 2)
     bs = 8 + int(torch.randint(0, 20, ()))  # an odd batch too
     arm = A.Arm(f"fastebm_bs{bs}_test", "test arm", "fastebm", flags=["--batch_size", str(bs)])
     monkeypatch.setitem(A.ARMS, arm.name, arm)
-    fl = RUN.flops_table(["fastebm", "fastebm_32px_2ep", "fastebm_bs8", arm.name], A.Budget())
+    fl = RUN.flops_table(["fastebm", "fastebm_32px_2ep", "fastebm_bs8", arm.name, "mae_flops", "mae_flops_16px",
+                          "mae_epochs_16px"], A.Budget())
+    # MAE at equal FLOPs: the fastebm defaults' 8 epochs x the ratio of the two steps at the MAE arm's own size
+    for name, px in (("mae_flops", 32), ("mae_flops_16px", 16)):
+        assert fl["arms"][name]["epochs"] == pytest.approx(8 * 1.37e9 * 32 / (0.11e9 * 32 * (px / 32) ** 2))
+        assert fl["arms"][name]["pflop"] == pytest.approx(fl["arms"]["fastebm"]["pflop"], rel=0.01)
+    assert fl["arms"]["mae_epochs_16px"]["epochs"] == 8
+    assert fl["mae_img_size"] == A.MAE_PX and fl["ratio"] == pytest.approx(1.37e9 / (0.11e9 * (A.MAE_PX / 32) ** 2))
     n = len(BuiltinDemoData(32, 0))
     # each arm beside the batch-32 arm with its epochs (the defaults' 8, or the 2 of the 32 px variants)
     for name, b, same_epochs in [("fastebm", 32, "fastebm"), ("fastebm_32px_2ep", 32, "fastebm_32px_2ep"),

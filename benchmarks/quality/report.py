@@ -37,7 +37,7 @@ DIAG = ["fragility", "last_token_std", "attn_entropy", "erank_pooled"]
 SPIKE = ["ft_100_loss_first", "ft_100_loss_peak", "ft_all_loss_first", "ft_all_loss_peak"]
 TITLES = {"ft_100": "fine-tune, 100 labels", "lp_100": "linear probe, 100 labels", "ft_all": "fine-tune, 1,300 labels",
           "lp_all": "linear probe, 1,300 labels", "knn_all": "k-NN (k 20), 1,300 labels"}
-RANDOM_ARMS = ("random_timm", "random_fastebm")
+RANDOM_ARMS = ("random_timm", "random_fastebm", "random_timm_32px", "random_fastebm_32px")  # the stronger per metric is the baseline
 
 
 def _load(path: str):
@@ -174,13 +174,18 @@ def acceptance(arms: Dict, ref: str = "fastebm") -> List[Dict]:
             checks.append({"check": f"{ref} ft_{labels} > lp_{labels} (same labels)", "ours": ft, "theirs": lp, "pass": ft > lp,
                            "noise": max(sd[ref][f"ft_{labels}"], sd[ref][f"lp_{labels}"]),
                            "paired": paired(arms, ref, f"ft_{labels}", ref, f"lp_{labels}")})
-    if "mae_flops" in m:
-        for labels in ("100", "all"):
-            ours, theirs = m[ref].get(f"ft_{labels}"), m["mae_flops"].get(f"ft_{labels}")
-            if ours is not None and theirs is not None:
-                checks.append({"check": f"stretch: {ref} ft_{labels} >= MAE at equal FLOPs", "ours": ours, "theirs": theirs,
-                               "pass": ours >= theirs, "noise": max(sd[ref][f"ft_{labels}"], sd["mae_flops"][f"ft_{labels}"]),
-                               "paired": paired(arms, ref, f"ft_{labels}", "mae_flops", f"ft_{labels}")})
+    import arms as A
+
+    maes = [a for a in A.MAE_EQUAL_FLOPS if a in m]
+    for labels in ("100", "all"):
+        metric = f"ft_{labels}"
+        have = [a for a in maes if metric in m[a]]
+        if have and metric in m[ref]:
+            best = max(have, key=lambda a: m[a][metric])  # the stronger MAE at equal FLOPs
+            ours, theirs = m[ref][metric], m[best][metric]
+            checks.append({"check": f"stretch: {ref} {metric} >= MAE at equal FLOPs ({best})", "ours": ours, "theirs": theirs,
+                           "pass": ours >= theirs, "noise": max(sd[ref][metric], sd[best][metric]),
+                           "paired": paired(arms, ref, metric, best, metric)})
     return checks
 
 
@@ -306,8 +311,9 @@ def markdown(data: Dict) -> str:
                   "mean ± std, and the seeds where ours is higher; it is narrower than the stds above only when "
                   "the two arms' seeds go up and down together."]
     lines += ["", f"FLOPs per training step (torch FlopCounterMode, batch 32 unless the arm sets --batch_size, forward + backward incl. the double backward): "
-              f"fastebm defaults {data['flops']['fastebm_defaults_gflop_per_step']:.2f} G, MAE {data['flops']['mae_gflop_per_step']:.2f} G "
-              f"(x{data['flops']['ratio']:.1f}); MAE at equal FLOPs trains {data['flops']['mae_equal_flops_epochs']:.2f} epochs.",
+              f"fastebm defaults {data['flops']['fastebm_defaults_gflop_per_step']:.2f} G, MAE at {data['flops'].get('mae_img_size', 32)} px "
+              f"{data['flops']['mae_gflop_per_step']:.2f} G (x{data['flops']['ratio']:.1f}); MAE at that size and equal FLOPs trains "
+              f"{data['flops']['mae_equal_flops_epochs']:.2f} epochs (each arm's own cost is in the table).",
               "", f"Command: `{meta['argv']}`. Every job's commands are in quality.json (`jobs`)."]
     return "\n".join(lines) + "\n"
 

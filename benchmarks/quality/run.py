@@ -180,8 +180,9 @@ def flops_table(arm_names: List[str], budget: A.Budget) -> Dict:
     n_images = len(BuiltinDemoData(32, 0))
     steps_per_epoch = BatchPlan(n_images, A.PRETRAIN_BATCH).steps_per_epoch
     ref = flops.fastebm_step_flops([])
-    mae = flops.mae_step_flops()
-    out = {"steps_per_epoch": steps_per_epoch, "fastebm_defaults_gflop_per_step": ref / 1e9,
+    mae = flops.mae_step_flops(img_size=A.MAE_PX)  # the default set's MAE baseline
+    mae32 = flops.mae_step_flops(img_size=32)
+    out = {"steps_per_epoch": steps_per_epoch, "fastebm_defaults_gflop_per_step": ref / 1e9, "mae_img_size": A.MAE_PX,
            "mae_gflop_per_step": mae / 1e9, "ratio": ref / mae,
            "mae_equal_flops_epochs": A.PRETRAIN_EPOCHS * ref / mae, "arms": {}}
     for name in arm_names:
@@ -189,7 +190,7 @@ def flops_table(arm_names: List[str], budget: A.Budget) -> Dict:
         if arm.kind == "init":
             continue
         if arm.kind == "mae":
-            per = mae if not arm.mae_img_size else flops.mae_step_flops(img_size=arm.mae_img_size)
+            per = {A.MAE_PX: mae, 32: mae32}.get(arm.mae_img_size or 32) or flops.mae_step_flops(img_size=arm.mae_img_size)
             epochs = A.PRETRAIN_EPOCHS if arm.mae_budget == "epochs" else A.PRETRAIN_EPOCHS * ref / per
         else:
             per, epochs = (ref if not arm.flags else flops.fastebm_step_flops(arm.flags)), A.train_epochs(arm)
@@ -271,7 +272,8 @@ def main(argv=None) -> int:
         print(f"[{time.time() - t0:7.0f} s] {msg}", flush=True)
 
     fl = flops_table(names, budget)
-    say(f"FLOPs per step: fastebm defaults {fl['fastebm_defaults_gflop_per_step']:.2f} G, MAE {fl['mae_gflop_per_step']:.2f} G "
+    say(f"FLOPs per step: fastebm defaults {fl['fastebm_defaults_gflop_per_step']:.2f} G, MAE at {fl['mae_img_size']} px "
+        f"{fl['mae_gflop_per_step']:.2f} G "
         f"(x{fl['ratio']:.1f}); MAE at equal FLOPs: {fl['mae_equal_flops_epochs']:.2f} epochs")
     jobs = build_jobs(names, seeds, work, budget, fl)
     conflicts = reuse_conflicts(jobs)
