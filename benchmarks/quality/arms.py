@@ -133,11 +133,11 @@ for _suffix, (_label, _flags) in OTHER_FT.items():
         ARMS[f"{_base}_{_suffix}"] = ft_only_arm(ARMS[_base], _suffix, _label, _flags)
 
 # The default set: what the acceptance checks compare (both random inits, the shipped defaults, MAE at
-# equal epochs and at equal FLOPs). Every arm costs about 8 CPU minutes per seed of evaluation, mostly its
-# fine-tunings (a 1,000-step and a 2,000-step run: 2.7 and 4.8 CPU minutes measured), plus its pretraining
-# (fastebm's defaults: 2.2; MAE at equal FLOPs: 2.0), so the default set is about 130 CPU minutes (round 11
-# measured 128: 70 minutes wall on 2 cores), a little above the 60 the study was meant to fit in before all-label
-# fine-tuning needed 2,000 steps (docs/quality.md, round 3). The other variants are one flag away (--arms variants).
+# equal epochs and at equal FLOPs), every arm pretrained and evaluated at 16 px since round 12. An arm costs
+# about 3 CPU minutes per seed of evaluation at 16 px, mostly its fine-tunings (a 1,000-step and a 2,000-step
+# run: about 1 and 1.6 CPU minutes), plus its pretraining (fastebm's defaults: 2.2; MAE at equal FLOPs: 2.6),
+# so the default set is about 55 CPU minutes (round 12 measured 55.4: 28 minutes wall on 2 cores; round 11,
+# which fine-tuned every arm at 32 px, 128). The other variants are one flag away (--arms variants).
 DEFAULT_ARMS = ["random_timm", "random_fastebm", "fastebm", "mae_epochs_16px", "mae_flops_16px"]
 # the MAE baseline's pretraining size in the default set: the size fastebm's defaults pretrain at (round 12)
 MAE_PX = 16
