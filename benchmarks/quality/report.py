@@ -15,7 +15,8 @@ held-out digits unless said otherwise):
   maximum over the run (a warm-up spike rewrites the features the LP-FT head was fitted to);
 * diagnostics (diagnose.py): fragility, final-block token std, attention entropy, effective rank.
 
-The "stronger random init" of a metric is whichever of the two random-init arms has the higher mean.
+The "stronger random init" of a metric is whichever of the random-init arms in the report (timm's or fastebm's, at 16 px or at 32 px)
+has the higher mean.
 """
 from __future__ import annotations
 
