@@ -140,6 +140,11 @@ def test_a_backbone_is_evaluated_at_the_size_it_was_pretrained_at(tmp_path):
     meta = json.loads(open(sidecar_path(str(out))).read())
     assert meta["pretrained_cfg"]["input_size"] == [3, 16, 16] and "test_input_size" not in meta["pretrained_cfg"]
     assert read_backbone(str(out)).eval_img_size == 16
+    # a missing folder is made; one that cannot be (a file in the way) is a usage error naming the path
+    nested = tmp_path / "new" / "deeper" / "m.safetensors"
+    assert main(["--ckpt", trained_checkpoint(), "--out", str(nested)]) == 0 and nested.is_file()
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["--ckpt", trained_checkpoint(), "--out", str(tmp_path / "afile" / "m.safetensors")]) == 2
     # any size is kept: vit_demo at 24 px, vit_tiny_patch16 at 32 px (not its preset's 224)
     for name, size in (("vit_demo", 24), ("vit_tiny_patch16", 32)):
         path = export_backbone(fastebm.create_model(name, img_size=size), str(tmp_path / f"{name}.safetensors"))

@@ -653,7 +653,13 @@ def test_compare_plots_only_the_seeds_every_arm_shares(tmp_path, capsys):
         compare.collect([r1, r2], ["x", "z"])
     d["arms"]["x"]["eval_img_size"] = 32
     open(r2, "w").write(json.dumps(d))
-    assert set(compare.collect([r1, r2], ["x", "z"])) == {"x", "z"}
+    merged = compare.collect([r1, r2], ["x", "z"])
+    assert set(merged) == {"x", "z"} and "evaluated at" not in merged["x"]["label"]
+    # arms evaluated at different sizes may be compared, and their labels say so
+    d["arms"]["z"]["eval_img_size"] = 16
+    open(r2, "w").write(json.dumps(d))
+    merged = compare.collect([r1, r2], ["x", "z"])
+    assert merged["x"]["label"].endswith("[evaluated at 32 px]") and merged["z"]["label"].endswith("[evaluated at 16 px]")
 
 
 def test_the_quick_run_records_every_jobs_commands(quick_run):

@@ -61,11 +61,14 @@ def collect(reports: List[str], arms: List[str]) -> Dict[str, Dict]:
     missing = [a for a in arms if a not in found]
     if missing:
         raise SystemExit(f"compare.py: error: arm(s) {missing} are in none of the reports {reports}")
+    if len({e["signature"][1] for e in found.values()}) > 1:  # arms evaluated at different sizes: say so
+        for e in found.values():
+            e["label"] += f" [evaluated at {e['signature'][1]} px]"
     return found
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--reports", nargs="+", required=True, help="run.py quality JSON files")
     ap.add_argument("--arms", required=True, help="comma-separated arm names, in bar order")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: every seed all arms share")

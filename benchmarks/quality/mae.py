@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--blr", type=float, default=MAE_BLR)
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--max_steps", type=int, default=None)
-    ap.add_argument("--img_size", type=int, default=None, help="pretraining size in px (default: vit_demo's 32)")
+    ap.add_argument("--img_size", type=int, default=None, help="pretraining size in px (default: vit_demo's 32; the study's default MAE arms give 16)")
     args = ap.parse_args(argv)
     if args.img_size is not None and (args.img_size < 4 or args.img_size % 4):
         ap.error(f"--img_size {args.img_size}: give a multiple of vit_demo's patch size 4 (e.g. 16 or 32)")

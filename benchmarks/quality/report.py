@@ -280,7 +280,7 @@ def markdown(data: Dict) -> str:
     ref = data.get("reference_pixels")
     if ref:
         cells = [fmt(*mean_std(list(ref[m].values()))[:2]) if m in ref else "-" for m in METRICS]
-        lines.append("| reference, no network: logistic regression on the raw pixels (pixels.py) | 0 | - | - | " + " | ".join(cells) + " |")
+        lines.append("| reference, no network: logistic regression on the raw pixels (pixels.py) | 0 | - | 32 px | " + " | ".join(cells) + " |")
     lines += ["", "Did fine-tuning fit, and what did it do to the features: training top-1 in the last epoch "
               "(augmented) and on the clean training images after fine-tuning, the LP-FT probe it started from, "
               "and a linear probe of the fine-tuned backbone (same labels):", "",

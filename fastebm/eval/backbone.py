@@ -65,8 +65,9 @@ class Backbone:
     def describe(self) -> str:
         a = self.arch
         what = self.path if self.path else f"--init {self.source}"
+        size = f"built at {a['img_size']} px, untrained" if self.source in ("random", "fastebm") else f"pretrained at {a['img_size']} px"
         return (f"{self.preset or 'ViT'} (patch {a['patch_size']}, width {a['embed_dim']}, depth {a['depth']}, "
-                f"{a['num_heads']} heads, pretrained at {a['img_size']} px) from {what}")
+                f"{a['num_heads']} heads, {size}) from {what}")
 
 
 def preset_arch(name: str, img_size: Optional[int] = None) -> Dict[str, Any]:

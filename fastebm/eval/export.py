@@ -79,6 +79,11 @@ def write_export(bb, out: str, source: Dict[str, Any] = None) -> str:
         raise UsageError(f"--out {out}: unknown format {ext or '(no extension)'}; end it with .safetensors (default) or .pth")
     tensors = {k: v.detach().cpu().contiguous() for k, v in bb.state.items()}
     meta = export_metadata(bb, source)
+    folder = os.path.dirname(os.path.abspath(out))
+    try:  # like fastebm-train's --output_dir: a missing folder is made
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create its folder {folder}: {e.strerror or e}; choose another path") from e
     if ext == ".safetensors":
         from safetensors.torch import save
 
