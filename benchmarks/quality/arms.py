@@ -98,6 +98,10 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
     # is what the defaults run (the arm `fastebm`); the explicit flags keep round 10's commands as they were.
     Arm("fastebm_16px_8ep", "fastebm --img_size 16 --epochs 8 (round 10; the defaults since round 11)", "fastebm",
         flags=["--img_size", "16", "--epochs", "8"], eval_img_size=32),
+    # round 12: the defaults' FLOPs as twice the epochs of T = 1 (a T 1 step costs half a T 2 step). Round 10
+    # found that more images seen, not more steps, is what extra epochs buy; does that pay for a cheaper step?
+    Arm("fastebm_T1_16ep", "fastebm --steps 1 --epochs 16 (16 px: the defaults' FLOPs)", "fastebm",
+        flags=["--steps", "1", "--epochs", "16"]),
 ]}
 # Rounds 6 and 7 (docs/quality.md): the built-in fine-tuning recipe was chosen on timm's random init alone, which
 # could favour random init. The three arms the fine-tuning checks compare then had their all-label lr and layer
@@ -145,7 +149,7 @@ MAE_PX = 16
 MAE_EQUAL_FLOPS = ["mae_flops_16px", "mae_flops"]
 VARIANT_ARMS = ["fastebm_32px_2ep", "fastebm_1ep", "fastebm_T1", "fastebm_truncated", "fastebm_linear", "fastebm_mim",
                 "fastebm_16px", "fastebm_T1_mim", "fastebm_8ep", "fastebm_bs64", "fastebm_bs16", "fastebm_bs8",
-                "fastebm_16px_8ep"]
+                "fastebm_16px_8ep", "fastebm_T1_16ep"]
 QUICK_ARMS = ["random_timm", "fastebm"]
 # --arms NAME expands these groups; "blr4e-3" / "blr32e-3": the compared arms, and their all-label fine-tuning at
 # the built-in lr before round 6 / at round 7's candidate; "ft1000steps" / "ft400steps": ... for a shorter budget
