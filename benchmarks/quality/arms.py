@@ -248,9 +248,7 @@ def eval_commands(arm: Arm, seed: int, pretrain_dir: str, out: str, budget: Budg
         parts["frozen"].append([*ev, "linprobe", *src, *common, *few, *budget.linprobe_extra(),
                                 "--output_dir", os.path.join(out, f"lp_{labels}")])
     parts["frozen"].append([*ev, "knn", *src, *common, *budget.label_sets()["all"], "--output_dir", os.path.join(out, "knn_all")])
-    diag_src = ["--init", arm.init] if arm.kind == "init" else ["--ckpt", os.path.join(pretrain_dir, "backbone.pth")]
-    parts["frozen"].append([sys.executable, os.path.join(HERE, "diagnose.py"), *diag_src, "--img_size", str(eval_px(arm)),
-                            *common, "--out", os.path.join(out, "diag.json")])
+    parts["frozen"].append([sys.executable, os.path.join(HERE, "diagnose.py"), *src, *common, "--out", os.path.join(out, "diag.json")])
     for labels, few in budget.label_sets().items():
         ft = os.path.join(out, f"ft_{labels}")
         # the re-probe reads the fine-tuned checkpoint, already at the evaluation size

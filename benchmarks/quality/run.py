@@ -22,6 +22,7 @@ the epochs that buy the same training FLOPs as fastebm's defaults (flops.py). Jo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -180,8 +181,8 @@ def flops_table(arm_names: List[str], budget: A.Budget) -> Dict:
     n_images = len(BuiltinDemoData(32, 0))
     steps_per_epoch = BatchPlan(n_images, A.PRETRAIN_BATCH).steps_per_epoch
     ref = flops.fastebm_step_flops([])
-    mae = flops.mae_step_flops(img_size=A.MAE_PX)  # the default set's MAE baseline
-    mae32 = flops.mae_step_flops(img_size=32)
+    mae_at = functools.lru_cache()(lambda px: flops.mae_step_flops(img_size=px))  # an MAE step at px, counted once
+    mae = mae_at(A.MAE_PX)  # the default set's MAE baseline
     out = {"steps_per_epoch": steps_per_epoch, "fastebm_defaults_gflop_per_step": ref / 1e9, "mae_img_size": A.MAE_PX,
            "mae_gflop_per_step": mae / 1e9, "ratio": ref / mae,
            "mae_equal_flops_epochs": A.PRETRAIN_EPOCHS * ref / mae, "arms": {}}
@@ -190,7 +191,7 @@ def flops_table(arm_names: List[str], budget: A.Budget) -> Dict:
         if arm.kind == "init":
             continue
         if arm.kind == "mae":
-            per = {A.MAE_PX: mae, 32: mae32}.get(arm.mae_img_size or 32) or flops.mae_step_flops(img_size=arm.mae_img_size)
+            per = mae_at(A.pretrain_px(arm))
             epochs = A.PRETRAIN_EPOCHS if arm.mae_budget == "epochs" else A.PRETRAIN_EPOCHS * ref / per
         else:
             per, epochs = (ref if not arm.flags else flops.fastebm_step_flops(arm.flags)), A.train_epochs(arm)
