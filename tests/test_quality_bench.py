@@ -78,6 +78,8 @@ def test_quick_table_carries_the_json_numbers(quick_run):
     data = json.loads((quick_run / "quality.json").read_text())
     table = (quick_run / "quality.md").read_text()
     assert "QUICK" in table and data["meta"]["argv"] in table
+    # the header states the probe budget the quick run used, not the full recipe's step count
+    assert f"LARS with `{' '.join(A.Budget(quick=True).linprobe_extra())}` (quick)" in table and "1800" not in table
     for name, arm in data["arms"].items():
         row = next(line for line in table.splitlines() if line.startswith(f"| {arm['label']} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
@@ -201,7 +203,30 @@ def test_mae_at_16px_masks_three_quarters_of_its_16_patches_and_costs_less(tmp_p
     assert read_backbone(str(out / "backbone.pth")).eval_img_size == 16
     assert json.loads((out / "summary.json").read_text())["img_size"] == 16
     with pytest.raises(SystemExit):
-        mae.main(["--output_dir", str(out), "--epochs", "1", "--img_size", "18"])
+        mae.main(["--output_dir", str(tmp_path / "m18"), "--epochs", "1", "--img_size", "18"])
+    assert not (tmp_path / "m18").exists()
+
+
+def test_mae_refuses_to_replace_a_finished_run_without_overwrite(tmp_path, capsys):
+    """mae.py into a folder holding a backbone: a one-line usage error and the backbone untouched;
+    --overwrite replaces it with the new run's (another seed: other weights)."""
+    import mae
+
+    out = tmp_path / "m"
+    seed = int(torch.randint(0, 10_000, ()))
+    assert mae.main(["--output_dir", str(out), "--epochs", "1", "--max_steps", "1", "--img_size", "16", "--seed", str(seed)]) == 0
+    before = (out / "backbone.pth").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        mae.main(["--output_dir", str(out), "--epochs", "1", "--max_steps", "1", "--img_size", "16", "--seed", str(seed + 1)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds a finished MAE run" in err and "--overwrite" in err and "Traceback" not in err
+    assert (out / "backbone.pth").read_bytes() == before
+    assert mae.main(["--output_dir", str(out), "--epochs", "1", "--max_steps", "1", "--img_size", "16",
+                     "--seed", str(seed + 1), "--overwrite"]) == 0
+    assert (out / "backbone.pth").read_bytes() != before
+    assert json.loads((out / "summary.json").read_text())["seed"] == seed + 1
 
 
 def test_every_arm_is_evaluated_at_its_pretraining_size_unless_it_names_one():
@@ -631,6 +656,8 @@ def test_compare_plots_only_the_seeds_every_arm_shares(tmp_path, capsys):
         compare.main(["--reports", r1, r2, "--arms", "x,w", "--out", str(out)])
     with pytest.raises(SystemExit, match="not one of"):
         compare.main(["--reports", r1, r2, "--arms", "x,z", "--paired", "y"])
+    with pytest.raises(SystemExit, match="at least one more arm"):  # nothing to compare it to: no empty table
+        compare.main(["--reports", r1, r2, "--arms", "x", "--paired", "x"])
     # an arm whose name outlived what it runs (another cost per step or other epochs) is not merged
     for other in ({"gflop_per_step": 10.68, "epochs": 8.0}, {"gflop_per_step": 44.54, "epochs": 8.0}):
         for path, cost in ((r1, {"gflop_per_step": 44.54, "epochs": 2.0}), (r2, other)):

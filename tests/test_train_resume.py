@@ -118,3 +118,23 @@ def test_resuming_a_checkpoint_from_before_the_16px_default(tmp_path, capsys):
     # a resume that loads but changes a setting says so
     assert main(fast_args(out, data, img_size=32, epochs=3, max_steps=3, resume="auto")) == 0
     assert "changed settings (epochs: 2 -> 3)" in capsys.readouterr().err
+
+
+def test_resumed_run_reports_the_whole_runs_wall_time(tmp_path, capsys):
+    """summary.json's wall_time_s counts the earlier process up to its checkpoint; resuming a finished
+    run does not replace it with the few seconds the resumed process took."""
+    data = str(tmp_path / "data")
+    make_image_folder(data, n=9, seed=int(torch.randint(0, 1000, (1,))))
+    out = str(tmp_path / "out")
+    assert main(fast_args(out, data, max_steps=2)) == 0
+    first = read_summary(out)
+    saved = load_checkpoint(os.path.join(out, "last.pt"))["wall_time_s"]
+    assert 0 < saved <= first["wall_time_s"]
+    assert first["wall_time_s"] == pytest.approx(first["process_wall_time_s"], abs=0.05)  # one process: the same
+    capsys.readouterr()
+    assert main(fast_args(out, data, max_steps=3, resume="auto")) == 0
+    second = read_summary(out)
+    # the whole run = the earlier process up to its checkpoint + this process
+    assert second["wall_time_s"] - second["process_wall_time_s"] == pytest.approx(saved, abs=0.05)
+    assert load_checkpoint(os.path.join(out, "last.pt"))["wall_time_s"] > saved
+    assert "since the resume" in capsys.readouterr().out

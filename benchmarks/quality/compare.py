@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     if args.paired is not None:
         if args.paired not in arms:
             raise SystemExit(f"compare.py: error: --paired {args.paired} is not one of --arms {arms}")
+        if len(arms) < 2:
+            raise SystemExit(f"compare.py: error: --paired {args.paired} compares the other --arms to it; "
+                             f"name at least one more arm in --arms")
         print(paired_table(data, args.paired, [a for a in arms if a != args.paired], seeds))
     if args.out is not None:
         plot(data, arms, seeds, args.title, args.out)

@@ -21,7 +21,7 @@ Learners", CVPR 2022; the reference is their ``models_mae.py``), cut to what dif
   benchmarks/results/quality/mae_lr.json). The study
   first ran with fastebm-train's default, 0.024, which is far worse for MAE (docs/quality.md).
 
-    python benchmarks/quality/mae.py --output_dir DIR --epochs E --seed S [--blr B] [--max_steps N] [--img_size PX]
+    python benchmarks/quality/mae.py --output_dir DIR --epochs E --seed S [--blr B] [--max_steps N] [--img_size PX] [--overwrite]
 
 Writes DIR/backbone.pth (timm names) and DIR/summary.json (loss, steps, wall time, FLOPs per step).
 """
@@ -219,9 +219,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--max_steps", type=int, default=None)
     ap.add_argument("--img_size", type=int, default=None, help="pretraining size in px (default: vit_demo's 32; the study's default MAE arms give 16)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the backbone and summary already in --output_dir")
     args = ap.parse_args(argv)
     if args.img_size is not None and (args.img_size < 4 or args.img_size % 4):
         ap.error(f"--img_size {args.img_size}: give a multiple of vit_demo's patch size 4 (e.g. 16 or 32)")
+    held = [f for f in ("backbone.pth", "summary.json") if os.path.exists(os.path.join(args.output_dir, f))]
+    if held and not args.overwrite:
+        ap.error(f"--output_dir {args.output_dir!r} holds a finished MAE run ({', '.join(held)}): "
+                 f"give another --output_dir, or --overwrite to replace it")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     s = train(args.output_dir, args.epochs, args.seed, args.blr, args.batch_size, args.max_steps, args.img_size)
     print(json.dumps({k: s[k] for k in ("steps", "final_loss", "wall_time_s")}))

@@ -253,6 +253,13 @@ def _reused(jobs: List[Dict]) -> str:
     return f" ({n} of {len(jobs)} jobs reused finished runs of the work folder; their time is not in these totals)" if n else ""
 
 
+def _probe_budget(settings: Dict) -> str:
+    """The linear probe's budget as the header states it: the recipe's step count, or --quick's flags."""
+    if settings.get("probe_steps") is not None:
+        return f"{settings['probe_steps']} LARS steps"
+    return f"LARS with `{' '.join(settings.get('probe_extra_flags') or [])}` (quick)"
+
+
 def markdown(data: Dict) -> str:
     arms, meta = data["arms"], data["meta"]
     lines = [f"# Learning quality on the built-in digits ({'QUICK plumbing run, not results' if meta['quick'] else 'benchmark'})", "",
@@ -260,7 +267,7 @@ def markdown(data: Dict) -> str:
              f"pretraining {data['settings']['pretrain_epochs']} epochs unless the arm's flags say otherwise "
              f"({data['flops']['steps_per_epoch']} steps of batch 32 per epoch unless the arm sets --batch_size; each arm's steps are in the table); fine-tuning {data['settings']['finetune_steps']} optimiser steps "
              f"at peak lr {data['settings'].get('finetune_lr', '-')} with LP-FT "
-             f"(`--head_init {data['settings']['head_init']}`); linear probe {data['settings']['probe_steps']} LARS steps. "
+             f"(`--head_init {data['settings']['head_init']}`); linear probe {_probe_budget(data['settings'])}. "
              f"{meta['jobs']} jobs x 1 thread, {meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.1f} CPU min; "
              f"load average {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at the end"
              f"{_reused(data['jobs'])}. "
@@ -411,7 +418,8 @@ def write(output_dir: str, meta: Dict, fl: Dict, jobs) -> List[str]:
     arms = collect(jobs, meta, fl)
     data = {"meta": meta, "env": environment(),
             "settings": {"pretrain_epochs": A.PRETRAIN_EPOCHS, "train_common_flags": A.TRAIN_COMMON,
-                         "finetune_steps": steps_done(arms), "finetune_lr": lrs_used(arms), "probe_steps": PROBE_UPDATE_BUDGET,
+                         "finetune_steps": steps_done(arms), "finetune_lr": lrs_used(arms), "probe_steps": None if meta["quick"] else PROBE_UPDATE_BUDGET,
+                         "probe_extra_flags": A.Budget(quick=meta["quick"]).linprobe_extra(),
                          "head_init": RECIPES["builtin"]["finetune"]["head_init"], "reference_arm": A.REFERENCE},
             "flops": fl, "arms": arms, "jobs": [j.record() for j in jobs]}
     data["checks"] = acceptance(data["arms"], A.REFERENCE)

@@ -31,8 +31,9 @@ EPOCH_CHECKPOINT = "checkpoint-{epoch}.pt"  # --save_ckpt_freq: the state after 
 
 
 def checkpoint_state(cfg: TrainConfig, model_sd: Dict, optim_sd: Dict, scaler_sd: Dict, state: LoopState,
-                     plan: BatchPlan, schedule: Dict, rng_per_rank: List[Dict]) -> Dict[str, Any]:
-    """The plain dict saved as ``last.pt`` (format: docs/design.md §9 and docs/training.md)."""
+                     plan: BatchPlan, schedule: Dict, rng_per_rank: List[Dict], wall_time_s: float = 0.0) -> Dict[str, Any]:
+    """The plain dict saved as ``last.pt`` (format: docs/design.md §9 and docs/training.md).
+    ``wall_time_s``: seconds the run has taken up to this save, over all its processes."""
     epoch = state.step // plan.steps_per_epoch
     return {
         "model": model_sd,
@@ -51,6 +52,7 @@ def checkpoint_state(cfg: TrainConfig, model_sd: Dict, optim_sd: Dict, scaler_sd
         "skipped_steps": list(state.skipped_steps),
         "eval_init": state.eval_init,
         "world_size": plan.world_size,
+        "wall_time_s": float(wall_time_s),
     }
 
 
@@ -78,7 +80,7 @@ def check_resume_config(ckpt: Dict[str, Any], cfg: TrainConfig, path: str, world
 
 
 def save_collective(cfg: TrainConfig, objective, optimizer, scaler, state: LoopState, plan: BatchPlan,
-                    schedule: Dict) -> Optional[str]:
+                    schedule: Dict, wall_time_s: float = 0.0) -> Optional[str]:
     """Rank 0 writes last.pt, once; never a checkpoint of non-finite weights. Returns its path on rank 0.
 
     Collective: every rank calls it at the same step (FSDP2 gathers the sharded state, every rank's
@@ -96,7 +98,7 @@ def save_collective(cfg: TrainConfig, objective, optimizer, scaler, state: LoopS
     path = None
     if distributed.is_main():
         path = save_checkpoint(checkpoint_state(cfg, model_sd, optim_sd, scaler.state_dict(), state, plan, schedule,
-                                                rng_per_rank), cfg.output_dir)
+                                                rng_per_rank, wall_time_s), cfg.output_dir)
     distributed.barrier()
     return path
 

@@ -56,8 +56,9 @@ def log_results(summary: Dict[str, Any], output_dir: str) -> None:
         log.info(f"psnr_gain_db: init {_fmt(p['init'])} -> pretrained {_fmt(p['pretrained'])} "
                  f"(held-out images, mean over tasks)")
         log.info(f"linprobe_acc: init {_fmt(acc['init'])} -> pretrained {_fmt(acc['pretrained'])} (held-out digits)")
-    log.info(f"done: {summary['status']} at step {summary['step']} in {summary['wall_time_s']:.0f} s; "
-             f"outputs in {output_dir}")
+    run_s, process_s = summary["wall_time_s"], summary.get("process_wall_time_s", summary["wall_time_s"])
+    took = f"{run_s:.0f} s" if run_s - process_s < 1e-3 else f"{run_s:.0f} s ({process_s:.0f} s since the resume)"
+    log.info(f"done: {summary['status']} at step {summary['step']} in {took}; outputs in {output_dir}")
 
 
 def interrupted_before_training(cfg, name: str, step: int = 0, resumed_from: Optional[str] = None) -> Dict[str, Any]:

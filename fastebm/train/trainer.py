@@ -253,12 +253,17 @@ class Trainer(TrainerStartup):
         self.metrics.log(record)
         self.console.report(self.state.step, record["epoch"], record.get("loss", float("nan")), record["img_per_s"], lr)
 
+    def run_wall_time_s(self) -> float:
+        """Seconds this run has taken: this process so far, plus the earlier processes up to the checkpoint
+        this one resumed from (time they spent after their last checkpoint is not counted)."""
+        return self.state.earlier_wall_time_s + time.time() - self.t_start
+
     def save(self) -> Optional[str]:
         """Writes last.pt (rank 0), and checkpoint-E.pt when --save_ckpt_freq asks for this epoch; collective,
         see :func:`fastebm.train.checkpoint.save_collective`."""
         self._settle_steps()  # the checkpoint lists the skipped steps
         path = save_collective(self.cfg, self.objective, self.optimizer, self.scaler, self.state, self.plan,
-                               self.schedule)
+                               self.schedule, wall_time_s=self.run_wall_time_s())
         if path is not None and self._epoch_checkpoint_due():
             keep_epoch_checkpoint(path, self.state.step // self.plan.steps_per_epoch)
         return path
@@ -275,7 +280,9 @@ class Trainer(TrainerStartup):
             self._final_outputs(summary)
         if st.bad_files:
             log.warning(f"skipped {len(st.bad_files)} unreadable image(s), e.g. {st.bad_files[0]} (listed in summary.json)")
-        summary["wall_time_s"] = time.time() - self.t_start
+        # the whole run's time: a resumed run adds what its earlier processes took up to their last checkpoint
+        summary["wall_time_s"] = self.run_wall_time_s()
+        summary["process_wall_time_s"] = time.time() - self.t_start
         summary["config"] = cfg.to_dict()
         write_summary(cfg.output_dir, summary)
         log_results(summary, cfg.output_dir)
