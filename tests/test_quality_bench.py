@@ -515,10 +515,12 @@ def test_recipe_pilot_grids_build_valid_commands(tmp_path):
             extra = other[0] if other else {}
             labels = 100 if steps == 1000 and scale_min < 1 else 1000
             out = str(tmp_path / f"{recipe}_s1")
-            cmd = P.command(split, "random", labels, recipe, 1, out)
+            px = 16 if grid.startswith("round13") else P.PILOT_PX
+            cmd = P.command(split, "random", labels, recipe, 1, out, px)
             if "shrink_perturb" in extra:  # fastebm-eval checks that the starting file exists
                 open(P.start_file(out), "wb").close()
             command, cfg = parse_args(cmd[3:])
+            assert cfg.img_size == px  # the untrained init is built at the pilot's size, not vit_demo's default
             assert command == "finetune" and cfg.blr == blr and cfg.scale_min == scale_min and cfg.head_init == head_init
             assert cfg.layer_decay == extra.get("layer_decay", 0.75) and cfg.drop_path == drop_path
             per_epoch = (100 if labels == 100 else 1000) // 32

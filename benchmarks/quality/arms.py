@@ -102,6 +102,9 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
     # found that more images seen, not more steps, is what extra epochs buy; does that pay for a cheaper step?
     Arm("fastebm_T1_16ep", "fastebm --steps 1 --epochs 16 (16 px: the defaults' FLOPs)", "fastebm",
         flags=["--steps", "1", "--epochs", "16"]),
+    # round 13: fastebm's pretraining lr chosen the way MAE's was (mae_lr.py: the best mean validation probe,
+    # seeds 0 and 1, at 16 px and the study's budget) picked half the default blr 0.024
+    Arm("fastebm_half_blr", "fastebm --blr 0.012 (16 px, 8 epochs)", "fastebm", flags=["--blr", "0.012"]),
 ]}
 # Rounds 6 and 7 (docs/quality.md): the built-in fine-tuning recipe was chosen on timm's random init alone, which
 # could favour random init. The three arms the fine-tuning checks compare then had their all-label lr and layer
@@ -149,7 +152,7 @@ MAE_PX = 16
 MAE_EQUAL_FLOPS = ["mae_flops_16px", "mae_flops"]
 VARIANT_ARMS = ["fastebm_32px_2ep", "fastebm_1ep", "fastebm_T1", "fastebm_truncated", "fastebm_linear", "fastebm_mim",
                 "fastebm_16px", "fastebm_T1_mim", "fastebm_8ep", "fastebm_bs64", "fastebm_bs16", "fastebm_bs8",
-                "fastebm_16px_8ep", "fastebm_T1_16ep"]
+                "fastebm_16px_8ep", "fastebm_T1_16ep", "fastebm_half_blr"]
 QUICK_ARMS = ["random_timm", "fastebm"]
 # --arms NAME expands these groups; "blr4e-3" / "blr32e-3": the compared arms, and their all-label fine-tuning at
 # the built-in lr before round 6 / at round 7's candidate; "ft1000steps" / "ft400steps": ... for a shorter budget

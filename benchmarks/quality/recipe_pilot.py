@@ -104,14 +104,19 @@ ROUND7_MANY = ["probe_2000_crop10_dp0_clip1_lr16", "probe_2000_crop10_dp0_clip1_
 ROUND7_FEW = ["probe_1000_crop08_dp0_clip1", "probe_1000_crop08_dp0_clip1_lr8", "probe_1000_crop08_dp0_clip1_lr16"]
 ROUND7_SP = ["probe_2000_crop10_dp0_clip1_lr16", "probe_2000_crop10_dp0_clip1_lr16_sp50"]
 ROUND8_FEW = ["probe_1000_crop08_dp0_clip1_lr16", "probe_1000_crop08_dp0_clip1_lr32", "probe_1000_crop08_dp0_clip1_lr64"]
+# round 13, at 16 px: each label set's built-in recipe and its half and twice the lr (every arm, seeds 0 and 1)
+ROUND13_FEW = ["probe_1000_crop08_dp0_clip1_lr16", "probe_1000_crop08_dp0_clip1_lr32", "probe_1000_crop08_dp0_clip1_lr64"]
+ROUND13_MANY = ["probe_2000_crop10_dp0_clip1_lr8", "probe_2000_crop10_dp0_clip1_lr16", "probe_2000_crop10_dp0_clip1_lr32"]
 GRIDS = {"round6": ROUND6, "round6_stage2": ROUND6_STAGE2, "round7_many": ROUND7_MANY, "round7_few": ROUND7_FEW,
-         "round7_sp": ROUND7_SP, "round8_few": ROUND8_FEW}
+         "round7_sp": ROUND7_SP, "round8_few": ROUND8_FEW, "round13_few": ROUND13_FEW, "round13_many": ROUND13_MANY}
 # arm name in this pilot -> what fastebm-eval starts from ("fastebm": the backbone given with --fastebm)
-# (at 32 px, the size rounds 6-8 ran at: since round 12 an untrained vit_demo is built at 16 px unless told)
-INITS = {"random": ["--init", "random", "--img_size", "32"], "fastebm_init": ["--init", "fastebm", "--img_size", "32"]}
+INITS = {"random": ["--init", "random"], "fastebm_init": ["--init", "fastebm"]}
+# Rounds 1-8 ran at 32 px (every arm built and evaluated at 32 px), the default here; round 13 searched the
+# fine-tuning lr again at 16 px, the size the study evaluates at since round 12 (--img_size 16).
+PILOT_PX = 32
 
 
-def command(split: str, arm: str, labels: int, recipe: str, seed: int, out: str) -> list:
+def command(split: str, arm: str, labels: int, recipe: str, seed: int, out: str, img_size: int = PILOT_PX) -> list:
     head_init, steps, blr, scale_min, drop_path, *other = RECIPES[recipe]
     n = 100 if labels == 100 else 1000
     epochs = math.ceil(steps / (n // 32))
@@ -124,6 +129,7 @@ def command(split: str, arm: str, labels: int, recipe: str, seed: int, out: str)
     cmd = [sys.executable, "-m", "fastebm.cli.eval", "finetune", "--data", split, "--num_workers", "0", "--seed", str(seed),
            "--save_ckpt", "false", "--output_dir", out]
     cmd += INITS[arm] if arm in INITS else ["--ckpt", arm]
+    cmd += ["--img_size", str(img_size)]  # every arm at the pilot's size (a backbone's own size is only the default)
     if labels == 100:
         cmd += ["--few_shot", "10"]
     for k, v in flags.items():
@@ -154,23 +160,24 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES), help="names in RECIPES, or one grid name (GRIDS)")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--img_size", type=int, default=PILOT_PX, help=f"the split's and every run's size, px (default {PILOT_PX}, rounds 1-8)")
     args = ap.parse_args()
     if len(args.recipes) == 1 and args.recipes[0] in GRIDS:
         args.recipes = GRIDS[args.recipes[0]]
     unknown = sorted(set(args.recipes) - set(RECIPES))
     if unknown:
         ap.error(f"unknown recipes {unknown}; choose from {sorted(RECIPES)} or a grid: {', '.join(GRIDS)}")
-    split = os.path.join(args.out, "valsplit")
-    write_split(split)
+    split = os.path.join(args.out, "valsplit" if args.img_size == PILOT_PX else f"valsplit{args.img_size}")
+    write_split(split, args.img_size)
     jobs = []
     if "fastebm" in args.arms and not args.fastebm:
         ap.error("--fastebm is required for the fastebm arm")
     for seed, arm, labels, recipe in itertools.product(args.seeds, args.arms, args.labels, args.recipes):
-        name = f"{arm}_{labels}_{recipe}_s{seed}"
+        name = f"{arm}_{labels}_{recipe}_s{seed}" + ("" if args.img_size == PILOT_PX else f"_{args.img_size}px")
         out = os.path.join(args.out, name)
         src = arm if arm in INITS else args.fastebm.replace("_sS", f"_s{seed}")
         prep = prep_command(src, recipe, seed, out)
-        cmd = command(split, src, labels, recipe, seed, out)
+        cmd = command(split, src, labels, recipe, seed, out, args.img_size)
         jobs.append((name, out, [prep, cmd] if prep else [cmd], dict(arm=arm, labels=labels, recipe=recipe, seed=seed)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -193,7 +200,7 @@ def main() -> None:
             s = json.load(open(os.path.join(out, "summary.json")))
         except OSError:
             continue
-        rows.append(dict(meta, val_top1=s["top1"], train_top1=s.get("train_top1"), probe_top1=(s.get("probe") or {}).get("top1"),
+        rows.append(dict(meta, img_size=args.img_size, val_top1=s["top1"], train_top1=s.get("train_top1"), probe_top1=(s.get("probe") or {}).get("top1"),
                          wall_s=s["wall_time_s"], command=" && ".join(" ".join(c[1:]) for c in cmds)))
     with open(os.path.join(args.out, "pilot.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
