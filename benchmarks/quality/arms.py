@@ -116,10 +116,11 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
 OTHER_BLRS = {"blr4e-3": "0.004", "blr32e-3": "0.032"}  # arm suffix -> --blr
 
 
-def ft_only_arm(base: Arm, suffix: str, label: str, ft_flags: List[str]) -> Arm:
-    """``base``'s all-label fine-tuning with ``ft_flags`` added; it reuses ``base``'s pretraining runs."""
+def ft_only_arm(base: Arm, suffix: str, label: str, ft_flags: List[str], part: str = "ft_all") -> Arm:
+    """``base``'s fine-tuning on one label set (``part``: ft_all or ft_100) with ``ft_flags`` added; it reuses
+    ``base``'s pretraining runs."""
     return Arm(f"{base.name}_{suffix}", f"{base.label}, {label}", base.kind, init=base.init,
-               pretrained_as=None if base.kind == "init" else base.name, ft_flags=list(ft_flags), parts=["ft_all"],
+               pretrained_as=None if base.kind == "init" else base.name, ft_flags=list(ft_flags), parts=[part],
                eval_img_size=base.eval_img_size)
 
 
@@ -138,6 +139,11 @@ OTHER_FT = {**{sfx: (f"all-label FT at blr {blr}", ["--blr", blr]) for sfx, blr 
 for _suffix, (_label, _flags) in OTHER_FT.items():
     for _base in COMPARED:
         ARMS[f"{_base}_{_suffix}"] = ft_only_arm(ARMS[_base], _suffix, _label, _flags)
+# Round 13: the fine-tuning lr searched again at 16 px (recipe_pilot.py --img_size 16, grids round13_few and
+# round13_many, seeds 0 and 1, on the validation split). With all labels every arm chose 32e-3 (the `*_blr32e-3`
+# arms above); with 100 labels fastebm kept the built-in 32e-3 and timm's init chose 64e-3 (by 0.002): this arm.
+ARMS["random_timm_ft100_blr64e-3"] = ft_only_arm(ARMS["random_timm"], "ft100_blr64e-3", "100-label FT at blr 0.064",
+                                                 ["--blr", "0.064"], part="ft_100")
 
 # The default set: what the acceptance checks compare (both random inits, the shipped defaults, MAE at
 # equal epochs and at equal FLOPs), every arm pretrained and evaluated at 16 px since round 12. An arm costs
