@@ -93,6 +93,10 @@ RECIPES = {  # name: (head_init, optimiser steps, blr, random-resized-crop scale
     # round 8, 100 labels: round 7's winner (16e-3, built in by round 7) sat at the grid's edge: one more lr step
     "probe_1000_crop08_dp0_clip1_lr32": ("probe", 1000, 32e-3, 0.8, 0.0, dict(clip_grad=1.0)),
     "probe_1000_crop08_dp0_clip1_lr64": ("probe", 1000, 64e-3, 0.8, 0.0, dict(clip_grad=1.0)),
+    # round 13, at 16 px: past the edges the round-13 grids' winners sat at (timm's init with 100 labels; every arm
+    # with all labels)
+    "probe_1000_crop08_dp0_clip1_lr128": ("probe", 1000, 128e-3, 0.8, 0.0, dict(clip_grad=1.0)),
+    "probe_2000_crop10_dp0_clip1_lr64": ("probe", 2000, 64e-3, 1.0, 0.0, dict(clip_grad=1.0)),
 }
 # stage 1 (seed 0) and stage 2 (seeds 0 and 1; each arm's choice: the best mean validation top-1 of the two seeds)
 ROUND6 = ["probe_2000_crop10_dp0_clip1", "probe_2000_crop10_dp0_clip1_lr2", "probe_2000_crop10_dp0_clip1_lr8",
@@ -107,8 +111,11 @@ ROUND8_FEW = ["probe_1000_crop08_dp0_clip1_lr16", "probe_1000_crop08_dp0_clip1_l
 # round 13, at 16 px: each label set's built-in recipe and its half and twice the lr (every arm, seeds 0 and 1)
 ROUND13_FEW = ["probe_1000_crop08_dp0_clip1_lr16", "probe_1000_crop08_dp0_clip1_lr32", "probe_1000_crop08_dp0_clip1_lr64"]
 ROUND13_MANY = ["probe_2000_crop10_dp0_clip1_lr8", "probe_2000_crop10_dp0_clip1_lr16", "probe_2000_crop10_dp0_clip1_lr32"]
+ROUND13_FEW_EDGE = ["probe_1000_crop08_dp0_clip1_lr128"]
+ROUND13_MANY_EDGE = ["probe_2000_crop10_dp0_clip1_lr64"]
 GRIDS = {"round6": ROUND6, "round6_stage2": ROUND6_STAGE2, "round7_many": ROUND7_MANY, "round7_few": ROUND7_FEW,
-         "round7_sp": ROUND7_SP, "round8_few": ROUND8_FEW, "round13_few": ROUND13_FEW, "round13_many": ROUND13_MANY}
+         "round7_sp": ROUND7_SP, "round8_few": ROUND8_FEW, "round13_few": ROUND13_FEW, "round13_many": ROUND13_MANY,
+         "round13_few_edge": ROUND13_FEW_EDGE, "round13_many_edge": ROUND13_MANY_EDGE}
 # arm name in this pilot -> what fastebm-eval starts from ("fastebm": the backbone given with --fastebm)
 INITS = {"random": ["--init", "random"], "fastebm_init": ["--init", "fastebm"]}
 # Rounds 1-8 ran at 32 px (every arm built and evaluated at 32 px), the default here; round 13 searched the
