@@ -735,3 +735,30 @@ def test_a_work_dir_made_by_other_commands_is_refused(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert timm_job.name in err and "fresh --work_dir" in err
     assert not os.path.exists(tmp_path / "out" / "quality.json")
+
+
+def test_the_chart_draws_no_bar_for_a_metric_an_arm_did_not_run(tmp_path, monkeypatch):
+    """An arm that runs one part only (e.g. timm's init fine-tuned at its own lr) gets bars where it has
+    numbers and nothing elsewhere: no zero-height bar that reads as a result of 0."""
+    import matplotlib.axes
+    import report as R
+
+    rng = np.random.default_rng()
+    full = {m: {"mean": float(rng.uniform(0.3, 0.99)), "std": float(rng.uniform(0, 0.05))} for m in R.METRICS}
+    part = {"ft_all": {"mean": float(rng.uniform(0.3, 0.99)), "std": None}}
+    data = {"arms": {"a": {"label": "A", "summary": full}, "b": {"label": "B", "summary": part}},
+            "meta": {"seeds": [0]}, "reference_pixels": {}}
+    drawn = {}
+    real_bar = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        drawn[kwargs["label"]] = (list(np.asarray(x)), list(np.asarray(height)))
+        return real_bar(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    R.plot(data, str(tmp_path / "q.png"))
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn["A"][1] == pytest.approx([full[m]["mean"] for m in R.METRICS])
+    xs, heights = drawn["B"]
+    assert heights == pytest.approx([part["ft_all"]["mean"]]) and len(xs) == 1
+    assert round(xs[0]) == R.METRICS.index("ft_all")  # in the fine-tuning group, beside arm A's bar

@@ -340,9 +340,10 @@ def plot(data: Dict, path: str) -> None:
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         s = data["arms"][name]["summary"]
-        means = [s.get(m, {}).get("mean") or 0.0 for m in METRICS]
-        errs = [s.get(m, {}).get("std") or 0.0 for m in METRICS]
-        ax.bar(np.arange(len(METRICS)) + (i - (len(names) - 1) / 2) * width, means, width, yerr=errs, capsize=2,
+        have = [j for j, m in enumerate(METRICS) if (s.get(m) or {}).get("mean") is not None]  # an arm may run some parts only
+        means = [s[METRICS[j]]["mean"] for j in have]
+        errs = [s[METRICS[j]].get("std") or 0.0 for j in have]
+        ax.bar(np.array(have, dtype=float) + (i - (len(names) - 1) / 2) * width, means, width, yerr=errs, capsize=2,
                label=data["arms"][name]["label"])
     ref = data.get("reference_pixels") or {}
     for i, m in enumerate(METRICS):
