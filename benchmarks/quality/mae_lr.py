@@ -53,9 +53,10 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     probe = builtin_recipe("linprobe")
     probe_epochs = math.ceil(1800 / (counts["train"] // probe["batch_size"]))
+    seed_suffix = f"_s{args.seed}" if args.seed else ""  # seed 0 keeps the names of the runs before --seed
 
     def one(blr):
-        pdir = os.path.join(args.out, f"{args.method}_{args.img_size}px_blr{blr:g}" + (f"_s{args.seed}" if args.seed else ""))
+        pdir = os.path.join(args.out, f"{args.method}_{args.img_size}px_blr{blr:g}{seed_suffix}")
         if args.method == "mae":
             pre = [sys.executable, os.path.join(HERE, "mae.py"), "--output_dir", pdir, "--seed", str(args.seed), "--epochs", f"{epochs:.4f}",
                    "--blr", str(blr), "--img_size", str(args.img_size)]
@@ -80,8 +81,7 @@ def main() -> int:
     result = {"method": args.method, "seed": args.seed, "epochs": epochs if args.method == "mae" else PRETRAIN_EPOCHS, "img_size": args.img_size,
               "split": counts, "command": " ".join(["python", "benchmarks/quality/mae_lr.py", *sys.argv[1:]]),
               "rows": rows, "best_blr": best["blr"]}
-    name = f"{args.method}_lr" + (f"_s{args.seed}" if args.seed else "")
-    with open(os.path.join(args.out, name + ".json"), "w") as fh:
+    with open(os.path.join(args.out, f"{args.method}_lr{seed_suffix}.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     for r in rows:
         print(f"blr {r['blr']:g}: val top-1 {r['val_top1']:.3f}, final loss {r['final_loss']}")

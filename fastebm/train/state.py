@@ -10,7 +10,8 @@ class LoopState:
     """The loop-carried state of one run, in one place.
 
     ``step``, ``bad_files``, ``skipped_steps`` and ``eval_init`` are saved in checkpoints and
-    restored on resume, and so is the run's wall time (``earlier_wall_time_s`` after a resume); the other fields describe this process's run since it started.
+    restored on resume, and so is the run's wall time (``earlier_wall_time_s`` after a resume);
+    the other fields describe this process's run since it started.
     """
 
     step: int = 0  # optimiser steps done
