@@ -152,8 +152,9 @@ ARMS["random_timm_ft100_blr64e-3"] = ft_only_arm(ARMS["random_timm"], "ft100_blr
 # so the default set is about 55 CPU minutes (round 12 measured 55.4: 28 minutes wall on 2 cores; round 11,
 # which fine-tuned every arm at 32 px, 128). The other variants are one flag away (--arms variants).
 # Since round 13 the set also fine-tunes timm's init at the lr the validation split chose for it at 16 px where
-# that is not the built-in (all labels 32e-3, 100 labels 64e-3; about 8 more CPU minutes: round 13 took 64.1): the random-init
-# baseline is the stronger of its runs per column (report.RANDOM_ARMS), so the baseline gets its own best lr.
+# that is not the built-in (all labels 32e-3, 100 labels 64e-3; about 8 more CPU minutes: round 13 took 64.1):
+# the random-init baseline is the stronger of its runs per column (report.RANDOM_ARMS), so the baseline gets its
+# own best lr.
 DEFAULT_ARMS = ["random_timm", "random_fastebm", "fastebm", "mae_epochs_16px", "mae_flops_16px",
                 "random_timm_blr32e-3", "random_timm_ft100_blr64e-3"]
 # the MAE baseline's pretraining size in the default set: the size fastebm's defaults pretrain at (round 12)
