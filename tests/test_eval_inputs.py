@@ -29,7 +29,7 @@ def test_yaml_config_overrides_and_recipe(tmp_path):
     assert command == "finetune" and isinstance(cfg, FinetuneConfig)
     assert cfg.epochs == 7 and cfg.blr == 0.005 and cfg.mixup == 0.0
     # unset recipe fields come from the built-in recipe
-    assert cfg.layer_decay == RECIPES["builtin"]["finetune"]["layer_decay"] and cfg.hflip == 0.0
+    assert cfg.layer_decay == RECIPES["small"]["finetune"]["layer_decay"] and cfg.hflip == 0.0
     # folder data takes MAE's ImageNet recipe
     folder = image_folder(tmp_path / "data")
     cfg2 = make_config("finetune", init="random", data=folder)

@@ -151,7 +151,7 @@ def test_builtin_probe_is_a_fixed_number_of_steps(few_shot, steps_per_epoch):
     kept = make_config("linprobe", init="random", epochs=5)  # a user's value wins
     resolve_probe_schedule(kept, steps_per_epoch)
     assert kept.epochs == 5
-    assert RECIPES["folder"]["linprobe"]["epochs"] == 90
+    assert RECIPES["imagenet"]["linprobe"]["epochs"] == 90
 
 
 @pytest.mark.parametrize("n_train, num_classes, expected", [
@@ -184,14 +184,14 @@ def test_builtin_fine_tuning_lr_follows_labelled_images_per_class_and_who_wins(f
     assert by_lr.blr is None and by_lr.lr == 7e-5
     folder = make_config("finetune", init="random", data=image_folder(tmp_path / "data"))
     resolve_blr(folder, n_train, num_classes)
-    assert folder.blr == RECIPES["folder"]["finetune"]["blr"] == 5e-4  # folder data keeps MAE's
+    assert folder.blr == RECIPES["imagenet"]["finetune"]["blr"] == 5e-4  # folder data keeps MAE's
 
 
 def test_folder_finetune_keeps_maes_crop_and_drop_path(tmp_path):
     cfg = make_config("finetune", init="random", data=image_folder(tmp_path / "data"))
     resolve_crop(cfg, 10_000, 10)
-    assert cfg.scale_min == RECIPES["folder"]["finetune"]["scale_min"] == 0.08
-    assert cfg.drop_path == RECIPES["folder"]["finetune"]["drop_path"] == 0.1
+    assert cfg.scale_min == RECIPES["imagenet"]["finetune"]["scale_min"] == 0.08
+    assert cfg.drop_path == RECIPES["imagenet"]["finetune"]["drop_path"] == 0.1
 
 
 @pytest.mark.parametrize("n_train, num_classes, budget", [

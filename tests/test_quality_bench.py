@@ -447,7 +447,7 @@ def test_the_budget_groups_repeat_the_compared_arms_all_label_fine_tuning_shorte
     assert promised < UPDATE_BUDGET_MANY
     (tmp_path / "pretrain" / "fastebm_s1").mkdir(parents=True)
     (tmp_path / "pretrain" / "fastebm_s1" / "backbone.pth").write_bytes(b"x")  # parse_args checks it exists
-    batch = RECIPES["builtin"]["finetune"]["batch_size"]
+    batch = RECIPES["small"]["finetune"]["batch_size"]
     for base in A.COMPARED:
         mine = [j for j in jobs if j.arm == f"{base}_{group}"]
         assert [j.part for j in mine] == ["ft_all"]

@@ -172,11 +172,35 @@ GROUPS = {"variants": VARIANT_ARMS,
 REFERENCE = "fastebm"  # the arm the acceptance checks are about (the shipped defaults)
 
 
+# The data every evaluation reads: the built-in digits (fastebm-eval's default), or since round 14 the texture
+# patches of textures.py, a folder evaluated with the digits' recipe (``--recipe small``) so that every number
+# of the two benchmarks comes from the same commands. diagnose.py measures the backbone on digits; it runs once,
+# with the digits benchmark.
+BENCHMARKS = ("digits", "textures")
+
+
 @dataclass
 class Budget:
-    """Per-job sizes: the default study, or --quick's tiny ones (plumbing only)."""
+    """Per-job sizes: the default study, or --quick's tiny ones (plumbing only); and the benchmark's data
+    (``data_dir`` None: the built-in digits; else the texture folder textures.py wrote)."""
 
     quick: bool = False
+    data_dir: Optional[str] = None
+
+    @property
+    def benchmark(self) -> str:
+        return "digits" if self.data_dir is None else "textures"
+
+    @property
+    def eval_folder(self) -> str:
+        """The work folder's sub-folder of the evaluations (``eval`` for the digits, as before round 14)."""
+        return "eval" if self.data_dir is None else f"eval_{self.benchmark}"
+
+    def eval_data_flags(self) -> List[str]:
+        """What every fastebm-eval command adds to read the benchmark's data (the digits: nothing)."""
+        if self.data_dir is None:
+            return []
+        return ["--data", self.data_dir, "--recipe", "small", "--num_workers", "0"]
 
     def pretrain_extra(self) -> List[str]:
         return ["--max_steps", "2", "--grid_every", "0"] if self.quick else []
@@ -256,13 +280,15 @@ def eval_commands(arm: Arm, seed: int, pretrain_dir: str, out: str, budget: Budg
     """{job part: [argv, ...]} for one (arm, seed): the frozen evaluations, and one fine-tuning per label set."""
     src = source_flags(arm, seed, pretrain_dir)
     ev = [sys.executable, "-m", "fastebm", "eval"]
-    common = ["--seed", str(seed)]
+    common = ["--seed", str(seed), *budget.eval_data_flags()]
     parts = {"frozen": []}
     for labels, few in budget.label_sets().items():
         parts["frozen"].append([*ev, "linprobe", *src, *common, *few, *budget.linprobe_extra(),
                                 "--output_dir", os.path.join(out, f"lp_{labels}")])
     parts["frozen"].append([*ev, "knn", *src, *common, *budget.label_sets()["all"], "--output_dir", os.path.join(out, "knn_all")])
-    parts["frozen"].append([sys.executable, os.path.join(HERE, "diagnose.py"), *src, *common, "--out", os.path.join(out, "diag.json")])
+    if budget.data_dir is None:
+        parts["frozen"].append([sys.executable, os.path.join(HERE, "diagnose.py"), *src, "--seed", str(seed),
+                                "--out", os.path.join(out, "diag.json")])
     for labels, few in budget.label_sets().items():
         ft = os.path.join(out, f"ft_{labels}")
         # the re-probe reads the fine-tuned checkpoint, already at the evaluation size

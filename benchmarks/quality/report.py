@@ -1,8 +1,9 @@
 """The quality benchmark's outputs: quality.json, quality.md (mean +- std over seeds), quality.png and
-quality_curves.png (fine-tuning training loss and validation top-1 per optimiser step, per arm).
+quality_curves.png (fine-tuning training loss and validation top-1 per optimiser step, per arm); with
+``run.py --benchmark textures`` the same four files named textures.*.
 
 Metrics per (arm, seed), from the runs' own summary.json files (top-1 fractions on the 497
-held-out digits unless said otherwise):
+held-out digits, or the texture benchmark's 500 test patches, unless said otherwise):
 
 * ``ft_100`` / ``ft_all``: fine-tuning with 100 labels / all labels (fastebm-eval finetune, last epoch);
 * ``lp_100`` / ``lp_all``: linear probe on the same labels (fastebm-eval linprobe); ``knn_all``: k-NN;
@@ -40,6 +41,11 @@ TITLES = {"ft_100": "fine-tune, 100 labels", "lp_100": "linear probe, 100 labels
           "lp_all": "linear probe, 1,300 labels", "knn_all": "k-NN (k 20), 1,300 labels"}
 # the stronger per metric is the baseline: both inits at 16 and 32 px, and (round 13) timm's init fine-tuned at
 # the lr the validation split chose for it at 16 px where that is not the built-in
+# what the top-1 of each benchmark (run.py --benchmark) is measured on, its outputs' file stem, and its pixel reference
+HELD_OUT = {"digits": "the 497 held-out digits", "textures": "the 500 test patches of unseen image regions"}
+STEM = {"digits": "quality", "textures": "textures"}
+PIXEL_REFERENCE = {"digits": "logistic regression on the raw pixels (pixels.py) | 0 | - | 32 px",
+                   "textures": "logistic regression on the raw pixels (textures.py) | 0 | - | 16 px"}
 RANDOM_ARMS = ("random_timm", "random_fastebm", "random_timm_32px", "random_fastebm_32px", "random_timm_blr32e-3",
                "random_timm_ft100_blr64e-3")
 
@@ -220,7 +226,7 @@ def collect(jobs, meta: Dict, fl: Dict) -> Dict:
         arm = A.ARMS[name]
         per_seed = {}
         for seed in meta["seeds"]:
-            edir = os.path.join(meta["work_dir"], "eval", f"{name}_s{seed}")
+            edir = os.path.join(meta["work_dir"], meta.get("eval_folder", "eval"), f"{name}_s{seed}")
             curves = seed_curves(edir)
             rec = {"metrics": seed_metrics(edir, curves), "curves": curves}
             if arm.kind != "init":
@@ -265,8 +271,10 @@ def _probe_budget(settings: Dict) -> str:
 
 def markdown(data: Dict) -> str:
     arms, meta = data["arms"], data["meta"]
-    lines = [f"# Learning quality on the built-in digits ({'QUICK plumbing run, not results' if meta['quick'] else 'benchmark'})", "",
-             f"Top-1 on the 497 held-out digits, mean ± sample std over seeds {', '.join(map(str, meta['seeds']))}; "
+    bench = meta.get("benchmark", "digits")
+    what = "the built-in digits" if bench == "digits" else "the texture benchmark (textures.py: ten photographs no arm was pretrained on)"
+    lines = [f"# Learning quality on {what} ({'QUICK plumbing run, not results' if meta['quick'] else 'benchmark'})", "",
+             f"Top-1 on {HELD_OUT[bench]}, mean ± sample std over seeds {', '.join(map(str, meta['seeds']))}; "
              f"pretraining {data['settings']['pretrain_epochs']} epochs unless the arm's flags say otherwise "
              f"({data['flops']['steps_per_epoch']} steps of batch 32 per epoch unless the arm sets --batch_size; each arm's steps are in the table); fine-tuning {data['settings']['finetune_steps']} optimiser steps "
              f"at peak lr {data['settings'].get('finetune_lr', '-')} with LP-FT "
@@ -290,7 +298,7 @@ def markdown(data: Dict) -> str:
     ref = data.get("reference_pixels")
     if ref:
         cells = [fmt(*mean_std(list(ref[m].values()))[:2]) if m in ref else "-" for m in METRICS]
-        lines.append("| reference, no network: logistic regression on the raw pixels (pixels.py) | 0 | - | 32 px | " + " | ".join(cells) + " |")
+        lines.append(f"| reference, no network: {PIXEL_REFERENCE[bench]} | " + " | ".join(cells) + " |")
     lines += ["", "Did fine-tuning fit, and what did it do to the features: training top-1 in the last epoch "
               "(augmented) and on the clean training images after fine-tuning, the LP-FT probe it started from, "
               "and a linear probe of the fine-tuned backbone (same labels):", "",
@@ -300,19 +308,20 @@ def markdown(data: Dict) -> str:
     for name, r in arms.items():
         lines.append(f"| {r['label']} | " + " | ".join(fmt(r["summary"].get(m, {}).get("mean"), r["summary"].get(m, {}).get("std"))
                                                       for m in FIT) + " |")
-    lines += ["", "Fine-tuning curves (quality_curves.png): training loss (label smoothing 0.1, augmented images) in the "
+    lines += ["", f"Fine-tuning curves ({STEM[bench]}_curves.png): training loss (label smoothing 0.1, augmented images) in the "
               "first epoch and its peak over the run. A peak far above the start is the warm-up rewriting the features "
               "the LP-FT head was fitted to.", "",
               "| arm | 100: first epoch | 100: peak | 1,300: first epoch | 1,300: peak |", "|---|---|---|---|---|"]
     for name, r in arms.items():
         lines.append(f"| {r['label']} | " + " | ".join(fmt(r["summary"].get(m, {}).get("mean"), r["summary"].get(m, {}).get("std"), 2)
                                                       for m in SPIKE) + " |")
-    lines += ["", "Diagnostics (diagnose.py, seed means): fragility = feature shift after one +-1e-3 step on every weight "
-              "in units of the between-image spread; last block's per-token std (the final LayerNorm divides by it); "
-              "mean attention entropy / log N; effective rank of the pooled features.", "",
-              "| arm | " + " | ".join(DIAG) + " |", "|---|" + "---|" * len(DIAG)]
-    for name, r in arms.items():
-        lines.append(f"| {r['label']} | " + " | ".join(fmt(r["summary"].get(m, {}).get("mean"), None) for m in DIAG) + " |")
+    if bench == "digits":  # diagnose.py measures the backbone on digits: it runs with the digits benchmark only
+        lines += ["", "Diagnostics (diagnose.py, seed means): fragility = feature shift after one +-1e-3 step on every weight "
+                  "in units of the between-image spread; last block's per-token std (the final LayerNorm divides by it); "
+                  "mean attention entropy / log N; effective rank of the pooled features.", "",
+                  "| arm | " + " | ".join(DIAG) + " |", "|---|" + "---|" * len(DIAG)]
+        for name, r in arms.items():
+            lines.append(f"| {r['label']} | " + " | ".join(fmt(r["summary"].get(m, {}).get("mean"), None) for m in DIAG) + " |")
     if data["checks"]:
         lines += ["", "Acceptance checks (means):", ""]
         lines += [f"- {_verdict(c)}: {c['check']}: {c['ours']:.3f} vs {c['theirs']:.3f}{_paired_text(c.get('paired'))}"
@@ -325,7 +334,7 @@ def markdown(data: Dict) -> str:
               f"fastebm defaults {data['flops']['fastebm_defaults_gflop_per_step']:.2f} G, MAE at {data['flops'].get('mae_img_size', 32)} px "
               f"{data['flops']['mae_gflop_per_step']:.2f} G (x{data['flops']['ratio']:.1f}); MAE at that size and equal FLOPs trains "
               f"{data['flops']['mae_equal_flops_epochs']:.2f} epochs (each arm's own cost is in the table).",
-              "", f"Command: `{meta['argv']}`. Every job's commands are in quality.json (`jobs`)."]
+              "", f"Command: `{meta['argv']}`. Every job's commands are in {STEM[bench]}.json (`jobs`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -351,11 +360,12 @@ def plot(data: Dict, path: str) -> None:
             ax.hlines(float(np.mean(list(ref[m].values()))), i - 0.45, i + 0.45, colors="k", linestyles="--", linewidth=1,
                       label="logistic regression on raw pixels" if m == "lp_all" else None)
     ax.set_xticks(np.arange(len(METRICS)), [TITLES[m] for m in METRICS], fontsize=8)
-    ax.set_ylabel("top-1 on 497 held-out digits")
+    ax.set_ylabel(f"top-1 on {HELD_OUT[data['meta'].get('benchmark', 'digits')][4:]}", fontsize=8)
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.09))  # below: the bars and lines stay visible
-    ax.set_title(f"fastebm quality benchmark (mean ± std over seeds {data['meta']['seeds']})", fontsize=9)
+    ax.set_title(f"fastebm quality benchmark, {data['meta'].get('benchmark', 'digits')} (mean ± std over seeds {data['meta']['seeds']})",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -368,10 +378,11 @@ def plot_curves(data: Dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    bench = data["meta"].get("benchmark", "digits")
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), dpi=100, sharex="row")
     for row, part in enumerate(("ft_100", "ft_all")):
         for col, (x, y, title) in enumerate((("loss_step", "train_loss", "training loss (augmented, smoothing 0.1)"),
-                                              ("val_step", "val_top1", "top-1 on the 497 held-out digits"))):
+                                              ("val_step", "val_top1", f"top-1 on {HELD_OUT[bench]}"))):
             ax = axes[row, col]
             for name, arm in data["arms"].items():
                 curves = [r["curves"][part] for r in arm["seeds"].values() if part in r.get("curves", {})]
@@ -388,7 +399,7 @@ def plot_curves(data: Dict, path: str) -> None:
             if y == "val_top1":
                 ax.set_ylim(0, 1)
     axes[1, 0].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"fine-tuning curves, mean over seeds {data['meta']['seeds']}", fontsize=9)
+    fig.suptitle(f"fine-tuning curves ({bench}), mean over seeds {data['meta']['seeds']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -424,13 +435,17 @@ def write(output_dir: str, meta: Dict, fl: Dict, jobs) -> List[str]:
             "settings": {"pretrain_epochs": A.PRETRAIN_EPOCHS, "train_common_flags": A.TRAIN_COMMON,
                          "finetune_steps": steps_done(arms), "finetune_lr": lrs_used(arms), "probe_steps": None if meta["quick"] else PROBE_UPDATE_BUDGET,
                          "probe_extra_flags": A.Budget(quick=meta["quick"]).linprobe_extra(),
-                         "head_init": RECIPES["builtin"]["finetune"]["head_init"], "reference_arm": A.REFERENCE},
+                         "head_init": RECIPES["small"]["finetune"]["head_init"], "reference_arm": A.REFERENCE},
             "flops": fl, "arms": arms, "jobs": [j.record() for j in jobs]}
     data["checks"] = acceptance(data["arms"], A.REFERENCE)
-    from pixels import pixel_logistic_regression
-
+    bench = meta.get("benchmark", "digits")
+    if bench == "digits":
+        from pixels import pixel_logistic_regression
+    else:
+        from textures import pixel_logistic_regression
     data["reference_pixels"] = pixel_logistic_regression(meta["seeds"])
-    paths = [os.path.join(output_dir, n) for n in ("quality.json", "quality.md", "quality.png", "quality_curves.png")]
+    stem = STEM[bench]
+    paths = [os.path.join(output_dir, stem + ext) for ext in (".json", ".md", ".png", "_curves.png")]
 
     def text(content):
         def write_text(path):

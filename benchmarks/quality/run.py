@@ -220,15 +220,15 @@ def build_jobs(arm_names: List[str], seeds: List[int], work: str, budget: A.Budg
                 if all(j.name != job.name for j in pre):  # two arms sharing one pretraining run it once
                     pre.append(job)
                 deps = [job.name]
-            edir = os.path.join(work, "eval", f"{name}_s{seed}")
+            edir = os.path.join(work, budget.eval_folder, f"{name}_s{seed}")
             for part, commands in A.eval_commands(arm, seed, pdir, edir, budget).items():
-                spec = os.path.join(work, "jobs", f"{name}_s{seed}_{part}.json")
+                spec = os.path.join(work, "jobs", f"{budget.eval_folder}_{name}_s{seed}_{part}.json")
                 os.makedirs(os.path.dirname(spec), exist_ok=True)
                 with open(spec, "w") as fh:
                     json.dump(commands, fh)
                 import job as J
 
-                job = Job(f"eval/{name}_s{seed}/{part}", [sys.executable, os.path.join(HERE, "job.py"), spec], commands,
+                job = Job(f"{budget.eval_folder}/{name}_s{seed}/{part}", [sys.executable, os.path.join(HERE, "job.py"), spec], commands,
                           J.output_of(commands[-1]), name, seed, part, deps, upstream=[cmd] if cmd is not None else [])
                 job.log = os.path.join(edir, f"{part}.log")
                 job.stamp = stamp_path(work, job.name)
@@ -250,11 +250,17 @@ def main(argv=None) -> int:
                          "the compared arms, and their all-label fine-tuning at the built-in lr before round 6 / at round 7's candidate; "
                          "\"ft1000steps\" / \"ft400steps\": ... for 1,000 / 400 steps instead of 2,000; "
                          "default: the default set")
+    ap.add_argument("--benchmark", choices=A.BENCHMARKS, default="digits",
+                    help="digits: the built-in digits (outputs quality.*); textures: texture patches of ten photographs no arm "
+                         "was pretrained on (textures.py; outputs textures.*); the same arms, pretraining runs and "
+                         "evaluation commands")
     ap.add_argument("--jobs", type=int, default=2, help="processes at a time, one thread each")
     ap.add_argument("--output_dir", default=os.path.join(ROOT, "benchmarks", "results", "quality"))
     ap.add_argument("--work_dir", default=None, help="run folders (default OUTPUT_DIR/runs, git-ignored)")
     args = ap.parse_args(argv)
-    budget = A.Budget(quick=args.quick)
+    if args.jobs < 1:
+        print(f"run.py: error: --jobs must be >= 1 (got {args.jobs})", file=sys.stderr)
+        return 2
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     names = args.arms.split(",") if args.arms else (A.QUICK_ARMS if args.quick else A.DEFAULT_ARMS)
     names = list(dict.fromkeys(n for name in names for n in A.GROUPS.get(name, [name])))
@@ -264,6 +270,17 @@ def main(argv=None) -> int:
         return 2
     work = os.path.abspath(args.work_dir or os.path.join(args.output_dir, "runs"))
     os.makedirs(work, exist_ok=True)
+    data_dir = None
+    if args.benchmark == "textures":
+        import textures
+
+        data_dir = os.path.join(work, "data", "textures")
+        try:
+            textures.write_folder(data_dir)
+        except FileExistsError as exc:
+            print(f"run.py: error: {exc}", file=sys.stderr)
+            return 2
+    budget = A.Budget(quick=args.quick, data_dir=data_dir)
     import torch
 
     torch.set_num_threads(1)
@@ -288,7 +305,7 @@ def main(argv=None) -> int:
     import report
 
     meta = {"argv": show([sys.executable, os.path.abspath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
-            "quick": args.quick, "seeds": seeds, "arms": names, "jobs": args.jobs, "wall_s": time.time() - t0,
+            "benchmark": args.benchmark, "eval_folder": budget.eval_folder, "quick": args.quick, "seeds": seeds, "arms": names, "jobs": args.jobs, "wall_s": time.time() - t0,
             "cpu_s": sum(j.cpu_s for j in jobs), "loadavg_start": load0, "loadavg_end": os.getloadavg(), "work_dir": work}
     paths = report.write(args.output_dir, meta, fl, jobs)
     say(f"wrote {', '.join(paths)}")

@@ -26,7 +26,7 @@ SPLIT_SEED = 12  # this split's own seed (the held-out split's is fastebm.data.b
 def builtin_recipe(command: str) -> Dict:
     from fastebm.eval.recipes import RECIPES
 
-    return dict(RECIPES["builtin"][command])
+    return dict(RECIPES["small"][command])
 
 
 def split_indices(labels: np.ndarray, per_class: int = VAL_PER_CLASS, seed: int = SPLIT_SEED) -> Tuple[np.ndarray, np.ndarray]:

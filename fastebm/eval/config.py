@@ -2,8 +2,8 @@
 
 Every field is a flag of its sub-command (same name, MAE/timm spelling) and a key of the YAML
 file given with ``--config``; flags override the file. A ``None`` default marked "recipe" is
-filled from :mod:`fastebm.eval.recipes` according to the data (built-in digits or a folder), so
-the built-in defaults suit a small ViT on the digits and the folder defaults are MAE's ImageNet recipe.
+filled from :mod:`fastebm.eval.recipes` by ``--recipe``: by default the built-in digits get ``small``,
+which suits a small ViT on a small data set, and folders get ``imagenet``, MAE's ImageNet recipe.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..settings import (ArgumentParser, add_config_flag, add_field_flags, check_
                         to_dict)
 from ..settings import check_seed
 from ..settings import option as _opt
-from .recipes import fill_recipe
+from .recipes import RECIPE_CHOICES, fill_recipe
 
 COMMANDS = ("finetune", "linprobe", "knn")
 INITS = ("random", "fastebm")
@@ -50,6 +50,9 @@ class CommonConfig:
     output_dir: str = _opt("./fastebm_eval", "where metrics.jsonl, summary.json, results.md, the plot and checkpoints go")
     interpolation: Optional[str] = _opt(None, "resize interpolation (recipe)")
     crop_pct: Optional[float] = _opt(None, "evaluation centre-crop fraction (recipe; 1 = resize only)")
+    recipe: str = _opt("auto", "defaults of the flags marked recipe: small (the built-in digits'; a fixed number of steps, "
+                       "no Mixup/RandAugment: for a few thousand small images), imagenet (MAE's), or auto (small for the "
+                       "built-in digits, imagenet for folders)", choices=RECIPE_CHOICES)
 
 
 @dataclass
@@ -65,10 +68,10 @@ class FeatureConfig:
 class FinetuneConfig(CommonConfig):
     """MAE's end-to-end fine-tuning recipe on timm parts."""
 
-    epochs: Optional[int] = _opt(None, "epochs; the schedule spans them (recipe; built-in digits: enough for 1,000 optimiser steps, 2,000 with >= 32 labelled images per class)")
+    epochs: Optional[int] = _opt(None, "epochs; the schedule spans them (recipe; small: enough for 1,000 optimiser steps, 2,000 with >= 32 labelled images per class)")
     max_epochs: Optional[int] = _opt(None, "stop after this many epochs without reshaping the schedule (resume later); none = all")
-    warmup_epochs: Optional[float] = _opt(None, "linear warm-up epochs (recipe; built-in digits: 10 %% of --epochs)")
-    eval_every: Optional[int] = _opt(None, "epochs between validation passes, the last epoch always (recipe; built-in: ~25 per run)")
+    warmup_epochs: Optional[float] = _opt(None, "linear warm-up epochs (recipe; small: 10 %% of --epochs)")
+    eval_every: Optional[int] = _opt(None, "epochs between validation passes, the last epoch always (recipe; small: ~25 per run)")
     accum_iter: int = _opt(1, "micro-steps accumulated per optimiser step")
     blr: Optional[float] = _opt(None, "base learning rate: lr = blr * effective batch / 256 (recipe)")
     lr: Optional[float] = _opt(None, "absolute learning rate (overrides --blr)")
@@ -77,27 +80,27 @@ class FinetuneConfig(CommonConfig):
     layer_decay: Optional[float] = _opt(None, "layer-wise lr decay (timm optimizer factory; recipe; 1 = off)")
     opt: str = _opt("adamw", "optimizer name for timm.optim.create_optimizer_v2")
     drop_path: Optional[float] = _opt(None, "stochastic depth rate (recipe)")
-    clip_grad: Optional[float] = _opt(None, "clip the gradient norm; 0 = off, none = the recipe's (1.0 on the built-in digits, off on folder data as MAE)")
+    clip_grad: Optional[float] = _opt(None, "clip the gradient norm; 0 = off, none = the recipe's (small: 1.0; imagenet: off, as MAE)")
     global_pool: str = _opt("avg", "classifier input: avg (mean of normed patch tokens) or token (class token)", choices=GLOBAL_POOLS)
     smoothing: float = _opt(0.1, "label smoothing")
-    mixup: Optional[float] = _opt(None, "Mixup alpha, 0 = off (recipe: MAE 0.8; built-in 0)")
-    cutmix: Optional[float] = _opt(None, "CutMix alpha, 0 = off (recipe: MAE 1.0; built-in 0)")
+    mixup: Optional[float] = _opt(None, "Mixup alpha, 0 = off (recipe: imagenet 0.8; small 0)")
+    cutmix: Optional[float] = _opt(None, "CutMix alpha, 0 = off (recipe: imagenet 1.0; small 0)")
     mixup_prob: float = _opt(1.0, "probability of applying Mixup or CutMix to a batch")
     mixup_switch_prob: float = _opt(0.5, "probability of CutMix instead of Mixup when both are on")
     mixup_mode: str = _opt("batch", "how Mixup/CutMix parameters are drawn: batch, pair, elem", choices=("batch", "pair", "elem"))
     aa: Optional[str] = _opt(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1-mmax9; 'off' = none (recipe)")
-    reprob: Optional[float] = _opt(None, "random-erasing probability (recipe: MAE 0.25; built-in 0)")
+    reprob: Optional[float] = _opt(None, "random-erasing probability (recipe: imagenet 0.25; small 0)")
     remode: str = _opt("pixel", "random-erasing fill: pixel, rand, const", choices=("pixel", "rand", "const"))
     recount: int = _opt(1, "random-erasing count")
     scale_min: Optional[float] = _opt(None, "smallest RandomResizedCrop area fraction (recipe)")
-    hflip: Optional[float] = _opt(None, "horizontal-flip probability (recipe; 0 for digits)")
+    hflip: Optional[float] = _opt(None, "horizontal-flip probability (recipe; small: 0, as digits are not mirror-symmetric)")
     model_ema: bool = _opt(False, "also keep and evaluate an EMA of the weights (timm ModelEmaV3)")
     model_ema_decay: float = _opt(0.9999, "EMA decay per optimiser step")
     head_init_std: float = _opt(2e-5, "std of the new classifier's truncated-normal init (MAE; same for every --init)")
     head_init: Optional[str] = _opt(None, "new classifier: random (trunc_normal, --head_init_std; MAE), zero, or probe (LP-FT, "
                                     "Kumar et al. 2022: an L2-regularised logistic-regression probe fitted on the frozen "
                                     "features of the same labels, then fine-tuned with the backbone) (recipe: probe for "
-                                    "built-in digits, random for folders)", choices=HEAD_INITS)
+                                    "small, random for imagenet)", choices=HEAD_INITS)
     resume: Optional[str] = _opt(None, "checkpoint of an interrupted fine-tuning run, or 'auto' (OUTPUT_DIR/checkpoint.pt if present)")
     dist_timeout: Optional[float] = _opt(None, "seconds a collective waits for a peer under torchrun")
     save_ckpt: bool = _opt(True, "write OUTPUT_DIR/checkpoint.pt after every evaluated epoch (needed for --resume)")

@@ -1,13 +1,17 @@
-"""Default hyper-parameters of each evaluation, for the built-in digits and for folder data.
+"""Default hyper-parameters of each evaluation: two recipes, ``small`` and ``imagenet``.
 
-Folder data gets MAE's ImageNet recipes (He et al. 2022, "Masked Autoencoders Are Scalable
+``--recipe auto`` (the default) gives the built-in digits ``small`` and folder data ``imagenet``;
+``--recipe small`` gives a folder of a few thousand small images (the texture benchmark,
+benchmarks/quality/textures.py) the digits' recipe, whose schedule follows the data size.
+
+``imagenet`` (folder data by default) is MAE's ImageNet recipes (He et al. 2022, "Masked Autoencoders Are Scalable
 Vision Learners", appendix A.1-A.2; ViT-B column): fine-tuning with AdamW, layer decay 0.65,
 RandAugment, Mixup/CutMix, label smoothing and random erasing; linear probing with LARS, a
 BatchNorm (no affine) + linear head and blr 0.1.
 
-The built-in digits (1,300 training / 497 held-out 8x8 digits upsampled to the evaluation size,
-``vit_demo``: patch 4, width 128, depth 4) get the same parts adapted to a small 4-block ViT, a tiny
-data set and a CPU budget. They were chosen at 32 px; since round 12 fastebm-eval evaluates a default
+``small`` has the same parts adapted to a small 4-block ViT (``vit_demo``: patch 4, width 128, depth
+4), a tiny data set and a CPU budget; it was made for the built-in digits (1,300 training / 497
+held-out 8x8 digits upsampled to the evaluation size). They were chosen at 32 px; since round 12 fastebm-eval evaluates a default
 (16 px) vit_demo backbone, and an untrained vit_demo, at 16 px with the same values. Fine-tuning is a
 fixed number of optimiser steps, 1,000 with few labels and 2,000
 with many (:func:`resolve_schedule`), gradient norm clipped at 1, without Mixup/CutMix, RandAugment and random erasing (in 1,000 steps
@@ -34,7 +38,8 @@ from typing import Any, Dict
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
 
 RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
-    "builtin": {
+    # the built-in digits' recipe, for small data sets of small images (--recipe small)
+    "small": {
         # epochs/warm-up/eval_every: set from the data size by resolve_schedule (UPDATE_BUDGET or UPDATE_BUDGET_MANY steps)
         # drop_path 0: with LP-FT the head starts as a probe of the deterministic backbone; stochastic depth 0.1
         # drops whole residual branches of a 4-block model in train mode, and on a fastebm backbone (whose last
@@ -50,7 +55,8 @@ RECIPES: Dict[str, Dict[str, Dict[str, Any]]] = {
         "linprobe": dict(batch_size=64, blr=100.0, interpolation="bicubic", crop_pct=1.0),
         "knn": dict(batch_size=256, interpolation="bicubic", crop_pct=1.0),
     },
-    "folder": {
+    # MAE's ImageNet recipe (--recipe imagenet)
+    "imagenet": {
         "finetune": dict(epochs=100, warmup_epochs=5, eval_every=1, batch_size=64, blr=5e-4, min_lr=1e-6, layer_decay=0.65,
                          drop_path=0.1, mixup=0.8, cutmix=1.0, aa=RAND_AUGMENT, reprob=0.25, scale_min=0.08,
                          hflip=0.5, interpolation="bicubic", crop_pct=0.875, head_init="random"),
@@ -162,13 +168,21 @@ def command_of(cfg) -> str:
     return "finetune" if isinstance(cfg, FinetuneConfig) else "linprobe" if isinstance(cfg, LinprobeConfig) else "knn"
 
 
-def data_kind(cfg) -> str:
-    return "builtin" if cfg.data is None and cfg.train_dir is None else "folder"
+RECIPE_CHOICES = ("auto", *RECIPES)
+
+
+def recipe_name(cfg) -> str:
+    """The recipe a config gets: ``--recipe``, or with ``auto`` (the default) ``small`` for the built-in digits and
+    ``imagenet`` for folder data."""
+    choice = getattr(cfg, "recipe", "auto")
+    if choice != "auto":
+        return choice
+    return "small" if cfg.data is None and cfg.train_dir is None else "imagenet"
 
 
 def fill_recipe(cfg) -> None:
-    """Sets every ``None`` field that the recipe of (data kind, command) covers; user values win."""
-    for name, value in RECIPES[data_kind(cfg)][command_of(cfg)].items():
+    """Sets every ``None`` field that the recipe of (:func:`recipe_name`, command) covers; user values win."""
+    for name, value in RECIPES[recipe_name(cfg)][command_of(cfg)].items():
         if getattr(cfg, name, None) is None:
             setattr(cfg, name, value)
 

@@ -1,0 +1,197 @@
+"""A second, harder benchmark: texture patches of ten photographs that no arm was pretrained on.
+
+The digits benchmark sits near its ceiling with all labels (every arm fine-tunes to 0.96-0.99), so it
+cannot tell a good backbone from a random init there. This one is Brodatz-style texture
+classification (the protocol of Randen & Husoy 1999, "Filtering for texture classification", IEEE
+TPAMI 21(4): a class is one texture image, training and test patches come from disjoint regions of
+it), built from scikit-image's bundled photographs, so nothing is downloaded:
+
+* classes: ``brick camera cell clock coins grass gravel moon page text`` (grey, 172x448 to 660x550 px).
+  None of them is among fastebm-train's built-in photos (``fastebm.data.builtin.TRAIN_PHOTOS`` and
+  ``HELD_OUT_PHOTOS``), and mae.py pretrains on the same built-in data: every arm meets them here first.
+  Left out: ``horse`` (a binary silhouette), the synthetic images, and ``cat`` (the held-out ``chelsea``);
+* each image is cut into 64 x 64 px tiles; a fixed draw (``SPLIT_SEED``, independent of any run's
+  seed) puts 30 % of each image's tiles (at least 2) in the test region and the rest in the training
+  region;
+* a patch is a 32 x 32 px window inside one tile, at a uniformly drawn position: 130 per class from the
+  training tiles (1,300, as the digits) and 50 per class from the test tiles (500). A window whose pixel
+  std is under ``MIN_STD`` grey levels (a blank margin of ``page``, the sky of ``camera``) is drawn again:
+  no model could classify it;
+* written as 32 x 32 grey PNGs in the MAE/ImageNet layout ``OUT/train/<class>/*.png`` and
+  ``OUT/val/<class>/*.png``, which ``fastebm-eval --data OUT`` reads (resized to the evaluation size,
+  16 px for every arm of the study).
+
+The definition (classes, tile and window sizes, split, counts, ``MIN_STD``) was fixed before any arm
+was evaluated on it; the only number looked at while fixing it was the pixel reference (logistic
+regression on the raw pixels, :func:`pixel_logistic_regression`), to check that the benchmark is not
+near its ceiling.
+
+    python benchmarks/quality/textures.py OUT     # writes the folder (about 2 s)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+CLASSES = ("brick", "camera", "cell", "clock", "coins", "grass", "gravel", "moon", "page", "text")
+TILE = 64  # px: the unit of the train/test split
+WINDOW = 32  # px: a patch
+TEST_TILE_FRACTION = 0.3
+MIN_TEST_TILES = 2
+TRAIN_PER_CLASS, TEST_PER_CLASS = 130, 50
+MIN_STD = 4.0  # grey levels (0-255): a flatter window is drawn again
+SPLIT_SEED = 20261201
+MAX_DRAWS = 100_000  # per class: a region with no textured window is an error, not a hang
+FORMAT_VERSION = 1
+
+
+def _grey(name: str) -> np.ndarray:
+    import skimage.data
+
+    img = np.asarray(getattr(skimage.data, name)())
+    if img.ndim == 3:  # none of CLASSES is colour today; keep the builder total
+        img = img[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def split_tiles(shape: Tuple[int, int], rng: np.random.Generator) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
+    """(training tiles, test tiles) of an image of ``shape`` (H, W), each tile its (top, left) corner in px."""
+    rows, cols = shape[0] // TILE, shape[1] // TILE
+    tiles = [(r * TILE, c * TILE) for r in range(rows) for c in range(cols)]
+    if len(tiles) < MIN_TEST_TILES + 1:
+        raise ValueError(f"an image of {shape[0]}x{shape[1]} px has {len(tiles)} tiles of {TILE} px; need >= {MIN_TEST_TILES + 1}")
+    order = rng.permutation(len(tiles))
+    n_test = max(MIN_TEST_TILES, int(round(TEST_TILE_FRACTION * len(tiles))))
+    test = sorted(tiles[i] for i in order[:n_test])
+    train = sorted(tiles[i] for i in order[n_test:])
+    return train, test
+
+
+def draw_windows(img: np.ndarray, tiles: List[Tuple[int, int]], n: int, rng: np.random.Generator, name: str) -> np.ndarray:
+    """``n`` uint8 windows (n, WINDOW, WINDOW), each inside one of ``tiles``, none flatter than ``MIN_STD``."""
+    out, draws = [], 0
+    while len(out) < n:
+        draws += 1
+        if draws > MAX_DRAWS:
+            raise RuntimeError(f"{name}: only {len(out)} of {n} windows with pixel std >= {MIN_STD} in {MAX_DRAWS} draws")
+        top, left = tiles[rng.integers(len(tiles))]
+        dy, dx = rng.integers(TILE - WINDOW + 1, size=2)
+        win = img[top + dy: top + dy + WINDOW, left + dx: left + dx + WINDOW]
+        if win.std() >= MIN_STD:
+            out.append(win)
+    return np.stack(out)
+
+
+def texture_split() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train uint8 (1300, 32, 32), y_train int64 (1300,), x_test (500, 32, 32), y_test (500,)), labels index CLASSES.
+
+    A pure function of the constants above and scikit-image's bundled images: every call returns the same arrays."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    xs_tr, ys_tr, xs_te, ys_te = [], [], [], []
+    for label, name in enumerate(CLASSES):
+        img = _grey(name)
+        train, test = split_tiles(img.shape, rng)
+        xs_tr.append(draw_windows(img, train, TRAIN_PER_CLASS, rng, name))
+        xs_te.append(draw_windows(img, test, TEST_PER_CLASS, rng, name))
+        ys_tr.append(np.full(TRAIN_PER_CLASS, label))
+        ys_te.append(np.full(TEST_PER_CLASS, label))
+    return np.concatenate(xs_tr), np.concatenate(ys_tr), np.concatenate(xs_te), np.concatenate(ys_te)
+
+
+def write_folder(out: str) -> Dict:
+    """Writes the benchmark to ``out`` (train/ and val/ class folders of PNGs, ``manifest.json``) atomically:
+    it is built in a sibling temporary folder and renamed into place. An ``out`` that holds this version's
+    manifest is kept as it is; any other existing ``out`` is an error (nothing is deleted)."""
+    from PIL import Image
+
+    out = os.path.abspath(out)
+    manifest_path = os.path.join(out, "manifest.json")
+    if os.path.exists(out):
+        try:
+            with open(manifest_path) as fh:
+                manifest = json.load(fh)
+        except (OSError, ValueError):
+            manifest = None
+        if manifest is not None and manifest.get("format_version") == FORMAT_VERSION and manifest.get("classes") == list(CLASSES):
+            return manifest
+        raise FileExistsError(f"{out} exists and is not this benchmark's folder (no matching manifest.json); "
+                              f"give a new path or delete it")
+    x_tr, y_tr, x_te, y_te = texture_split()
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".textures-", dir=parent)
+    try:
+        for split, xs, ys in (("train", x_tr, y_tr), ("val", x_te, y_te)):
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                folder = os.path.join(tmp, split, CLASSES[y])
+                os.makedirs(folder, exist_ok=True)
+                Image.fromarray(x, mode="L").save(os.path.join(folder, f"{i:04d}.png"))
+        manifest = {"format_version": FORMAT_VERSION, "classes": list(CLASSES), "tile": TILE, "window": WINDOW,
+                    "test_tile_fraction": TEST_TILE_FRACTION, "train_per_class": TRAIN_PER_CLASS,
+                    "test_per_class": TEST_PER_CLASS, "min_std": MIN_STD, "split_seed": SPLIT_SEED}
+        with open(os.path.join(tmp, "manifest.json"), "w") as fh:
+            json.dump(manifest, fh, indent=1)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def pixel_logistic_regression(seeds: List[int], few_shot: int = 10, img_size: int = 16) -> Dict[str, Dict]:
+    """{"lp_100": {seed: top-1}, "lp_all": {seed: top-1}}: logistic regression on the raw pixels of the patches
+    resized to ``img_size`` (bicubic, as fastebm-eval resizes them), with the same labelled sets as the
+    evaluations (all 1,300 patches, and fastebm-eval's ``--few_shot`` draw for each seed), scored on the 500 test
+    patches. scikit-learn ``StandardScaler`` + ``LogisticRegression`` (default C 1.0), as pixels.py on the digits."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from fastebm.eval.datasets import few_shot_indices
+
+    x_tr, y_tr, x_te, y_te = texture_split()
+
+    def flat(x):
+        t = torch.from_numpy(x).float().unsqueeze(1)
+        if img_size != WINDOW:
+            t = F.interpolate(t, size=(img_size, img_size), mode="bicubic", align_corners=False, antialias=True)
+        return t.reshape(len(x), -1).numpy()
+
+    f_tr, f_te = flat(x_tr), flat(x_te)
+
+    def score(idx) -> float:
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(f_tr[idx], y_tr[idx])
+        return float(model.score(f_te, y_te))
+
+    out = {"lp_100": {}, "lp_all": {}}
+    for seed in seeds:
+        out["lp_100"][str(seed)] = score(few_shot_indices(y_tr.tolist(), few_shot, seed, CLASSES))
+        out["lp_all"][str(seed)] = score(list(range(len(y_tr))))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", help="folder to create (train/ and val/ class folders)")
+    args = ap.parse_args(argv)
+    try:
+        manifest = write_folder(args.out)
+    except FileExistsError as exc:
+        print(f"textures.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {len(manifest['classes'])} classes, {manifest['train_per_class']} training and "
+          f"{manifest['test_per_class']} test patches each")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
