@@ -10,6 +10,8 @@
   budget (1,000 steps with few labels, 2,000 with many), crop and gradient clipping, and that
   ``--clip_grad`` bounds the gradient norm of every fine-tuning step.
 """
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -192,6 +194,37 @@ def test_folder_finetune_keeps_maes_crop_and_drop_path(tmp_path):
     resolve_crop(cfg, 10_000, 10)
     assert cfg.scale_min == RECIPES["imagenet"]["finetune"]["scale_min"] == 0.08
     assert cfg.drop_path == RECIPES["imagenet"]["finetune"]["drop_path"] == 0.1
+
+
+@pytest.mark.parametrize("command", ["finetune", "linprobe", "knn"])
+def test_recipe_small_gives_a_folder_the_digits_recipe_and_imagenet_gives_the_digits_maes(command, tmp_path):
+    """--recipe picks the defaults of every field marked recipe, whatever the data; a user's flag still wins."""
+    folder = image_folder(tmp_path / "data")
+    small = make_config(command, init="random", data=folder, recipe="small")
+    auto_digits = make_config(command, init="random")
+    for name, value in RECIPES["small"][command].items():
+        assert getattr(small, name) == getattr(auto_digits, name) == value, name
+    mae = make_config(command, init="random", recipe="imagenet")  # the built-in digits, MAE's recipe
+    auto_folder = make_config(command, init="random", data=folder)
+    for name, value in RECIPES["imagenet"][command].items():
+        assert getattr(mae, name) == getattr(auto_folder, name) == value, name
+    assert RECIPES["small"][command] != RECIPES["imagenet"][command]  # otherwise nothing above is tested
+    if command == "finetune":
+        assert small.epochs is None  # the small recipe's schedule follows the data size ...
+        resolve_schedule(small, 3, 100, 10)
+        resolve_blr(small, 100, 10)
+        resolve_crop(small, 100, 10)
+        assert small.epochs == math.ceil(UPDATE_BUDGET / 3) and small.blr == BLR_FEW and small.scale_min == CROP_SCALE_MIN_FEW
+        mine = make_config(command, init="random", data=folder, recipe="small", layer_decay=0.5, hflip=0.5)
+        assert mine.layer_decay == 0.5 and mine.hflip == 0.5  # ... and a user's value wins
+
+
+def test_an_unknown_recipe_is_a_usage_error(capsys):
+    from fastebm.cli.eval import main
+
+    assert main(["finetune", "--init", "random", "--recipe", "cifar"]) == 2
+    err = capsys.readouterr().err
+    assert "--recipe" in err and "small" in err and "imagenet" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("n_train, num_classes, budget", [

@@ -26,7 +26,8 @@ was evaluated on it; the only number looked at while fixing it was the pixel ref
 regression on the raw pixels, :func:`pixel_logistic_regression`), to check that the benchmark is not
 near its ceiling.
 
-    python benchmarks/quality/textures.py OUT     # writes the folder (about 2 s)
+    python benchmarks/quality/textures.py OUT                                      # writes the folder (about 2 s)
+    python benchmarks/quality/textures.py OUT --examples docs/images/textures.png  # ... and draws example patches
 """
 from __future__ import annotations
 
@@ -74,9 +75,11 @@ def split_tiles(shape: Tuple[int, int], rng: np.random.Generator) -> Tuple[List[
     return train, test
 
 
-def draw_windows(img: np.ndarray, tiles: List[Tuple[int, int]], n: int, rng: np.random.Generator, name: str) -> np.ndarray:
-    """``n`` uint8 windows (n, WINDOW, WINDOW), each inside one of ``tiles``, none flatter than ``MIN_STD``."""
-    out, draws = [], 0
+def draw_windows(img: np.ndarray, tiles: List[Tuple[int, int]], n: int, rng: np.random.Generator,
+                 name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``n`` uint8 windows (n, WINDOW, WINDOW), each inside one of ``tiles``, none flatter than ``MIN_STD``, and
+    their (top, left) corners in px (n, 2). Raises RuntimeError when ``MAX_DRAWS`` draws find too few."""
+    out, corners, draws = [], [], 0
     while len(out) < n:
         draws += 1
         if draws > MAX_DRAWS:
@@ -86,23 +89,30 @@ def draw_windows(img: np.ndarray, tiles: List[Tuple[int, int]], n: int, rng: np.
         win = img[top + dy: top + dy + WINDOW, left + dx: left + dx + WINDOW]
         if win.std() >= MIN_STD:
             out.append(win)
-    return np.stack(out)
+            corners.append((top + dy, left + dx))
+    return np.stack(out), np.array(corners, dtype=np.int64)
 
 
-def texture_split() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def texture_split(return_regions: bool = False):
     """(x_train uint8 (1300, 32, 32), y_train int64 (1300,), x_test (500, 32, 32), y_test (500,)), labels index CLASSES.
 
-    A pure function of the constants above and scikit-image's bundled images: every call returns the same arrays."""
+    With ``return_regions`` also {class: {"train_tiles", "test_tiles", "train_corners", "test_corners"}}: the
+    split of each image and where each window was cut (for the tests). A pure function of the constants above
+    and scikit-image's bundled images: every call returns the same arrays."""
     rng = np.random.default_rng(SPLIT_SEED)
-    xs_tr, ys_tr, xs_te, ys_te = [], [], [], []
+    xs_tr, ys_tr, xs_te, ys_te, regions = [], [], [], [], {}
     for label, name in enumerate(CLASSES):
         img = _grey(name)
         train, test = split_tiles(img.shape, rng)
-        xs_tr.append(draw_windows(img, train, TRAIN_PER_CLASS, rng, name))
-        xs_te.append(draw_windows(img, test, TEST_PER_CLASS, rng, name))
+        x_tr, c_tr = draw_windows(img, train, TRAIN_PER_CLASS, rng, name)
+        x_te, c_te = draw_windows(img, test, TEST_PER_CLASS, rng, name)
+        xs_tr.append(x_tr)
+        xs_te.append(x_te)
         ys_tr.append(np.full(TRAIN_PER_CLASS, label))
         ys_te.append(np.full(TEST_PER_CLASS, label))
-    return np.concatenate(xs_tr), np.concatenate(ys_tr), np.concatenate(xs_te), np.concatenate(ys_te)
+        regions[name] = {"train_tiles": train, "test_tiles": test, "train_corners": c_tr, "test_corners": c_te}
+    out = (np.concatenate(xs_tr), np.concatenate(ys_tr), np.concatenate(xs_te), np.concatenate(ys_te))
+    return (*out, regions) if return_regions else out
 
 
 def write_folder(out: str) -> Dict:
@@ -179,15 +189,54 @@ def pixel_logistic_regression(seeds: List[int], few_shot: int = 10, img_size: in
     return out
 
 
+def plot_examples(path: str, per_split: int = 4) -> None:
+    """A picture of the benchmark: per class, the source image with its test tiles shaded, then ``per_split``
+    training and ``per_split`` test patches (PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    x_tr, y_tr, x_te, y_te, regions = texture_split(return_regions=True)
+    cols = 1 + 2 * per_split
+    fig, axes = plt.subplots(len(CLASSES), cols, figsize=(cols * 1.05, len(CLASSES) * 1.05), dpi=90)
+    for label, name in enumerate(CLASSES):
+        ax = axes[label, 0]
+        ax.imshow(_grey(name), cmap="gray", vmin=0, vmax=255)
+        for top, left in regions[name]["test_tiles"]:
+            ax.add_patch(Rectangle((left, top), TILE, TILE, color="tab:orange", alpha=0.55, linewidth=0))
+        ax.set_ylabel(name, fontsize=8)
+        patches = list(x_tr[y_tr == label][:per_split]) + list(x_te[y_te == label][:per_split])
+        for j, win in enumerate(patches):
+            axes[label, 1 + j].imshow(win, cmap="gray", vmin=0, vmax=255)
+            if label == 0:
+                axes[label, 1 + j].set_title("train" if j < per_split else "test", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title("test tiles shaded", fontsize=8)
+    fig.suptitle(f"texture benchmark: {WINDOW} px patches of {len(CLASSES)} photographs, train and test from disjoint "
+                 f"{TILE} px tiles", fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", help="folder to create (train/ and val/ class folders)")
+    ap.add_argument("--examples", default=None, metavar="PNG", help="also draw example patches of every class into this PNG")
     args = ap.parse_args(argv)
     try:
         manifest = write_folder(args.out)
     except FileExistsError as exc:
         print(f"textures.py: error: {exc}", file=sys.stderr)
         return 2
+    if args.examples:
+        plot_examples(args.examples)
     print(f"{args.out}: {len(manifest['classes'])} classes, {manifest['train_per_class']} training and "
           f"{manifest['test_per_class']} test patches each")
     return 0

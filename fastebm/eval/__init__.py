@@ -11,7 +11,8 @@ Downstream evaluation (``fastebm-eval``; docs/evaluation.md), callable in-proces
 
 Each takes a config object (:class:`FinetuneConfig`, :class:`LinprobeConfig`,
 :class:`KnnConfig`), a dict and/or keyword settings named like the command's flags; unset
-hyper-parameters take the recipe of the data (:mod:`fastebm.eval.recipes`). Bad settings raise
+hyper-parameters take a recipe (:mod:`fastebm.eval.recipes`: ``recipe="auto"`` gives the built-in
+digits ``small`` and folders MAE's ``imagenet``). Bad settings raise
 ``UsageError`` (a ``ValueError``). A run reseeds the global RNGs (torch, numpy, random).
 
 Also here: restoration PSNR gain (:mod:`.psnr`), the demo's logistic-regression probe
