@@ -693,6 +693,18 @@ def test_compare_plots_only_the_seeds_every_arm_shares(tmp_path, capsys):
     open(r2, "w").write(json.dumps(d))
     merged = compare.collect([r1, r2], ["x", "z"])
     assert merged["x"]["label"].endswith("[evaluated at 32 px]") and merged["z"]["label"].endswith("[evaluated at 16 px]")
+    # a texture report (round 14) is never merged with a digits report (no "benchmark": the digits), even for an
+    # arm that ran the same commands, and arms of two benchmarks are not compared
+    d["arms"]["z"]["eval_img_size"] = 32
+    d["meta"] = {"benchmark": "textures"}
+    open(r2, "w").write(json.dumps(d))
+    with pytest.raises(SystemExit, match="'x' ran differently"):
+        compare.collect([r1, r2], ["x", "z"])
+    with pytest.raises(SystemExit, match="different benchmarks"):
+        compare.collect([r1, r2], ["y", "z"])
+    d["meta"] = {"benchmark": "digits"}
+    open(r2, "w").write(json.dumps(d))
+    assert set(compare.collect([r1, r2], ["x", "y", "z"])) == {"x", "y", "z"}
 
 
 def test_the_quick_run_records_every_jobs_commands(quick_run):

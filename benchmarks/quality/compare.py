@@ -30,14 +30,15 @@ EVAL_PX_BEFORE_ROUND12 = 32
 
 
 def signature(report: Dict, name: str):
-    """What an arm of ``report`` ran: its fastebm-train flags, its evaluation size and, for a pretrained arm, its
-    GFLOP per step and epochs. An arm's name can outlive what it runs (round 11 changed the defaults, and with
+    """What an arm of ``report`` ran: its fastebm-train flags, its evaluation size, for a pretrained arm its
+    GFLOP per step and epochs, and the benchmark it was evaluated on (run.py --benchmark; digits before round 14). An arm's name can outlive what it runs (round 11 changed the defaults, and with
     them the arms ``fastebm``, ``mae_epochs`` and ``mae_flops``; round 12 the evaluation size of ``fastebm`` and
     the random inits), so reports are merged only where the signatures agree."""
     arm = report["arms"][name]
     cost = (report.get("flops") or {}).get("arms", {}).get(name)
     return (tuple(arm.get("flags") or ()), int(arm.get("eval_img_size", EVAL_PX_BEFORE_ROUND12)),
-            None if cost is None else (round(float(cost["gflop_per_step"]), 2), round(float(cost["epochs"]), 3)))
+            None if cost is None else (round(float(cost["gflop_per_step"]), 2), round(float(cost["epochs"]), 3)),
+            report.get("meta", {}).get("benchmark", "digits"))
 
 
 def collect(reports: List[str], arms: List[str]) -> Dict[str, Dict]:
@@ -54,13 +55,18 @@ def collect(reports: List[str], arms: List[str]) -> Dict[str, Dict]:
             entry = found.setdefault(name, {"label": arm["label"], "seeds": {}, "signature": sig, "from": path})
             if sig != entry["signature"]:
                 raise SystemExit(f"compare.py: error: arm {name!r} ran differently in {entry['from']} and {path} "
-                                 f"(flags, evaluation px, GFLOP/step and epochs {entry['signature']} against {sig}): its name "
-                                 f"outlived what it runs; compare reports of one kind")
+                                 f"(flags, evaluation px, GFLOP/step and epochs, benchmark {entry['signature']} against {sig}): "
+                                 f"its name outlived what it runs, or the reports are of different benchmarks; compare "
+                                 f"reports of one kind")
             for s, v in arm["seeds"].items():
                 entry["seeds"].setdefault(int(s), {"metrics": v["metrics"]})
     missing = [a for a in arms if a not in found]
     if missing:
         raise SystemExit(f"compare.py: error: arm(s) {missing} are in none of the reports {reports}")
+    benchmarks = sorted({e["signature"][3] for e in found.values()})
+    if len(benchmarks) > 1:
+        raise SystemExit(f"compare.py: error: the arms come from reports of different benchmarks ({', '.join(benchmarks)}); "
+                         f"compare the arms of one benchmark")
     if len({e["signature"][1] for e in found.values()}) > 1:  # arms evaluated at different sizes: say so
         for e in found.values():
             e["label"] += f" [evaluated at {e['signature'][1]} px]"
@@ -133,8 +139,11 @@ def plot(data: Dict[str, Dict], arms: List[str], seeds: List[int], title: str, o
         ax.bar(np.arange(len(METRICS)) + (i - (len(arms) - 1) / 2) * width, np.nanmean(vals, 1), width,
                yerr=np.nanstd(vals, 1, ddof=1) if len(seeds) > 1 else None, capsize=2, label=data[name]["label"])
     ax.set_xticks(np.arange(len(METRICS)), [label for _, label in METRICS], fontsize=9)
-    ax.set_ylabel("top-1 on the 497 held-out digits")
-    ax.set_ylim(0.4, 1.0)
+    bench = next(iter(data.values()))["signature"][3]
+    import report
+
+    ax.set_ylabel(f"top-1 on {report.HELD_OUT[bench]}")
+    ax.set_ylim(0.4 if bench == "digits" else 0.0, 1.0)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"{title} (mean ± std over seeds {', '.join(map(str, seeds))})")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)

@@ -11,6 +11,11 @@ One command runs the whole study on the built-in data and writes, into --output_
     python benchmarks/quality/run.py --arms blr4e-3 --output_dir OUT   # all-label FT at the lr before round 6
     python benchmarks/quality/run.py --arms blr32e-3 --output_dir OUT  # ... and at round 7's candidate
     python benchmarks/quality/run.py --arms ft1000steps,ft400steps --output_dir OUT  # ... for 1,000 / 400 steps
+    python benchmarks/quality/run.py --benchmark textures --output_dir OUT  # the same study on textures.py's patches
+
+With ``--benchmark textures`` every evaluation reads the texture patches of textures.py (written into the
+work folder) with ``fastebm-eval --recipe small``, the digits' recipe, and the outputs are named
+``textures.*``; the arms and their pretraining runs are the same, so one work folder serves both benchmarks.
 
 Each arm (arms.py) is pretrained per seed (fastebm-train, or mae.py), then evaluated with
 fastebm-eval's built-in recipes, the same for every arm: linear probe and fine-tuning with 100
