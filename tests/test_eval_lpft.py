@@ -209,6 +209,8 @@ def test_recipe_small_gives_a_folder_the_digits_recipe_and_imagenet_gives_the_di
     for name, value in RECIPES["imagenet"][command].items():
         assert getattr(mae, name) == getattr(auto_folder, name) == value, name
     assert RECIPES["small"][command] != RECIPES["imagenet"][command]  # otherwise nothing above is tested
+    # the config names the recipe it resolved to (summary.json and checkpoints record it)
+    assert (small.recipe, auto_digits.recipe, mae.recipe, auto_folder.recipe) == ("small", "small", "imagenet", "imagenet")
     if command == "finetune":
         assert small.epochs is None  # the small recipe's schedule follows the data size ...
         resolve_schedule(small, 3, 100, 10)
@@ -225,6 +227,18 @@ def test_an_unknown_recipe_is_a_usage_error(capsys):
     assert main(["finetune", "--init", "random", "--recipe", "cifar"]) == 2
     err = capsys.readouterr().err
     assert "--recipe" in err and "small" in err and "imagenet" in err and "Traceback" not in err
+
+
+def test_a_warmup_the_recipe_set_is_named_as_the_recipes_in_the_error(capsys):
+    """--recipe imagenet --epochs 2: the 5 warm-up epochs are MAE's, not the user's; the error says so."""
+    from fastebm.cli.eval import main
+
+    assert main(["finetune", "--init", "random", "--recipe", "imagenet", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    warmup = RECIPES["imagenet"]["finetune"]["warmup_epochs"]
+    assert f"--warmup_epochs ({warmup}) (the imagenet recipe's; give --warmup_epochs too) exceeds --epochs (2)" in err
+    assert main(["finetune", "--init", "random", "--recipe", "imagenet", "--epochs", "2", "--warmup_epochs", "3"]) == 2
+    assert "--warmup_epochs (3.0) exceeds --epochs (2)" in capsys.readouterr().err  # the user's own value: no blame
 
 
 @pytest.mark.parametrize("n_train, num_classes, budget", [

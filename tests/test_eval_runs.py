@@ -218,6 +218,27 @@ def test_finetune_resume_is_exact(tmp_path):
     assert not torch.equal(a["model"]["blocks.0.attn.qkv.weight"], start)
 
 
+def test_a_resume_keeps_the_recipe_it_was_trained_with(tmp_path, capsys):
+    """A folder run under --recipe small records "small"; resuming it without --recipe (auto: imagenet for a
+    folder) is refused before anything is written, and resuming with --recipe small continues it."""
+    root = image_folder(tmp_path / "data", size=24, per_class=(6, 5, 5))
+    out = tmp_path / "ft"
+    args = ["finetune", "--init", "random", "--data", root, "--img_size", "16", "--batch_size", "4", "--epochs", "3",
+            "--warmup_epochs", "1", "--num_workers", "0", "--output_dir", str(out)]
+    assert main([*args, "--recipe", "small", "--max_epochs", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["recipe"] == "small" and summary["config"]["layer_decay"] == 0.75
+    assert "recipe small" in capsys.readouterr().out
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main([*args, "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "--recipe small" in err and "imagenet" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing written
+    assert main([*args, "--resume", "auto", "--recipe", "small"]) == 0
+    done = json.loads((out / "summary.json").read_text())
+    assert done["epochs_done"] == 3 and done["config"]["recipe"] == "small"
+
+
 def test_finetune_on_builtin_digits(tmp_path):
     s = fe.finetune(ckpt=trained_checkpoint(), few_shot=2, epochs=2, batch_size=10, eval_every=2,
                     output_dir=str(tmp_path / "ft"))

@@ -6,6 +6,7 @@ tile. The folder is read back through fastebm-eval's own loader, and a quick stu
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -110,6 +111,37 @@ def test_the_folder_reads_back_through_fastebm_eval_in_the_same_order(tmp_path, 
         T.write_folder(str(foreign))
     assert (foreign / "notes.txt").read_text() == "keep me" and sorted(os.listdir(foreign)) == ["notes.txt"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".textures-")]  # no temporary folder left behind
+
+
+def test_the_command_line_fills_an_empty_folder_and_refuses_bad_paths_without_writing(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert T.main([str(empty)]) == 0  # an empty folder (mktemp -d) is filled
+    assert oct((empty).stat().st_mode & 0o777) == oct(0o777 & ~_umask())  # not mkdtemp's 0700
+    thinned = tmp_path / "thinned"
+    shutil.copytree(empty, thinned)
+    shutil.rmtree(thinned / "val" / "moon")
+    capsys.readouterr()
+    assert T.main([str(thinned)]) == 2  # a copy with images missing is not reused
+    assert "images are missing" in capsys.readouterr().err and not (thinned / "val" / "moon").exists()
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert T.main([str(blocker / "sub")]) == 2
+    assert "is a file" in capsys.readouterr().err and blocker.read_text() == "x"
+    for bad in (tmp_path / "nodir" / "x.png", tmp_path / "x.jpg", tmp_path):
+        assert T.main([str(tmp_path / "new"), "--examples", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "--examples" in err and "Traceback" not in err
+        assert not (tmp_path / "new").exists()  # checked before the data set is written
+    png = tmp_path / "ex.png"
+    assert T.main([str(tmp_path / "new"), "--examples", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_pixel_reference_scores_a_logistic_regression_fitted_here(split):

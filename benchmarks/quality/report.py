@@ -44,6 +44,8 @@ TITLES = {"ft_100": "fine-tune, 100 labels", "lp_100": "linear probe, 100 labels
 # what the top-1 of each benchmark (run.py --benchmark) is measured on, its outputs' file stem, and its pixel reference
 HELD_OUT = {"digits": "the 497 held-out digits", "textures": "the 500 test patches of unseen image regions"}
 STEM = {"digits": "quality", "textures": "textures"}
+# --quick's "all labels" runs use a 30-per-class subset (arms.Budget.label_sets), not the 1,300 the headers name
+QUICK_LABELS = " (quick: the columns headed 1,300 labels use 30 per class, 300 labels; the pixel reference uses all 1,300)"
 PIXEL_REFERENCE = {"digits": "logistic regression on the raw pixels (pixels.py) | 0 | - | 32 px",
                    "textures": "logistic regression on the raw pixels (textures.py) | 0 | - | 16 px"}
 RANDOM_ARMS = ("random_timm", "random_fastebm", "random_timm_32px", "random_fastebm_32px", "random_timm_blr32e-3",
@@ -274,12 +276,12 @@ def markdown(data: Dict) -> str:
     bench = meta.get("benchmark", "digits")
     what = "the built-in digits" if bench == "digits" else "the texture benchmark (textures.py: ten photographs no arm was pretrained on)"
     lines = [f"# Learning quality on {what} ({'QUICK plumbing run, not results' if meta['quick'] else 'benchmark'})", "",
-             f"Top-1 on {HELD_OUT[bench]}, mean ± sample std over seeds {', '.join(map(str, meta['seeds']))}; "
+             f"Top-1 on {HELD_OUT[bench]}{QUICK_LABELS if meta['quick'] else ''}, mean ± sample std over seeds {', '.join(map(str, meta['seeds']))}; "
              f"pretraining {data['settings']['pretrain_epochs']} epochs unless the arm's flags say otherwise "
              f"({data['flops']['steps_per_epoch']} steps of batch 32 per epoch unless the arm sets --batch_size; each arm's steps are in the table); fine-tuning {data['settings']['finetune_steps']} optimiser steps "
              f"at peak lr {data['settings'].get('finetune_lr', '-')} with LP-FT "
              f"(`--head_init {data['settings']['head_init']}`); linear probe {_probe_budget(data['settings'])}. "
-             f"{meta['jobs']} jobs x 1 thread, {meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.1f} CPU min; "
+             f"{meta['jobs']} job{'s' if meta['jobs'] != 1 else ''} x 1 thread, {meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.1f} CPU min; "
              f"load average {meta['loadavg_start'][0]:.1f} at start, {meta['loadavg_end'][0]:.1f} at the end"
              f"{_reused(data['jobs'])}. "
              f"{data['env']['date_utc']}, commit {str(data['env']['git_commit'])[:10]}{' (dirty)' if data['env']['git_dirty'] else ''}.", "",

@@ -115,28 +115,51 @@ def texture_split(return_regions: bool = False):
     return (*out, regions) if return_regions else out
 
 
+def _complete(out: str, manifest: Dict) -> bool:
+    """True when ``out`` holds every PNG its manifest promises (a folder someone thinned is not reused)."""
+    for split, per_class in (("train", manifest["train_per_class"]), ("val", manifest["test_per_class"])):
+        for name in manifest["classes"]:
+            folder = os.path.join(out, split, name)
+            if not os.path.isdir(folder) or sum(f.endswith(".png") for f in os.listdir(folder)) != per_class:
+                return False
+    return True
+
+
 def write_folder(out: str) -> Dict:
     """Writes the benchmark to ``out`` (train/ and val/ class folders of PNGs, ``manifest.json``) atomically:
     it is built in a sibling temporary folder and renamed into place. An ``out`` that holds this version's
-    manifest is kept as it is; any other existing ``out`` is an error (nothing is deleted)."""
+    manifest and all its images is kept as it is; an empty folder is filled; any other existing ``out`` raises
+    FileExistsError, and a parent that is not a folder NotADirectoryError (nothing is deleted)."""
     from PIL import Image
 
     out = os.path.abspath(out)
     manifest_path = os.path.join(out, "manifest.json")
-    if os.path.exists(out):
+    if os.path.isdir(out) and os.listdir(out):
         try:
             with open(manifest_path) as fh:
                 manifest = json.load(fh)
         except (OSError, ValueError):
             manifest = None
         if manifest is not None and manifest.get("format_version") == FORMAT_VERSION and manifest.get("classes") == list(CLASSES):
-            return manifest
+            if _complete(out, manifest):
+                return manifest
+            raise FileExistsError(f"{out} is this benchmark's folder but images are missing; delete it and run again")
         raise FileExistsError(f"{out} exists and is not this benchmark's folder (no matching manifest.json); "
                               f"give a new path or delete it")
-    x_tr, y_tr, x_te, y_te = texture_split()
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out} exists and is a file; give a folder path")
     parent = os.path.dirname(out)
+    blocker = parent
+    while blocker and not os.path.exists(blocker):
+        blocker = os.path.dirname(blocker)
+    if blocker and not os.path.isdir(blocker):
+        raise NotADirectoryError(f"{blocker} is a file, so {out} cannot be made; give another path")
+    x_tr, y_tr, x_te, y_te = texture_split()
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".textures-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the data set is as readable as any folder
     try:
         for split, xs, ys in (("train", x_tr, y_tr), ("val", x_te, y_te)):
             for i, (x, y) in enumerate(zip(xs, ys)):
@@ -230,13 +253,22 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="folder to create (train/ and val/ class folders)")
     ap.add_argument("--examples", default=None, metavar="PNG", help="also draw example patches of every class into this PNG")
     args = ap.parse_args(argv)
+    if args.examples:  # checked before anything is written
+        folder = os.path.dirname(os.path.abspath(args.examples))
+        if not args.examples.lower().endswith(".png") or os.path.isdir(args.examples) or not os.path.isdir(folder):
+            print(f"textures.py: error: --examples {args.examples}: give a .png file path in an existing folder", file=sys.stderr)
+            return 2
     try:
         manifest = write_folder(args.out)
-    except FileExistsError as exc:
+        if args.examples:
+            plot_examples(args.examples)
+    except PermissionError:
+        print(f"textures.py: error: no permission to write {args.out} (it is built beside it, in its parent folder)",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:  # an existing folder, a file in the way, a full disk
         print(f"textures.py: error: {exc}", file=sys.stderr)
         return 2
-    if args.examples:
-        plot_examples(args.examples)
     print(f"{args.out}: {len(manifest['classes'])} classes, {manifest['train_per_class']} training and "
           f"{manifest['test_per_class']} test patches each")
     return 0

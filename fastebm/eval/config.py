@@ -50,9 +50,10 @@ class CommonConfig:
     output_dir: str = _opt("./fastebm_eval", "where metrics.jsonl, summary.json, results.md, the plot and checkpoints go")
     interpolation: Optional[str] = _opt(None, "resize interpolation (recipe)")
     crop_pct: Optional[float] = _opt(None, "evaluation centre-crop fraction (recipe; 1 = resize only)")
-    recipe: str = _opt("auto", "defaults of the flags marked recipe: small (the built-in digits'; a fixed number of steps, "
-                       "no Mixup/RandAugment: for a few thousand small images), imagenet (MAE's), or auto (small for the "
-                       "built-in digits, imagenet for folders)", choices=RECIPE_CHOICES)
+    recipe: str = _opt("auto", "defaults of the flags marked recipe: small (the built-in digits' recipe, for a few thousand "
+                       "small images), imagenet (MAE's ImageNet recipe), or auto (small for the built-in digits, imagenet "
+                       "for folders); flags and --config keys win over it; summary.json records the one used",
+                       choices=RECIPE_CHOICES)
 
 
 @dataclass
@@ -229,12 +230,13 @@ def validate(cfg):
         raise UsageError("--output_dir must not be empty")
     if getattr(cfg, "resume", None) not in (None, "auto") and not os.path.isfile(cfg.resume):
         raise UsageError(f"--resume: {cfg.resume!r} does not exist (give a checkpoint.pt or 'auto')")
-    fill_recipe(cfg)
+    filled = fill_recipe(cfg)
     _check_library_names(cfg)
     if getattr(cfg, "epochs", None) is None:
         return cfg  # built-in fine-tuning: the schedule follows the data size (recipes.resolve_schedule)
     if getattr(cfg, "warmup_epochs", None) is not None and cfg.warmup_epochs > cfg.epochs:
-        raise UsageError(f"--warmup_epochs ({cfg.warmup_epochs}) exceeds --epochs ({cfg.epochs})")
+        source = f" (the {cfg.recipe} recipe's; give --warmup_epochs too)" if "warmup_epochs" in filled else ""
+        raise UsageError(f"--warmup_epochs ({cfg.warmup_epochs}){source} exceeds --epochs ({cfg.epochs})")
     if getattr(cfg, "max_epochs", None) is not None and cfg.max_epochs > cfg.epochs:
         raise UsageError(f"--max_epochs ({cfg.max_epochs}) exceeds --epochs ({cfg.epochs})")
     return cfg

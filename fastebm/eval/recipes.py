@@ -33,7 +33,7 @@ thousand images. Capping at 9 keeps at least one bit and changes nothing else.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1-mmax9"
 
@@ -180,11 +180,17 @@ def recipe_name(cfg) -> str:
     return "small" if cfg.data is None and cfg.train_dir is None else "imagenet"
 
 
-def fill_recipe(cfg) -> None:
-    """Sets every ``None`` field that the recipe of (:func:`recipe_name`, command) covers; user values win."""
-    for name, value in RECIPES[recipe_name(cfg)][command_of(cfg)].items():
+def fill_recipe(cfg) -> List[str]:
+    """Sets every ``None`` field that the recipe of (:func:`recipe_name`, command) covers (user values win), and
+    ``cfg.recipe`` to the recipe it resolved to (``auto`` becomes ``small`` or ``imagenet``, so a run's
+    summary.json and checkpoint name the recipe it ran). Returns the names of the fields it filled."""
+    cfg.recipe = recipe_name(cfg)
+    filled = []
+    for name, value in RECIPES[cfg.recipe][command_of(cfg)].items():
         if getattr(cfg, name, None) is None:
             setattr(cfg, name, value)
+            filled.append(name)
+    return filled
 
 
 def resolve_blr(cfg, n_train: int, num_classes: int) -> None:

@@ -73,6 +73,10 @@ def _load_resume(cfg) -> Optional[Dict[str, Any]]:
         raise UsageError(f"--resume {path} cannot be read ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise UsageError(f"--resume {path} is not a fastebm-eval fine-tuning checkpoint")
+    recorded = state["config"].get("recipe")  # None: a checkpoint from before --recipe
+    if recorded not in (None, cfg.recipe):
+        raise UsageError(f"--resume {path} was trained with --recipe {recorded}, and this run's recipe is {cfg.recipe}: "
+                         f"give --recipe {recorded} to continue it (a folder gets imagenet unless told)")
     changed = sorted(k for k, v in state["config"].items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v)
     if changed:
         warnings.warn(f"resuming {path} with changed settings {changed}; the run is no longer the same run", stacklevel=2)
@@ -241,7 +245,7 @@ def run_finetune(cfg) -> Dict[str, Any]:
             run.say(f"resumed from {resume['path']} after epoch {resume['epoch']}")
         start = resume["epoch"] if resume else 0
         run.say(f"fastebm-eval finetune: {bb.describe()}; {data.description} ({len(data.train)} train / {len(data.val)} val, "
-                f"{data.num_classes} classes); {img_size} px, {cfg.epochs} epochs x {steps_per_epoch} steps, lr {trainer.lr:.3g}, "
+                f"{data.num_classes} classes); recipe {cfg.recipe}, {img_size} px, {cfg.epochs} epochs x {steps_per_epoch} steps, lr {trainer.lr:.3g}, "
                 f"layer decay {cfg.layer_decay}; output {cfg.output_dir}")
         status = _loop(run, cfg, trainer, sampler, train_ds, val_ds, workers, start, history, resume is not None)
         return _finish(run, cfg, bb, data, history, status, trainer)
