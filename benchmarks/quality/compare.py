@@ -31,9 +31,10 @@ EVAL_PX_BEFORE_ROUND12 = 32
 
 def signature(report: Dict, name: str):
     """What an arm of ``report`` ran: its fastebm-train flags, its evaluation size, for a pretrained arm its
-    GFLOP per step and epochs, and the benchmark it was evaluated on (run.py --benchmark; digits before round 14). An arm's name can outlive what it runs (round 11 changed the defaults, and with
-    them the arms ``fastebm``, ``mae_epochs`` and ``mae_flops``; round 12 the evaluation size of ``fastebm`` and
-    the random inits), so reports are merged only where the signatures agree."""
+    GFLOP per step and epochs, and the benchmark it was evaluated on (run.py --benchmark; digits before round
+    14). An arm's name can outlive what it runs (round 11 changed the defaults, and with them the arms
+    ``fastebm``, ``mae_epochs`` and ``mae_flops``; round 12 the evaluation size of ``fastebm`` and the random
+    inits), so reports are merged only where the signatures agree."""
     arm = report["arms"][name]
     cost = (report.get("flops") or {}).get("arms", {}).get(name)
     return (tuple(arm.get("flags") or ()), int(arm.get("eval_img_size", EVAL_PX_BEFORE_ROUND12)),

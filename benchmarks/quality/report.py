@@ -39,8 +39,6 @@ DIAG = ["fragility", "last_token_std", "attn_entropy", "erank_pooled"]
 SPIKE = ["ft_100_loss_first", "ft_100_loss_peak", "ft_all_loss_first", "ft_all_loss_peak"]
 TITLES = {"ft_100": "fine-tune, 100 labels", "lp_100": "linear probe, 100 labels", "ft_all": "fine-tune, 1,300 labels",
           "lp_all": "linear probe, 1,300 labels", "knn_all": "k-NN (k 20), 1,300 labels"}
-# the stronger per metric is the baseline: both inits at 16 and 32 px, and (round 13) timm's init fine-tuned at
-# the lr the validation split chose for it at 16 px where that is not the built-in
 # what the top-1 of each benchmark (run.py --benchmark) is measured on, its outputs' file stem, and its pixel reference
 HELD_OUT = {"digits": "the 497 held-out digits", "textures": "the 500 test patches of unseen image regions"}
 STEM = {"digits": "quality", "textures": "textures"}
@@ -48,6 +46,8 @@ STEM = {"digits": "quality", "textures": "textures"}
 QUICK_LABELS = " (quick: the columns headed 1,300 labels use 30 per class, 300 labels; the pixel reference uses all 1,300)"
 PIXEL_REFERENCE = {"digits": "logistic regression on the raw pixels (pixels.py) | 0 | - | 32 px",
                    "textures": "logistic regression on the raw pixels (textures.py) | 0 | - | 16 px"}
+# the stronger per metric is the baseline: both inits at 16 and 32 px, and (round 13) timm's init fine-tuned at
+# the lr the validation split chose for it at 16 px where that is not the built-in
 RANDOM_ARMS = ("random_timm", "random_fastebm", "random_timm_32px", "random_fastebm_32px", "random_timm_blr32e-3",
                "random_timm_ft100_blr64e-3")
 

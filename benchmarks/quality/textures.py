@@ -54,12 +54,13 @@ FORMAT_VERSION = 1
 
 
 def _grey(name: str) -> np.ndarray:
+    """scikit-image's bundled grey image ``name`` as uint8 (H, W)."""
     import skimage.data
 
     img = np.asarray(getattr(skimage.data, name)())
-    if img.ndim == 3:  # none of CLASSES is colour today; keep the builder total
-        img = img[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+    if img.ndim != 2 or img.dtype != np.uint8:
+        raise ValueError(f"skimage.data.{name} is not a grey uint8 image ({img.shape}, {img.dtype})")
+    return img
 
 
 def split_tiles(shape: Tuple[int, int], rng: np.random.Generator) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int]]]:
@@ -185,11 +186,8 @@ def pixel_logistic_regression(seeds: List[int], few_shot: int = 10, img_size: in
     patches. scikit-learn ``StandardScaler`` + ``LogisticRegression`` (default C 1.0), as pixels.py on the digits."""
     import torch
     import torch.nn.functional as F
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    from fastebm.eval.datasets import few_shot_indices
+    from pixels import score_pixels
 
     x_tr, y_tr, x_te, y_te = texture_split()
 
@@ -199,17 +197,7 @@ def pixel_logistic_regression(seeds: List[int], few_shot: int = 10, img_size: in
             t = F.interpolate(t, size=(img_size, img_size), mode="bicubic", align_corners=False, antialias=True)
         return t.reshape(len(x), -1).numpy()
 
-    f_tr, f_te = flat(x_tr), flat(x_te)
-
-    def score(idx) -> float:
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(f_tr[idx], y_tr[idx])
-        return float(model.score(f_te, y_te))
-
-    out = {"lp_100": {}, "lp_all": {}}
-    for seed in seeds:
-        out["lp_100"][str(seed)] = score(few_shot_indices(y_tr.tolist(), few_shot, seed, CLASSES))
-        out["lp_all"][str(seed)] = score(list(range(len(y_tr))))
-    return out
+    return score_pixels(flat(x_tr), y_tr, flat(x_te), y_te, list(CLASSES), seeds, few_shot)
 
 
 def plot_examples(path: str, per_split: int = 4) -> None:
