@@ -201,3 +201,18 @@ def test_quick_textures_study_runs_end_to_end(tmp_path):
     assert "500 test patches" in table and "textures.py" in table and "Diagnostics" not in table
     ref = data["reference_pixels"]
     assert f"{ref['lp_all']['0']:.3f}" in table
+
+
+def test_run_refuses_a_work_folder_it_cannot_use_with_one_line_errors(tmp_path, capsys):
+    import run
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert run.main(["--quick", "--benchmark", "textures", "--output_dir", str(blocker / "out")]) == 2
+    assert "cannot make the work folder" in capsys.readouterr().err and blocker.read_text() == "x"
+    foreign = tmp_path / "w" / "runs" / "data" / "textures"
+    foreign.mkdir(parents=True)
+    (foreign / "mine.txt").write_text("keep me")
+    assert run.main(["--quick", "--benchmark", "textures", "--output_dir", str(tmp_path / "w")]) == 2
+    assert "not this benchmark's folder" in capsys.readouterr().err
+    assert sorted(os.listdir(foreign)) == ["mine.txt"] and not (tmp_path / "w" / "textures.json").exists()

@@ -274,7 +274,11 @@ def main(argv=None) -> int:
         print(f"run.py: error: unknown arm(s) {unknown}; choose from {', '.join(A.ARMS)}", file=sys.stderr)
         return 2
     work = os.path.abspath(args.work_dir or os.path.join(args.output_dir, "runs"))
-    os.makedirs(work, exist_ok=True)
+    try:
+        os.makedirs(work, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission
+        print(f"run.py: error: cannot make the work folder {work}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     data_dir = None
     if args.benchmark == "textures":
         import textures
@@ -282,8 +286,8 @@ def main(argv=None) -> int:
         data_dir = os.path.join(work, "data", "textures")
         try:
             textures.write_folder(data_dir)
-        except FileExistsError as exc:
-            print(f"run.py: error: {exc}", file=sys.stderr)
+        except OSError as exc:  # a folder of something else, a file in the way, no permission
+            print(f"run.py: error: the texture benchmark's folder {data_dir}: {exc}", file=sys.stderr)
             return 2
     budget = A.Budget(quick=args.quick, data_dir=data_dir)
     import torch

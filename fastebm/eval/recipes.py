@@ -4,14 +4,15 @@
 ``--recipe small`` gives a folder of a few thousand small images (the texture benchmark,
 benchmarks/quality/textures.py) the digits' recipe, whose schedule follows the data size.
 
-``imagenet`` (folder data by default) is MAE's ImageNet recipes (He et al. 2022, "Masked Autoencoders Are Scalable
-Vision Learners", appendix A.1-A.2; ViT-B column): fine-tuning with AdamW, layer decay 0.65,
+``imagenet`` (folder data by default) is MAE's ImageNet recipes (He et al. 2022, "Masked
+Autoencoders Are Scalable Vision Learners", appendix A.1-A.2; ViT-B column): fine-tuning with AdamW, layer decay 0.65,
 RandAugment, Mixup/CutMix, label smoothing and random erasing; linear probing with LARS, a
 BatchNorm (no affine) + linear head and blr 0.1.
 
 ``small`` has the same parts adapted to a small 4-block ViT (``vit_demo``: patch 4, width 128, depth
 4), a tiny data set and a CPU budget; it was made for the built-in digits (1,300 training / 497
-held-out 8x8 digits upsampled to the evaluation size). They were chosen at 32 px; since round 12 fastebm-eval evaluates a default
+held-out 8x8 digits upsampled to the evaluation size). Its values were chosen at 32 px; since round
+12 fastebm-eval evaluates a default
 (16 px) vit_demo backbone, and an untrained vit_demo, at 16 px with the same values. Fine-tuning is a
 fixed number of optimiser steps, 1,000 with few labels and 2,000
 with many (:func:`resolve_schedule`), gradient norm clipped at 1, without Mixup/CutMix, RandAugment and random erasing (in 1,000 steps
