@@ -195,9 +195,19 @@ def test_index_cache_is_reused_and_changed_files_rechecked(folder, tmp_path, mon
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_batches_match_the_torch_loader(dali, folder, tmp_path, accum):
-    source = _source(folder, seed=int(torch.randint(0, 1000, (1,))))
-    plan = BatchPlan(len(source), 4, accum, 1, 0, seed=source.seed)
-    end = 2 * plan.steps_per_epoch
+    # a random seed whose two epochs schedule both unreadable files: an epoch drops the samples that do not fill an
+    # optimiser step (4 of 20 at accum 2), so an arbitrary seed can leave one out of both epochs
+    base = _source(folder)
+    bad = {p for p, r in zip(base.paths, _index(base, tmp_path).records) if r.kind == BAD}
+    assert len(bad) == 2
+    seed = int(torch.randint(0, 1000, (1,)))
+    while True:
+        plan = BatchPlan(len(base), 4, accum, 1, 0, seed=seed)
+        end = 2 * plan.steps_per_epoch
+        if bad <= {base.paths[k.index] for s in range(end) for m in range(accum) for k in plan.micro_batch_keys(s, m)}:
+            break
+        seed += 1
+    source = _source(folder, seed=seed)
     ref = _batches(MicroBatchStream(source, plan), 0, end)
     got = _batches(build_stream("dali", source, plan, torch.device("cpu"), num_workers=1,
                                 index=_index(source, tmp_path)), 0, end)
