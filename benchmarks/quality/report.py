@@ -362,7 +362,7 @@ def plot(data: Dict, path: str) -> None:
             ax.hlines(float(np.mean(list(ref[m].values()))), i - 0.45, i + 0.45, colors="k", linestyles="--", linewidth=1,
                       label="logistic regression on raw pixels" if m == "lp_all" else None)
     ax.set_xticks(np.arange(len(METRICS)), [TITLES[m] for m in METRICS], fontsize=8)
-    ax.set_ylabel(f"top-1 on {HELD_OUT[data['meta'].get('benchmark', 'digits')][4:]}", fontsize=8)
+    ax.set_ylabel(f"top-1 on {HELD_OUT[data['meta'].get('benchmark', 'digits')]}", fontsize=8)
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.09))  # below: the bars and lines stay visible
