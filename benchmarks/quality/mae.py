@@ -21,7 +21,10 @@ Learners", CVPR 2022; the reference is their ``models_mae.py``), cut to what dif
   benchmarks/results/quality/mae_lr.json). The study
   first ran with fastebm-train's default, 0.024, which is far worse for MAE (docs/quality.md).
 
-    python benchmarks/quality/mae.py --output_dir DIR --epochs E --seed S [--blr B] [--max_steps N] [--img_size PX] [--overwrite]
+    python benchmarks/quality/mae.py --output_dir DIR --epochs E --seed S [--blr B] [--max_steps N] [--img_size PX]
+        [--pretrain_data {builtin,photos}] [--overwrite]
+
+``--pretrain_data photos`` pretrains without the digits (photos_only.py: photo crops in the digits' slots, round 15).
 
 Writes DIR/backbone.pth (timm names) and DIR/summary.json (loss, steps, wall time, FLOPs per step).
 """
@@ -160,9 +163,10 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 def train(output_dir: str, epochs: float, seed: int, blr: float = MAE_BLR, batch_size: int = 32,
-          max_steps: int = None, img_size: int = None, log=print) -> Dict:
-    """Pretrains the MAE baseline; writes backbone.pth and summary.json under ``output_dir``."""
-    from fastebm.data.builtin import BuiltinDemoData
+          max_steps: int = None, img_size: int = None, pretrain_data: str = "builtin", log=print) -> Dict:
+    """Pretrains the MAE baseline on ``pretrain_data`` (photos_only.PRETRAIN_DATA); writes backbone.pth and
+    summary.json under ``output_dir``."""
+    from photos_only import data_class
     from fastebm.data.sampling import BatchPlan
     from fastebm.ops import first_order_attention
     from fastebm.train.optim import build_optimizer
@@ -170,7 +174,7 @@ def train(output_dir: str, epochs: float, seed: int, blr: float = MAE_BLR, batch
 
     t0 = time.time()
     mae = build(seed, img_size=img_size)
-    data = BuiltinDemoData(mae.encoder.img_size[0], seed)
+    data = data_class(pretrain_data)(mae.encoder.img_size[0], seed)
     plan = BatchPlan(len(data), batch_size, seed=seed)
     total = max(1, int(round(epochs * plan.steps_per_epoch)))
     run_steps = total if max_steps is None else min(total, max_steps)
@@ -200,7 +204,8 @@ def train(output_dir: str, epochs: float, seed: int, blr: float = MAE_BLR, batch
     torch.save(mae.encoder.backbone_state_dict(), backbone + ".tmp")
     os.replace(backbone + ".tmp", backbone)
     summary = {"method": "mae", "epochs": epochs, "steps": run_steps, "total_steps": total, "blr": blr, "lr": base_lr,
-               "batch_size": batch_size, "seed": seed, "img_size": mae.encoder.img_size[0], "final_loss": float(np.mean(losses[-10:])),
+               "batch_size": batch_size, "seed": seed, "img_size": mae.encoder.img_size[0], "pretrain_data": pretrain_data,
+               "final_loss": float(np.mean(losses[-10:])),
                "first_loss": losses[0], "wall_time_s": time.time() - t0, "backbone": backbone,
                "mask_ratio": mae.mask_ratio, "decoder": {"dim": DECODER_DIM, "depth": DECODER_DEPTH, "heads": DECODER_HEADS}}
     path = os.path.join(output_dir, "summary.json")
@@ -219,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--max_steps", type=int, default=None)
     ap.add_argument("--img_size", type=int, default=None, help="pretraining size in px (default: vit_demo's 32; the study's default MAE arms give 16)")
+    ap.add_argument("--pretrain_data", choices=("builtin", "photos"), default="builtin",
+                    help="builtin: fastebm-train's built-in data; photos: the same with photo crops in the digits' slots (photos_only.py)")
     ap.add_argument("--overwrite", action="store_true", help="replace the backbone and summary already in --output_dir")
     args = ap.parse_args(argv)
     if args.img_size is not None and (args.img_size < 4 or args.img_size % 4):
@@ -228,7 +235,7 @@ def main(argv=None) -> int:
         ap.error(f"--output_dir {args.output_dir!r} holds a finished MAE run ({', '.join(held)}): "
                  f"give another --output_dir, or --overwrite to replace it")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    s = train(args.output_dir, args.epochs, args.seed, args.blr, args.batch_size, args.max_steps, args.img_size)
+    s = train(args.output_dir, args.epochs, args.seed, args.blr, args.batch_size, args.max_steps, args.img_size, args.pretrain_data)
     print(json.dumps({k: s[k] for k in ("steps", "final_loss", "wall_time_s")}))
     return 0
 
