@@ -135,13 +135,16 @@ def add_field_flags(parser: argparse.ArgumentParser, cls: type,
 def coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     """A YAML or Python value of field ``f`` converted and checked as its flag would be (a single
     value for a list field becomes a one-item list); UsageError ``"WHERE: ..."`` otherwise."""
+    if value is None and not is_list(cls, f) and not _base_type(cls, f)[1]:
+        choices = field_choices(f)
+        raise UsageError(f"{where}: has no value; give one" + (f" of {list(choices)}" if choices else "")
+                         + " or delete the key (null suits only settings whose default is none)")
     try:
         if is_list(cls, f):
             item = field_type(cls, f)
             value = [item(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         elif value is None:
-            if not _base_type(cls, f)[1]:
-                raise ValueError("None for a field that is not Optional")
+            pass  # an Optional field left unset
         else:
             value = field_type(cls, f)(value if not isinstance(value, bool) else str(value))
     except (ValueError, TypeError, argparse.ArgumentTypeError):
@@ -213,6 +216,16 @@ def check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise UsageError(f"--seed must be a whole number in [0, 2**32), got {seed!r}")
     return seed
+
+
+class FieldHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse help with ``(default: X)`` after each flag that has a default; none after a flag whose default is
+    ``None``, whose help says what leaving it unset means ("none = ...") instead of printing ``(default: None)``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -70,8 +70,8 @@ def test_yaml_config_and_command_line_override(tmp_path):
     ("batch_size: lots\n", "batch_size"),
     ("- a\n- b\n", "mapping"),
     ("grad_mode: wrong\n", "grad_mode"),
-    ("steps: null\n", "config key steps: invalid value None"),  # null only where the flag takes none
-    ("energy: null\n", "config key energy: invalid value None"),
+    ("steps: null\n", "config key steps: has no value; give one or delete the key"),  # null only where the flag takes none
+    ("energy: null\n", r"config key energy: has no value; give one of \['sqnorm'"),
 ])
 def test_bad_yaml_is_a_usage_error(tmp_path, text, needle):
     cfg_file = tmp_path / "bad.yaml"

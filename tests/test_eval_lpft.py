@@ -221,6 +221,42 @@ def test_recipe_small_gives_a_folder_the_digits_recipe_and_imagenet_gives_the_di
         assert mine.layer_decay == 0.5 and mine.hflip == 0.5  # ... and a user's value wins
 
 
+@pytest.mark.parametrize("command, recipe", [("finetune", "small"), ("finetune", "imagenet"), ("linprobe", "small"),
+                                             ("linprobe", "imagenet")])
+def test_an_lr_given_leaves_the_recipes_blr_unset(command, recipe):
+    """--lr replaces the blr scaling: the config (and so summary.json) must not record a recipe blr that was not used."""
+    lr = float(torch.empty(()).uniform_(1e-4, 1e-2))
+    cfg = make_config(command, init="random", recipe=recipe, lr=lr)
+    assert cfg.lr == lr and cfg.blr is None
+    if command == "finetune":
+        resolve_blr(cfg, 1300, 10)  # the small recipe's data-dependent blr respects --lr too
+        assert cfg.blr is None
+    without = make_config(command, init="random", recipe=recipe)
+    assert without.blr is not None or (command, recipe) == ("finetune", "small")  # the recipe does fill it otherwise
+
+
+def test_recipe_flags_say_their_default_comes_from_the_recipe_and_no_flag_shows_default_none():
+    from fastebm.eval.config import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    for command in ("finetune", "linprobe", "knn"):
+        text = " ".join(sub[command].format_help().split())
+        assert "(default: None)" not in text, command
+        assert "(default: from --recipe" in text and "(recipe" not in text, command
+        assert "(default: 0)" in text  # --seed: a real default is still shown
+
+
+def test_a_null_recipe_in_yaml_names_the_choices(tmp_path, capsys):
+    from fastebm.cli.eval import main
+
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("recipe: null\n")
+    assert main(["knn", "--init", "random", "--config", str(cfg), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "config key recipe: has no value; give one of ['auto', 'small', 'imagenet']" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_unknown_recipe_is_a_usage_error(capsys):
     from fastebm.cli.eval import main
 

@@ -580,6 +580,61 @@ def test_pretraining_without_val_never_sees_a_validation_digit(tmp_path, monkeyp
     assert calls and os.path.exists(os.path.join(out, "backbone.pth"))
 
 
+def test_pretraining_without_the_digits_sees_only_photo_crops(tmp_path, monkeypatch):
+    """photos_only.py (round 15): the built-in data's length, held-out split and photo crops, with a photo crop in
+    every digit slot (no pixel-exact digit anywhere); fastebm-train and mae.py build their data through it, and the
+    photos arms' pretraining commands ask for it."""
+    import arms as A
+    import mae
+    import photos_only as P
+    import fastebm.train.build as build
+    from fastebm.data.builtin import BuiltinDemoData, digits_uint8
+
+    img_size, seed, epoch = 12, int(torch.randint(0, 1000, ())), int(torch.randint(0, 5, ()))
+    plain, photos = BuiltinDemoData(img_size, seed), P.PhotosOnlyData(img_size, seed)
+    assert len(photos) == len(plain) and torch.equal(photos.held_out.digits, plain.held_out.digits)
+    n = len(plain.train_digits)
+    slots = torch.randperm(n)[:40].tolist()
+    crops = torch.stack([photos.load(i, epoch)[0] for i in slots])
+    assert {photos.load(i, epoch)[1] for i in slots} == {-1}
+    all_digits = digits_uint8(img_size)[0]
+    d = torch.cdist(crops.flatten(1).double(), all_digits.flatten(1).double(), compute_mode="donot_use_mm_for_euclid_dist")
+    assert (d.min(1).values > 0).all()  # a digit slot holds no digit
+    assert crops.float().std(dim=(1, 2, 3)).min() > 0  # and an image, not a constant
+    # the photo slots are the built-in data's crops; the digit slots draw fresh ones, different per epoch
+    i = n + int(torch.randint(0, plain.num_photo_crops, ()))
+    assert torch.equal(photos.load(i, epoch)[0], plain.load(i, epoch)[0])
+    assert not torch.equal(photos.load(slots[0], epoch)[0], photos.load(slots[0], epoch + 1)[0])
+    assert photos.summary()["train_digits"] == 0 and photos.summary()["photo_crops_per_epoch"] == len(plain)
+    with pytest.raises(ValueError, match="choose one of builtin, photos"):
+        P.data_class("digits")
+    # the arms: the same FLOPs arm and defaults, pretrained through this module
+    fe, mf = A.ARMS["fastebm_photos"], A.ARMS["mae_flops_16px_photos"]
+    budget = A.Budget()
+    assert A.pretrain_command(fe, 0, "OUT", budget)[1] == os.path.join(QUALITY, "photos_only.py")
+    assert A.pretrain_command(fe, 0, "OUT", budget)[2:] == A.pretrain_command(A.ARMS["fastebm"], 0, "OUT", budget)[4:]
+    cmd = A.pretrain_command(mf, 0, "OUT", budget, mae_epochs=76.9)
+    assert cmd[-2:] == ["--pretrain_data", "photos"] and cmd[:-2] == A.pretrain_command(A.ARMS["mae_flops_16px"], 0, "OUT", budget, 76.9)
+    # fastebm-train and mae.py run on it
+    monkeypatch.setattr(build, "BuiltinDemoData", BuiltinDemoData)  # restored after the test
+    loads = []
+    real_load = P.PhotosOnlyData.load
+    monkeypatch.setattr(P.PhotosOnlyData, "load", lambda self, i, e: loads.append(i) or real_load(self, i, e))
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    try:
+        assert P.main(["--output_dir", str(tmp_path / "fe"), "--max_steps", "1", "--grid_every", "0", "--demo_eval", "false",
+                       "--threads", "1"]) == 0
+    finally:  # fastebm-train sets both for its process; leave the rest of the session as it was
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+    assert len(loads) >= 32 and os.path.exists(tmp_path / "fe" / "backbone.pth")  # its batch came from PhotosOnlyData
+    loads.clear()
+    assert mae.main(["--output_dir", str(tmp_path / "m"), "--epochs", "1", "--max_steps", "1", "--img_size", "16",
+                     "--pretrain_data", "photos"]) == 0
+    assert len(loads) == 32 and json.loads((tmp_path / "m" / "summary.json").read_text())["pretrain_data"] == "photos"
+    assert P.main(["--data", str(tmp_path)]) == 2  # --data would replace the data this script changes
+
+
 def test_a_smaller_pretraining_batch_costs_the_same_flops_in_more_steps(monkeypatch):
     """The FLOPs table counts a --batch_size arm's steps at its own batch: the built-in data's images over that
     batch (the last partial batch dropped) per epoch, so a quarter of the batch is four times the steps and, with

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import List, Optional
 
-from ..settings import ArgumentParser
+from ..settings import ArgumentParser, FieldHelpFormatter
 from ._run import run
 
 PROG = "fastebm-export"
@@ -21,7 +21,7 @@ PROG = "fastebm-export"
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog=PROG, description="Export a fastebm backbone (training checkpoint or backbone.pth) for timm.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=FieldHelpFormatter)
     p.add_argument("--ckpt", required=True, help="fastebm training checkpoint (last.pt) or a backbone file")
     p.add_argument("--out", default="model.safetensors", help="output file: .safetensors (no pickle) or .pth; "
                    "the sidecar goes next to it with the extension .json")

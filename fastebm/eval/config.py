@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Type
 
 from ..errors import UsageError
-from ..settings import (ArgumentParser, add_config_flag, add_field_flags, check_device, coerce, read_config_file,
-                        to_dict)
+from ..settings import (ArgumentParser, FieldHelpFormatter, add_config_flag, add_field_flags, check_device, coerce,
+                        read_config_file, to_dict)
 from ..settings import check_seed
 from ..settings import option as _opt
 from .recipes import RECIPE_CHOICES, fill_recipe
@@ -75,10 +75,10 @@ class FinetuneConfig(CommonConfig):
     eval_every: Optional[int] = _opt(None, "epochs between validation passes, the last epoch always (recipe; small: ~25 per run)")
     accum_iter: int = _opt(1, "micro-steps accumulated per optimiser step")
     blr: Optional[float] = _opt(None, "base learning rate: lr = blr * effective batch / 256 (recipe)")
-    lr: Optional[float] = _opt(None, "absolute learning rate (overrides --blr)")
+    lr: Optional[float] = _opt(None, "absolute learning rate; none = from --blr (overrides it)")
     min_lr: Optional[float] = _opt(None, "lower bound of the cosine schedule (recipe)")
     weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms, biases, pos_embed, cls_token)")
-    layer_decay: Optional[float] = _opt(None, "layer-wise lr decay (timm optimizer factory; recipe; 1 = off)")
+    layer_decay: Optional[float] = _opt(None, "layer-wise lr decay, timm's optimizer factory (recipe; 1 = off)")
     opt: str = _opt("adamw", "optimizer name for timm.optim.create_optimizer_v2")
     drop_path: Optional[float] = _opt(None, "stochastic depth rate (recipe)")
     clip_grad: Optional[float] = _opt(None, "clip the gradient norm; 0 = off, none = the recipe's (small: 1.0; imagenet: off, as MAE)")
@@ -89,7 +89,7 @@ class FinetuneConfig(CommonConfig):
     mixup_prob: float = _opt(1.0, "probability of applying Mixup or CutMix to a batch")
     mixup_switch_prob: float = _opt(0.5, "probability of CutMix instead of Mixup when both are on")
     mixup_mode: str = _opt("batch", "how Mixup/CutMix parameters are drawn: batch, pair, elem", choices=("batch", "pair", "elem"))
-    aa: Optional[str] = _opt(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1-mmax9; 'off' = none (recipe)")
+    aa: Optional[str] = _opt(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1-mmax9, or 'off' (recipe)")
     reprob: Optional[float] = _opt(None, "random-erasing probability (recipe: imagenet 0.25; small 0)")
     remode: str = _opt("pixel", "random-erasing fill: pixel, rand, const", choices=("pixel", "rand", "const"))
     recount: int = _opt(1, "random-erasing count")
@@ -100,8 +100,8 @@ class FinetuneConfig(CommonConfig):
     head_init_std: float = _opt(2e-5, "std of the new classifier's truncated-normal init (MAE; same for every --init)")
     head_init: Optional[str] = _opt(None, "new classifier: random (trunc_normal, --head_init_std; MAE), zero, or probe (LP-FT, "
                                     "Kumar et al. 2022: an L2-regularised logistic-regression probe fitted on the frozen "
-                                    "features of the same labels, then fine-tuned with the backbone) (recipe: probe for "
-                                    "small, random for imagenet)", choices=HEAD_INITS)
+                                    "features of the same labels, then fine-tuned with the backbone) (recipe: small "
+                                    "probe, imagenet random)", choices=HEAD_INITS)
     resume: Optional[str] = _opt(None, "checkpoint of an interrupted fine-tuning run, or 'auto' (OUTPUT_DIR/checkpoint.pt if present)")
     dist_timeout: Optional[float] = _opt(None, "seconds a collective waits for a peer under torchrun")
     save_ckpt: bool = _opt(True, "write OUTPUT_DIR/checkpoint.pt after every evaluated epoch (needed for --resume)")
@@ -114,7 +114,7 @@ class LinprobeConfig(CommonConfig, FeatureConfig):
     epochs: Optional[int] = _opt(None, "epochs over the cached features (recipe)")
     warmup_epochs: Optional[float] = _opt(None, "linear warm-up epochs (recipe)")
     blr: Optional[float] = _opt(None, "base learning rate: lr = blr * batch / 256 (recipe)")
-    lr: Optional[float] = _opt(None, "absolute learning rate (overrides --blr)")
+    lr: Optional[float] = _opt(None, "absolute learning rate; none = from --blr (overrides it)")
     min_lr: float = _opt(0.0, "lower bound of the cosine schedule")
     weight_decay: float = _opt(0.0, "weight decay (MAE: 0)")
     opt: str = _opt("lars", "lars (timm Lars, MAE's setting: no adaptation of the bias) or sgd", choices=("lars", "sgd"))
@@ -135,6 +135,14 @@ CONFIGS: Dict[str, Type[CommonConfig]] = {"finetune": FinetuneConfig, "linprobe"
 
 
 # ----------------------------------------------------------------------------- parsing
+class RecipeHelpFormatter(FieldHelpFormatter):
+    """Field help, where a flag whose default comes from ``--recipe`` (help "... (recipe...)") says so."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = super()._get_help_string(action)
+        return text.replace("(recipe", "(default: from --recipe") if action.default is None else text
+
+
 def build_parser(prog: str = "fastebm-eval") -> argparse.ArgumentParser:
     parser = ArgumentParser(prog=prog, description="Downstream evaluation of a pretrained backbone: fine-tuning, "
                             "linear probe or k-NN, on built-in digits or an ImageNet-style folder.")
@@ -143,8 +151,7 @@ def build_parser(prog: str = "fastebm-eval") -> argparse.ArgumentParser:
              "linprobe": "linear probe on frozen features (MAE head, LARS)",
              "knn": "weighted k-NN on frozen features (DINO)"}
     for name in COMMANDS:
-        p = sub.add_parser(name, help=helps[name], description=helps[name],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=helps[name], description=helps[name], formatter_class=RecipeHelpFormatter)
         add_config_flag(p)
         add_field_flags(p, CONFIGS[name])
     return parser

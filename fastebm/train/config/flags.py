@@ -13,7 +13,7 @@ import warnings
 from typing import List, Optional
 
 from ... import __version__
-from ...settings import ArgumentParser, add_config_flag, add_field_flags, parse_bool
+from ...settings import ArgumentParser, FieldHelpFormatter, add_config_flag, add_field_flags, parse_bool
 from .fields import TrainConfig
 
 # Other tools' flag names with the same meaning (MAE's main_pretrain.py): alias -> field.
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastebm-train",
         description="Energy-inspired self-supervised pretraining of a ViT. With no arguments it pretrains "
         "vit_demo on built-in data (digits and bundled photos) and reports PSNR gain and linear-probe accuracy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=FieldHelpFormatter,
     )
     add_config_flag(parser)
     parser.add_argument("--version", action="version", version=f"fastebm {__version__}",
