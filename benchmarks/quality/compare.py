@@ -31,15 +31,15 @@ EVAL_PX_BEFORE_ROUND12 = 32
 
 def signature(report: Dict, name: str):
     """What an arm of ``report`` ran: its fastebm-train flags, its evaluation size, for a pretrained arm its
-    GFLOP per step and epochs, and the benchmark it was evaluated on (run.py --benchmark; digits before round
-    14). An arm's name can outlive what it runs (round 11 changed the defaults, and with them the arms
+    GFLOP per step and epochs, the benchmark it was evaluated on (run.py --benchmark; digits before round
+    14) and the data it was pretrained on (builtin before round 15). An arm's name can outlive what it runs (round 11 changed the defaults, and with them the arms
     ``fastebm``, ``mae_epochs`` and ``mae_flops``; round 12 the evaluation size of ``fastebm`` and the random
     inits), so reports are merged only where the signatures agree."""
     arm = report["arms"][name]
     cost = (report.get("flops") or {}).get("arms", {}).get(name)
     return (tuple(arm.get("flags") or ()), int(arm.get("eval_img_size", EVAL_PX_BEFORE_ROUND12)),
             None if cost is None else (round(float(cost["gflop_per_step"]), 2), round(float(cost["epochs"]), 3)),
-            report.get("meta", {}).get("benchmark", "digits"))
+            report.get("meta", {}).get("benchmark", "digits"), arm.get("pretrain_data", "builtin"))
 
 
 def collect(reports: List[str], arms: List[str]) -> Dict[str, Dict]:
@@ -56,7 +56,7 @@ def collect(reports: List[str], arms: List[str]) -> Dict[str, Dict]:
             entry = found.setdefault(name, {"label": arm["label"], "seeds": {}, "signature": sig, "from": path})
             if sig != entry["signature"]:
                 raise SystemExit(f"compare.py: error: arm {name!r} ran differently in {entry['from']} and {path} "
-                                 f"(flags, evaluation px, GFLOP/step and epochs, benchmark {entry['signature']} against {sig}): "
+                                 f"(flags, evaluation px, GFLOP/step and epochs, benchmark, pretraining data {entry['signature']} against {sig}): "
                                  f"its name outlived what it runs, or the reports are of different benchmarks; compare "
                                  f"reports of one kind")
             for s, v in arm["seeds"].items():

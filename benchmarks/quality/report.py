@@ -243,7 +243,7 @@ def collect(jobs, meta: Dict, fl: Dict) -> Dict:
             mu, sd, n = mean_std([r["metrics"].get(k) for r in per_seed.values()])
             summary[k] = {"mean": mu, "std": sd, "n": n}
         arms[name] = {"label": arm.label, "kind": arm.kind, "flags": arm.flags, "eval_img_size": A.eval_px(arm),
-                      "seeds": per_seed, "summary": summary, "flops": fl["arms"].get(name)}
+                      "pretrain_data": A.ARMS[arm.pretrain_name].pretrain_data, "seeds": per_seed, "summary": summary, "flops": fl["arms"].get(name)}
     return arms
 
 

@@ -12,6 +12,7 @@ One command runs the whole study on the built-in data and writes, into --output_
     python benchmarks/quality/run.py --arms blr32e-3 --output_dir OUT  # ... and at round 7's candidate
     python benchmarks/quality/run.py --arms ft1000steps,ft400steps --output_dir OUT  # ... for 1,000 / 400 steps
     python benchmarks/quality/run.py --benchmark textures --output_dir OUT  # the same study on textures.py's patches
+    python benchmarks/quality/run.py --arms photos --output_dir OUT    # fastebm and MAE pretrained without the digits (round 15)
 
 With ``--benchmark textures`` every evaluation reads the texture patches of textures.py (written into the
 work folder) with ``fastebm-eval --recipe small``, the digits' recipe, and the outputs are named
@@ -254,6 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", default=None, help="comma-separated arm names (arms.py); \"variants\": the other fastebm variants; \"blr4e-3\" / \"blr32e-3\": "
                          "the compared arms, and their all-label fine-tuning at the built-in lr before round 6 / at round 7's candidate; "
                          "\"ft1000steps\" / \"ft400steps\": ... for 1,000 / 400 steps instead of 2,000; "
+                         "\"photos\": fastebm's defaults and both MAE arms pretrained without the digits (photos_only.py); "
                          "default: the default set")
     ap.add_argument("--benchmark", choices=A.BENCHMARKS, default="digits",
                     help="digits: the built-in digits (outputs quality.*); textures: texture patches of ten photographs no arm "
