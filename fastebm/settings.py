@@ -132,13 +132,26 @@ def add_field_flags(parser: argparse.ArgumentParser, cls: type,
         parser.add_argument(*names, dest=f.name, **kw)
 
 
+def _value_hint(cls: type, f: dataclasses.Field) -> str:
+    """What a value of field ``f`` looks like, for an error message."""
+    choices = field_choices(f)
+    if choices:
+        return f"one of {list(choices)}"
+    base = _base_type(cls, f)[0]
+    if base is bool:
+        return "true or false"
+    return "one or more values" if is_list(cls, f) else "a value"
+
+
 def coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     """A YAML or Python value of field ``f`` converted and checked as its flag would be (a single
     value for a list field becomes a one-item list); UsageError ``"WHERE: ..."`` otherwise."""
-    if value is None and not is_list(cls, f) and not _base_type(cls, f)[1]:
-        choices = field_choices(f)
-        raise UsageError(f"{where}: has no value; give one" + (f" of {list(choices)}" if choices else "")
-                         + " or delete the key (null suits only settings whose default is none)")
+    listed = is_list(cls, f)
+    if (value is None and (listed or not _base_type(cls, f)[1])) or (
+            listed and isinstance(value, (list, tuple)) and any(v is None for v in value)):
+        raise UsageError(f"{where}: {'has no value' if value is None else 'an item has no value'}; give "
+                         f"{_value_hint(cls, f)} or leave the setting out (null / None suits only settings whose "
+                         f"default is none)")
     try:
         if is_list(cls, f):
             item = field_type(cls, f)
@@ -188,7 +201,7 @@ def read_config_file(path: str, cls: type, aliases: Mapping[str, str] = types.Ma
             raise UsageError(f"config file {path!r} gives {name} twice (as {spelled[name]} and {key}); keep one")
         if key in aliases and on_alias is not None:
             on_alias(key)
-        out[name], spelled[name] = coerce(cls, fields[name], value, f"config key {name}"), key
+        out[name], spelled[name] = coerce(cls, fields[name], value, f"config key {key}"), key
     return out
 
 
@@ -225,6 +238,9 @@ class FieldHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default is None:
             return action.help or ""
+        if isinstance(action.default, (list, tuple)) and "%(default)" not in (action.help or ""):
+            # a list default as the command line would spell it, not as a Python tuple
+            return f"{action.help or ''} (default: {' '.join(str(v) for v in action.default)})"
         return super()._get_help_string(action)
 
 

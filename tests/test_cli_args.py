@@ -19,6 +19,9 @@ def test_help_lists_every_flag_with_default(capsys):
     for name in TrainConfig.__dataclass_fields__:
         assert f"--{name}" in text
     assert "(default: vit_demo)" in text and "(default: ./fastebm_out)" in text
+    text = " ".join(text.split())
+    assert "(default: None)" not in text  # a flag left unset says what none means instead
+    assert "(default: mim sr denoise colorize)" in text  # a list default as the command line spells it
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -70,8 +73,12 @@ def test_yaml_config_and_command_line_override(tmp_path):
     ("batch_size: lots\n", "batch_size"),
     ("- a\n- b\n", "mapping"),
     ("grad_mode: wrong\n", "grad_mode"),
-    ("steps: null\n", "config key steps: has no value; give one or delete the key"),  # null only where the flag takes none
+    ("steps: null\n", "config key steps: has no value; give a value or leave the setting out"),  # null only where the flag takes none
     ("energy: null\n", r"config key energy: has no value; give one of \['sqnorm'"),
+    ("tasks:\n", "config key tasks: has no value; give one or more values"),  # a list key: not read as a task 'none'
+    ("tasks: [mim, null]\n", "config key tasks: an item has no value"),
+    ("fsdp: null\n", "config key fsdp: has no value; give true or false"),
+    ("eval: null\n", "config key eval: has no value"),  # the key as the user spelled it, not the field it aliases
 ])
 def test_bad_yaml_is_a_usage_error(tmp_path, text, needle):
     cfg_file = tmp_path / "bad.yaml"

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fastebm.eval as fe
+from fastebm.errors import UsageError
 from fastebm.cli.eval import main
 from fastebm.eval.config import make_config
 from fastebm.eval.probe import fold_head, logistic_head, make_head
@@ -233,6 +234,9 @@ def test_an_lr_given_leaves_the_recipes_blr_unset(command, recipe):
         assert cfg.blr is None
     without = make_config(command, init="random", recipe=recipe)
     assert without.blr is not None or (command, recipe) == ("finetune", "small")  # the recipe does fill it otherwise
+    # --lr wins over a --blr given too, and over a blr an earlier config filled in (the API's cfg= reuse)
+    assert make_config(command, init="random", recipe=recipe, blr=lr * 3, lr=lr).blr is None
+    assert make_config(command, cfg=without, lr=lr).blr is None
 
 
 def test_recipe_flags_say_their_default_comes_from_the_recipe_and_no_flag_shows_default_none():
@@ -255,6 +259,11 @@ def test_a_null_recipe_in_yaml_names_the_choices(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "config key recipe: has no value; give one of ['auto', 'small', 'imagenet']" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+    cfg.write_text("k_sweep: [1, null]\n")  # a list key
+    assert main(["knn", "--init", "random", "--config", str(cfg), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "config key k_sweep: an item has no value" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--weight_decay: has no value; give a value or leave the setting out"):
+        make_config("finetune", init="random", weight_decay=None)  # the Python API: the same words fit
 
 
 def test_an_unknown_recipe_is_a_usage_error(capsys):

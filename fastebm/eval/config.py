@@ -32,8 +32,10 @@ HEAD_INITS = ("random", "zero", "probe")
 class CommonConfig:
     """What to evaluate, on which data, where the outputs go."""
 
-    ckpt: Optional[str] = _opt(None, "a fastebm training checkpoint (last.pt) or an exported backbone (.safetensors/.pth)")
-    init: Optional[str] = _opt(None, "instead of --ckpt: random (timm's default init) or fastebm (EnergyViT's init); the baseline", choices=INITS)
+    ckpt: Optional[str] = _opt(None, "a fastebm training checkpoint (last.pt) or an exported backbone (.safetensors/.pth); "
+                               "this or --init is required")
+    init: Optional[str] = _opt(None, "instead of --ckpt: random (timm's default init) or fastebm (EnergyViT's init); the "
+                               "baseline; this or --ckpt is required", choices=INITS)
     model: Optional[str] = _opt(None, "fastebm preset; with --ckpt it must match the checkpoint (default: the checkpoint's; vit_demo with --init)")
     img_size: Optional[int] = _opt(None, "input size in px; none = the size the backbone was pretrained at (an export's timm "
                                     "test_input_size if it names one; with --init, the size fastebm-train pretrains the preset at: "
@@ -50,7 +52,7 @@ class CommonConfig:
     output_dir: str = _opt("./fastebm_eval", "where metrics.jsonl, summary.json, results.md, the plot and checkpoints go")
     interpolation: Optional[str] = _opt(None, "resize interpolation (recipe)")
     crop_pct: Optional[float] = _opt(None, "evaluation centre-crop fraction (recipe; 1 = resize only)")
-    recipe: str = _opt("auto", "defaults of the flags marked recipe: small (the built-in digits' recipe, for a few thousand "
+    recipe: str = _opt("auto", "defaults of the flags whose help says 'default: from --recipe': small (the built-in digits' recipe, for a few thousand "
                        "small images), imagenet (MAE's ImageNet recipe), or auto (small for the built-in digits, imagenet "
                        "for folders); flags and --config keys win over it; summary.json records the one used",
                        choices=RECIPE_CHOICES)
@@ -75,13 +77,14 @@ class FinetuneConfig(CommonConfig):
     eval_every: Optional[int] = _opt(None, "epochs between validation passes, the last epoch always (recipe; small: ~25 per run)")
     accum_iter: int = _opt(1, "micro-steps accumulated per optimiser step")
     blr: Optional[float] = _opt(None, "base learning rate: lr = blr * effective batch / 256 (recipe)")
-    lr: Optional[float] = _opt(None, "absolute learning rate; none = from --blr (overrides it)")
+    lr: Optional[float] = _opt(None, "absolute learning rate, replacing the blr scaling (--blr is then ignored and "
+                             "not recorded); none = from --blr")
     min_lr: Optional[float] = _opt(None, "lower bound of the cosine schedule (recipe)")
     weight_decay: float = _opt(0.05, "AdamW weight decay (not on norms, biases, pos_embed, cls_token)")
     layer_decay: Optional[float] = _opt(None, "layer-wise lr decay, timm's optimizer factory (recipe; 1 = off)")
     opt: str = _opt("adamw", "optimizer name for timm.optim.create_optimizer_v2")
     drop_path: Optional[float] = _opt(None, "stochastic depth rate (recipe)")
-    clip_grad: Optional[float] = _opt(None, "clip the gradient norm; 0 = off, none = the recipe's (small: 1.0; imagenet: off, as MAE)")
+    clip_grad: Optional[float] = _opt(None, "clip the gradient norm; 0 = off (recipe: small 1.0; imagenet off, as MAE)")
     global_pool: str = _opt("avg", "classifier input: avg (mean of normed patch tokens) or token (class token)", choices=GLOBAL_POOLS)
     smoothing: float = _opt(0.1, "label smoothing")
     mixup: Optional[float] = _opt(None, "Mixup alpha, 0 = off (recipe: imagenet 0.8; small 0)")
@@ -103,7 +106,8 @@ class FinetuneConfig(CommonConfig):
                                     "features of the same labels, then fine-tuned with the backbone) (recipe: small "
                                     "probe, imagenet random)", choices=HEAD_INITS)
     resume: Optional[str] = _opt(None, "checkpoint of an interrupted fine-tuning run, or 'auto' (OUTPUT_DIR/checkpoint.pt if present)")
-    dist_timeout: Optional[float] = _opt(None, "seconds a collective waits for a peer under torchrun")
+    dist_timeout: Optional[float] = _opt(None, "seconds a collective waits for a peer under torchrun; none = 120 with "
+                                         "gloo, 300 with nccl")
     save_ckpt: bool = _opt(True, "write OUTPUT_DIR/checkpoint.pt after every evaluated epoch (needed for --resume)")
 
 
@@ -114,7 +118,8 @@ class LinprobeConfig(CommonConfig, FeatureConfig):
     epochs: Optional[int] = _opt(None, "epochs over the cached features (recipe)")
     warmup_epochs: Optional[float] = _opt(None, "linear warm-up epochs (recipe)")
     blr: Optional[float] = _opt(None, "base learning rate: lr = blr * batch / 256 (recipe)")
-    lr: Optional[float] = _opt(None, "absolute learning rate; none = from --blr (overrides it)")
+    lr: Optional[float] = _opt(None, "absolute learning rate, replacing the blr scaling (--blr is then ignored and "
+                             "not recorded); none = from --blr")
     min_lr: float = _opt(0.0, "lower bound of the cosine schedule")
     weight_decay: float = _opt(0.0, "weight decay (MAE: 0)")
     opt: str = _opt("lars", "lars (timm Lars, MAE's setting: no adaptation of the bias) or sgd", choices=("lars", "sgd"))
@@ -223,6 +228,8 @@ def validate(cfg):
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise UsageError(f"--num_workers must be >= 0 (got {cfg.num_workers})")
     _positive(cfg, ["blr", "lr", "temperature", "model_ema_decay", "head_init_std", "layer_decay"])
+    if getattr(cfg, "lr", None) is not None:
+        cfg.blr = None  # --lr replaces the blr scaling: record only the lr the run uses
     _positive(cfg, ["weight_decay", "min_lr", "warmup_epochs", "smoothing", "mixup", "cutmix", "drop_path", "clip_grad",
                     "momentum"], strict=False)
     for name in ("mixup_prob", "mixup_switch_prob", "reprob", "hflip", "scale_min", "crop_pct", "smoothing",
