@@ -9,7 +9,7 @@ measures transfer as the texture benchmark does.
 
 ``PhotosOnlyData`` keeps the built-in data's length (1,300 digit slots + 1,500 photo crops per epoch),
 so the steps per epoch, the lr schedule and the training FLOPs are exactly the built-in data's; slot
-``i`` of epoch ``e`` is a crop of training photo ``i mod 7`` drawn from the same seeded stream
+``i`` of epoch ``e`` is a crop of training photo ``(i - 1300) mod 7`` drawn from the same seeded stream
 (seed, epoch, i) as the built-in photo crops, so the crops of the photo slots are the built-in
 data's and the digit slots get fresh ones. The held-out split (497 digits, two photos) is unchanged.
 
@@ -32,7 +32,7 @@ PRETRAIN_DATA = ("builtin", "photos")  # what an arm pretrains on: the built-in 
 class PhotosOnlyData(BuiltinDemoData):
     """The built-in data (same length, held-out split, seeded crops) with photo crops in the digits' slots.
 
-    ``load(i, e)`` returns a uint8 (3, S, S) crop of training photo ``i mod len(photos)`` and label -1
+    ``load(i, e)`` returns a uint8 (3, S, S) crop of training photo ``(i - 1300) mod len(photos)`` and label -1
     for every ``i``. Raises ``RuntimeError`` when no training photo could be loaded.
     """
 
