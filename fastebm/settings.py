@@ -244,12 +244,9 @@ class FieldHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """argparse help with ``(default: X)`` after each flag whose help does not already name its default
-    (and none for flags without one)."""
+class DefaultsHelpFormatter(FieldHelpFormatter):
+    """:class:`FieldHelpFormatter`, except that a flag whose help already names its default gets no ``(default: X)``."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return text + " (default: %(default)s)"
+        return text if "default" in text.lower() else super()._get_help_string(action)

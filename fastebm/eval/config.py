@@ -228,8 +228,6 @@ def validate(cfg):
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise UsageError(f"--num_workers must be >= 0 (got {cfg.num_workers})")
     _positive(cfg, ["blr", "lr", "temperature", "model_ema_decay", "head_init_std", "layer_decay"])
-    if getattr(cfg, "lr", None) is not None:
-        cfg.blr = None  # --lr replaces the blr scaling: record only the lr the run uses
     _positive(cfg, ["weight_decay", "min_lr", "warmup_epochs", "smoothing", "mixup", "cutmix", "drop_path", "clip_grad",
                     "momentum"], strict=False)
     for name in ("mixup_prob", "mixup_switch_prob", "reprob", "hflip", "scale_min", "crop_pct", "smoothing",

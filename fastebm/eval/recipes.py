@@ -182,18 +182,18 @@ def recipe_name(cfg) -> str:
 
 
 def fill_recipe(cfg) -> List[str]:
-    """Sets every ``None`` field that the recipe of (:func:`recipe_name`, command) covers (user values win; ``blr``
-    stays ``None`` under ``--lr``), and
+    """Sets every ``None`` field that the recipe of (:func:`recipe_name`, command) covers (user values win; under
+    ``--lr``, ``blr`` is set to ``None``), and
     ``cfg.recipe`` to the recipe it resolved to (``auto`` becomes ``small`` or ``imagenet``, so a run's
     summary.json and checkpoint name the recipe it ran). Returns the names of the fields it filled."""
     cfg.recipe = recipe_name(cfg)
     filled = []
     for name, value in RECIPES[cfg.recipe][command_of(cfg)].items():
-        if name == "blr" and getattr(cfg, "lr", None) is not None:
-            continue  # --lr replaces the blr scaling: a recipe blr would be recorded in summary.json and never used
         if getattr(cfg, name, None) is None:
             setattr(cfg, name, value)
             filled.append(name)
+    if getattr(cfg, "lr", None) is not None:
+        cfg.blr = None  # --lr replaces the blr scaling: a blr (the recipe's or the user's) would be recorded and unused
     return filled
 
 
