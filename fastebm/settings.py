@@ -153,12 +153,10 @@ def coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
                          f"{_value_hint(cls, f)} or leave the setting out (null / None suits only settings whose "
                          f"default is none)")
     try:
-        if is_list(cls, f):
+        if listed:
             item = field_type(cls, f)
             value = [item(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-        elif value is None:
-            pass  # an Optional field left unset
-        else:
+        elif value is not None:  # None here: an Optional field left unset
             value = field_type(cls, f)(value if not isinstance(value, bool) else str(value))
     except (ValueError, TypeError, argparse.ArgumentTypeError):
         raise UsageError(f"{where}: invalid value {value!r}") from None

@@ -61,6 +61,6 @@ def warn_deprecated(old: str, where: str, stacklevel: int = 3) -> None:
     """``where``: "--" (a flag) or "config file 'F': key " (a YAML key); ``stacklevel`` as in
     :func:`warnings.warn`, counted from here (3: the caller of this function's caller)."""
     new = f"--{DEPRECATED[old]}" if where == "--" else f"the key {DEPRECATED[old]}"
-    warnings.warn(f"{'--' if where == '--' else where}{old} is deprecated; use {new} (built-in data only: the PSNR gain and "
+    warnings.warn(f"{where}{old} is deprecated; use {new} (built-in data only: the PSNR gain and "
                   f"linear probe before and after training; not an evaluate-only mode)", FutureWarning,
                   stacklevel=stacklevel)
