@@ -15,11 +15,11 @@ from typing import Any, BinaryIO, Callable, Optional
 
 from .errors import OutputError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_safe", "new_file_mode",
+__all__ = ["atomic_write", "fsync_dir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_safe", "new_file_mode",
            "current_umask"]
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     """Makes the renames in ``path`` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -86,7 +86,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], *, keep_previous:
         if isinstance(exc, RuntimeError) and "PytorchStreamWriter failed" in str(exc):  # torch.save's OSError
             raise OutputError(f"cannot write {path}: {str(exc).splitlines()[0][:200]}") from None
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return path
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import types
 import typing
@@ -143,15 +144,39 @@ def _value_hint(cls: type, f: dataclasses.Field) -> str:
     return "one or more values" if is_list(cls, f) else "a value"
 
 
+def _whole_number(value: Any, where: str) -> Any:
+    """A YAML or Python value of an int setting: an integral float (``4.0``) becomes the int, a bool or a
+    non-integral number is a UsageError ``"WHERE: 3.5 is not a whole number; ..."``; anything else is
+    returned for the converter (``int("3")``; a string such as ``"3.5"`` fails there)."""
+    if isinstance(value, bool):
+        raise UsageError(f"{where}: {str(value).lower()} is not a whole number; give an integer such as 1 or 2 "
+                         f"(true/false suits only on/off settings)")
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise UsageError(f"{where}: {value} is not a whole number; give an integer")
+        if not value.is_integer():
+            lo = math.floor(value)
+            raise UsageError(f"{where}: {value!r} is not a whole number; give an integer such as {lo} or {lo + 1}")
+        return int(value)
+    return value
+
+
 def coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     """A YAML or Python value of field ``f`` converted and checked as its flag would be (a single
-    value for a list field becomes a one-item list); UsageError ``"WHERE: ..."`` otherwise."""
+    value for a list field becomes a one-item list); UsageError ``"WHERE: ..."`` otherwise.
+
+    An int setting takes ints, integral floats (``4.0`` -> 4) and strings of ints; a bool, a
+    non-integral number (``3.5``) or a non-finite one is an error, never truncated."""
     listed = is_list(cls, f)
     if (value is None and (listed or not _base_type(cls, f)[1])) or (
             listed and isinstance(value, (list, tuple)) and any(v is None for v in value)):
         raise UsageError(f"{where}: {'has no value' if value is None else 'an item has no value'}; give "
                          f"{_value_hint(cls, f)} or leave the setting out (null / None suits only settings whose "
                          f"default is none)")
+    base = _base_type(cls, f)[0]
+    if (typing.get_args(base) or (None,))[0] is int if listed else base is int:  # checked before int() truncates
+        value = ([_whole_number(v, where) for v in value] if isinstance(value, (list, tuple))
+                 else _whole_number(value, where) if value is not None else None)
     try:
         if listed:
             item = field_type(cls, f)
@@ -166,14 +191,41 @@ def coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     return value
 
 
+class _DuplicateKey(Exception):
+    """A key given twice in one YAML mapping: (key, line of the first, line of the second)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" may repeat keys on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: str) -> Dict[Any, Any]:
     """The mapping a YAML file holds (empty file: ``{}``); UsageError naming ``path`` when it is
-    missing, not valid YAML (with the parser's first line) or not a mapping."""
+    missing, not valid YAML (with the parser's first line), gives a key twice (naming both lines)
+    or is not a mapping."""
     if not os.path.isfile(path):
         raise UsageError(f"config file {path!r} does not exist")
     try:
         with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+            data = yaml.load(fh, Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as dup:
+        key, first, second = dup.args
+        raise UsageError(f"config file {path!r} gives {key} twice (lines {first} and {second}); keep one") from None
     except yaml.YAMLError as exc:
         raise UsageError(f"config file {path!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -186,7 +238,8 @@ def read_config_file(path: str, cls: type, aliases: Mapping[str, str] = types.Ma
     """``{field name: value}`` of a ``--config`` YAML file for dataclass ``cls``, each value
     converted and checked like its flag (:func:`coerce`). Keys are flag names (``-`` or ``_``) or
     ``aliases`` (other spelling -> field name; ``on_alias(key)`` is called for each one used).
-    UsageError for a bad file, an unknown key, a field given twice, a bad value or choice."""
+    UsageError for a bad file, an unknown key, a key or field given twice, a bad value (e.g. a
+    non-integral number for an int setting) or choice."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out: Dict[str, Any] = {}
     spelled: Dict[str, str] = {}

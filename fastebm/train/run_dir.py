@@ -102,6 +102,7 @@ def prepare_output_dir(cfg: TrainConfig) -> None:
     paths = [os.path.join(cfg.output_dir, n) for n in names]
     paths += glob.glob(os.path.join(glob.escape(cfg.output_dir), EPOCH_CHECKPOINT.format(epoch="*")))
     paths += glob.glob(os.path.join(glob.escape(cfg.output_dir), "tb", "events.out.tfevents.*"))
+    paths += glob.glob(os.path.join(glob.escape(cfg.output_dir), LAST + ".damaged*"))  # set aside by a fallback resume
     removed = 0
     for path in paths:
         try:

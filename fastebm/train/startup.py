@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .. import distributed
-from ..checkpoint import LAST, find_resume_checkpoint, load_checkpoint
+from ..checkpoint import LAST, PREVIOUS, damaged_last, find_resume_checkpoint, load_checkpoint, set_aside_damaged
 from ..data.builtin import BuiltinDemoData
 from ..data.streams import resolve_loader
 from ..errors import CheckpointError
@@ -81,6 +81,7 @@ class TrainerStartup:
         self.state = LoopState()
         self.window = MetricsWindow(self.device, cfg.accum_iter)
         self.resumed_from: Optional[str] = None
+        self.damaged_last: Optional[str] = None  # a damaged last.pt that start() moves aside (fallback resume)
         self.last_path = os.path.join(cfg.output_dir, LAST)
         self.watch = RestorationWatch(self.schedule["warmup_steps"])
 
@@ -91,7 +92,12 @@ class TrainerStartup:
             raise StartupInterrupted(self.stop.name)
 
     def resume(self) -> None:
-        """Loads ``--resume`` (a path, or ``auto``: OUTPUT_DIR's newest loadable checkpoint) into this run."""
+        """Loads ``--resume`` (a path, or ``auto``: OUTPUT_DIR's newest loadable checkpoint) into this run.
+
+        Reads only. When it resumes from OUTPUT_DIR/last.prev.pt because last.pt is damaged, it notes
+        last.pt in ``damaged_last`` for :meth:`start` to move aside. Raises CheckpointError when the
+        checkpoint is unusable or does not fit this model/optimiser (a different --model, --img_size,
+        --steps, or an --energy with other parameters)."""
         cfg = self.cfg
         if cfg.resume is None:
             return
@@ -100,13 +106,16 @@ class TrainerStartup:
             if ckpt is None:
                 log.info(f"--resume auto: no checkpoint in {cfg.output_dir}; starting from scratch")
                 return
+            if os.path.basename(path) == PREVIOUS and os.path.lexists(self.last_path):  # fell back: last.pt is damaged
+                self.damaged_last = self.last_path
         else:
             ckpt, path = load_checkpoint(cfg.resume), cfg.resume
+            self.damaged_last = damaged_last(cfg.output_dir, path) if distributed.is_main() else None
         try:
             distributed.load_from_checkpoint(self.objective, self.optimizer, ckpt["model"], ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             saved = saved_config(ckpt)
-            differs = [f"--{k} {saved.get(k)} (this run: {getattr(cfg, k, None)})" for k in ("model", "img_size", "energy", "epochs")
+            differs = [f"--{k} {saved.get(k)} (this run: {getattr(cfg, k, None)})" for k in ("model", "img_size", "energy", "steps")
                        if k in saved and saved.get(k) != getattr(cfg, k, None)]
             detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
             hint = ("it was trained with " + ", ".join(differs) + "; give the same flags or a new --output_dir"
@@ -121,6 +130,21 @@ class TrainerStartup:
         self.resumed_from = path
         log.info(f"resumed from {path} at step {self.state.step}")
 
+    def nothing_to_train(self) -> Optional[str]:
+        """After :meth:`resume`: the one line saying why nothing is left to train (the checkpoint is at or past
+        the last step this run would train to), or None."""
+        st, cfg = self.state, self.cfg
+        if self.resumed_from is None or st.step < self.end_step:
+            return None
+        head = f"nothing to train: {self.resumed_from} is at step {st.step}"
+        if self.end_step < self.total_steps:
+            return (f"{head} and --max_steps is {cfg.max_steps}; the checkpoints are left as they are. To train further, "
+                    f"resume with a --max_steps above {st.step} (the schedule ends at step {self.total_steps})")
+        return (f"{head}, the end of its schedule (--epochs {cfg.epochs} x {self.plan.steps_per_epoch} steps = "
+                f"{self.total_steps} steps); the checkpoints are left as they are. To train further, resume with a "
+                f"larger --epochs (a longer learning-rate schedule: the resume warns that the run changes), "
+                f"or start a new run")
+
     def start(self) -> None:
         """DDP wrapping, config.yaml, the metrics log, the banner and the demo's initial evaluation."""
         cfg, st = self.cfg, self.state
@@ -134,6 +158,12 @@ class TrainerStartup:
         st.status = "completed" if self.end_step == self.total_steps else "stopped_at_max_steps"
         if distributed.is_main():  # every check has passed: only now is the output folder touched
             prepare_output_dir(cfg)
+            if self.damaged_last is not None:
+                # else the next save's rotation would move the damaged last.pt over the good last.prev.pt
+                moved = set_aside_damaged(self.damaged_last)
+                log.warning(f"moved the damaged checkpoint {self.damaged_last} aside to {moved}, so that saving does "
+                            f"not rotate it over {os.path.join(cfg.output_dir, PREVIOUS)} (step {st.step}, the good "
+                            f"one); delete {moved} when you no longer need it")
             save_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         self.metrics = MetricsLogger(cfg.output_dir, enabled=distributed.is_main(),
                                      resume_step=st.step if self.resumed_from else None)

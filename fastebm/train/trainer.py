@@ -55,9 +55,19 @@ class Trainer(TrainerStartup):
     then the loop and the end (here). Every process of a torchrun job builds one."""
 
     def run(self) -> Dict[str, Any]:
-        """Trains from the current state to ``end_step`` (or a stop request); returns the summary."""
+        """Trains from the current state to ``end_step`` (or a stop request); returns the summary.
+
+        A resumed checkpoint already at or past ``end_step`` (``--max_steps`` or the schedule's end) trains
+        nothing and writes nothing: one warning line says so and how to train further, and the summary
+        returned (not written) has status ``nothing_to_train``."""
         self.resume()
         self._startup_vote()  # not inside resume(): whether a checkpoint is found may differ between nodes
+        idle = self.nothing_to_train()
+        if idle is not None:
+            if distributed.is_main():
+                log.warning(idle)
+            return {"status": "nothing_to_train", "step": self.state.step, "trained_steps": 0,
+                    "total_steps": self.total_steps, "checkpoint": self.resumed_from, "config": self.cfg.to_dict()}
         self.start()
         self.loop()
         return self.finish()

@@ -116,6 +116,12 @@ def _check_run(cfg: TrainConfig) -> None:
     if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
         raise UsageError(f"--threads must be auto or a whole number >= 1 (got {cfg.threads!r})")
     cfg.threads = threads
+    if cfg.resume is not None and cfg.resume != "auto" and os.path.isdir(cfg.resume):
+        from ...checkpoint import LAST, PREVIOUS, folder_hint
+
+        run = any(os.path.isfile(os.path.join(cfg.resume, n)) for n in (LAST, PREVIOUS))
+        also = f" (or --resume auto --output_dir {cfg.resume} to continue the run in it)" if run else ""
+        raise UsageError(f"--resume: checkpoint {cfg.resume!r} is a folder; {folder_hint(cfg.resume)}{also}")
     if cfg.resume is not None and cfg.resume != "auto" and not os.path.isfile(cfg.resume):
         raise UsageError(f"--resume: checkpoint {cfg.resume!r} does not exist (give a file or 'auto')")
     if cfg.resume is not None and cfg.overwrite:
