@@ -22,7 +22,7 @@ def trained_checkpoint() -> str:
         from fastebm.cli.train import main as train_main
 
         out = tempfile.mkdtemp(prefix="fastebm-eval-test-")
-        code = train_main(["--img_size", "16", "--max_steps", "1", "--eval", "false", "--batch_size", "8",
+        code = train_main(["--img_size", "16", "--max_steps", "1", "--demo_eval", "false", "--batch_size", "8",
                            "--grid_every", "0", "--save_every", "0", "--output_dir", out])
         assert code == 0
         _CACHE["ckpt"] = os.path.join(out, "last.pt")

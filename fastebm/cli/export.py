@@ -3,8 +3,9 @@
 Writes the backbone under timm ``VisionTransformer`` names (``.safetensors``, the default, or
 ``.pth``) and a JSON sidecar with the timm architecture name, image size, patch size and input
 normalisation (see :mod:`fastebm.eval.export`). Exit codes (:mod:`fastebm.cli._run`): 0 written,
-2 bad input (missing, truncated or foreign checkpoint, unknown output format, an output that
-cannot be written); nothing is written on error.
+2 bad input (a missing, truncated or foreign checkpoint; a folder, whose message names the checkpoint
+files in it; a file of pickled Python objects, named by their classes; an unknown output format; an
+output that cannot be written); nothing is written on error.
 """
 from __future__ import annotations
 

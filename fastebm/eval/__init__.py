@@ -41,7 +41,10 @@ def run(command: str, cfg=None, **overrides) -> dict:
 
 
 def finetune(cfg=None, **overrides) -> dict:
-    """End-to-end fine-tuning (MAE recipe on timm); see :mod:`fastebm.eval.tune`."""
+    """End-to-end fine-tuning (MAE recipe on timm); see :mod:`fastebm.eval.tune`.
+
+    Raises UsageError for bad settings or inputs, and when ``resume`` would continue a run whose
+    results-changing settings differ from this one's (docs/evaluation.md, "Resume")."""
     return run("finetune", cfg, **overrides)
 
 

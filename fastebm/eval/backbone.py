@@ -11,17 +11,19 @@ Three inputs give a :class:`Backbone` (architecture + timm-named weights):
   (:class:`fastebm.EnergyViT`'s initialisation), the baselines.
 
 Every file is opened without running pickled code (``torch.load(weights_only=True)`` or
-safetensors). Anything that is not one of these, or whose tensors do not fit the architecture,
-raises :class:`~fastebm.errors.UsageError` (the CLI's exit code 2) naming the file.
+safetensors). Anything that is not one of these (a folder, a file that holds pickled Python objects
+such as MAE's ``argparse.Namespace``), or whose tensors do not fit the architecture, raises
+:class:`~fastebm.errors.UsageError` (the CLI's exit code 2) naming the file and what to give instead.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -29,10 +31,13 @@ from ..corrupt import IMAGENET_MEAN, IMAGENET_STD
 from ..models import PRESETS, TIMM_NAMES, pretrain_img_size
 from ..checkpoint import FORMAT as TRAIN_CHECKPOINT_FORMAT
 from ..checkpoint import REQUIRED_KEYS as TRAIN_CHECKPOINT_KEYS
+from ..checkpoint import pickled_objects
 from ..errors import UsageError
 
 EXPORT_FORMAT = "fastebm-backbone"
 ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+# Files in a folder given as --ckpt that --ckpt can read, in the order they are suggested.
+_FOLDER_CANDIDATES = ("last.pt", "backbone.pth")
 
 
 @dataclass
@@ -115,6 +120,42 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def ckpt_file_problem(path: str, flag: str = "--ckpt") -> Optional[str]:
+    """Why ``path`` cannot be read as a checkpoint file (it does not exist, or it is a folder: the message
+    names the checkpoint files in it), or None when it is a file."""
+    if os.path.isfile(path):
+        return None
+    if not os.path.isdir(path):
+        return f"{flag}: {path!r} does not exist (give last.pt, an exported .safetensors/.pth)"
+    found = _checkpoints_in(path)
+    if not found:
+        return (f"{flag}: {path!r} is a folder and holds no checkpoint (no last.pt, backbone.pth or .safetensors); "
+                f"give a checkpoint file: last.pt, an exported .safetensors/.pth")
+    return f"{flag}: {path!r} is a folder; give a checkpoint file, e.g. {' or '.join(found)}"
+
+
+def _checkpoints_in(folder: str) -> List[str]:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        names = []
+    ordered = [n for n in _FOLDER_CANDIDATES if n in names] + [n for n in names if n.endswith(".safetensors")]
+    return [os.path.join(folder, n) for n in ordered if os.path.isfile(os.path.join(folder, n))][:3]
+
+
+def _pickled(path: str, exc: BaseException) -> Optional[UsageError]:
+    """The error for a file whose pickle refers to Python objects (MAE's checkpoints hold an
+    ``argparse.Namespace``): ``weights_only`` loading refused it, and fastebm never unpickles code."""
+    foreign = pickled_objects(path, exc)
+    if not foreign:
+        return None
+    names = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    return UsageError(f"--ckpt {path} holds pickled Python objects ({names}), which fastebm does not load (unpickling "
+                      f"can run code); if you trust the file, save its weights alone and give that file, e.g. in Python "
+                      f"torch.save(torch.load({path!r}, weights_only=False)['model'], 'backbone.pth') "
+                      f"(the key of its state_dict may differ)")
+
+
 def _unreadable(path: str, exc: BaseException) -> UsageError:
     return UsageError(f"--ckpt {path} cannot be read (truncated, corrupt, or another tool's file: {_reason(exc)}); "
                       f"give a fastebm last.pt or a file written by fastebm-export")
@@ -157,9 +198,14 @@ def _tensor_dict(obj) -> bool:
 
 
 def read_backbone(path: str) -> Backbone:
-    """A :class:`Backbone` from ``last.pt``, ``.safetensors`` or ``.pth``; UsageError when it is none of those."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--ckpt {path} does not exist")
+    """A :class:`Backbone` from ``last.pt``, ``.safetensors`` or ``.pth``.
+
+    Raises UsageError (one line naming the file) when ``path`` does not exist, is a folder (naming the
+    checkpoint files in it), holds pickled Python objects (naming their classes), is truncated or
+    another tool's file, or its tensors are not a ViT backbone."""
+    problem = ckpt_file_problem(path)
+    if problem:
+        raise UsageError(problem)
     if path.endswith(".safetensors"):
         state, meta = _read_safetensors(path)
         meta = meta or _read_sidecar(path)
@@ -167,7 +213,7 @@ def read_backbone(path: str) -> Backbone:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad magic, pickle that is not weights-only ...
-        raise _unreadable(path, exc) from None
+        raise (_pickled(path, exc) or _unreadable(path, exc)) from None
     if isinstance(obj, dict) and obj.get("format") == TRAIN_CHECKPOINT_FORMAT:
         missing = [k for k in TRAIN_CHECKPOINT_KEYS if k not in obj]
         if missing:
@@ -227,6 +273,19 @@ def init_backbone(kind: str, preset: str, img_size: Optional[int], seed: int) ->
         torch.manual_seed(seed)
         model = EnergyViT(**arch)
     return Backbone(arch, {k: v.clone() for k, v in model.backbone_state_dict().items()}, "fastebm", preset)
+
+
+def weights_fingerprint(state: Optional[Dict[str, torch.Tensor]]) -> Optional[str]:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes (None for None): the identity of a
+    backbone's weights, whatever file format or path they were read from."""
+    if state is None:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def eval_size(cfg, bb: Backbone) -> int:

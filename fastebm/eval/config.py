@@ -105,7 +105,8 @@ class FinetuneConfig(CommonConfig):
                                     "Kumar et al. 2022: an L2-regularised logistic-regression probe fitted on the frozen "
                                     "features of the same labels, then fine-tuned with the backbone) (recipe: small "
                                     "probe, imagenet random)", choices=HEAD_INITS)
-    resume: Optional[str] = _opt(None, "checkpoint of an interrupted fine-tuning run, or 'auto' (OUTPUT_DIR/checkpoint.pt if present)")
+    resume: Optional[str] = _opt(None, "checkpoint of an interrupted fine-tuning run, or 'auto' (OUTPUT_DIR/checkpoint.pt if present); "
+                                 "refused when a flag that changes the results differs from the run's (docs/evaluation.md)")
     dist_timeout: Optional[float] = _opt(None, "seconds a collective waits for a peer under torchrun; none = 120 with "
                                          "gloo, 300 with nccl")
     save_ckpt: bool = _opt(True, "write OUTPUT_DIR/checkpoint.pt after every evaluated epoch (needed for --resume)")
@@ -205,15 +206,20 @@ def _positive(cfg, names, strict=True):
 
 
 def validate(cfg):
-    """Checks what argparse cannot, fills the recipe defaults; raises UsageError naming the flag."""
+    """Checks what argparse cannot, fills the recipe defaults; raises UsageError naming the flag (e.g.
+    a --ckpt or --resume that does not exist or is a folder: the message names the files to give)."""
     from ..models import PRESETS
 
     if cfg.ckpt is None and cfg.init is None:
         raise UsageError("give --ckpt (last.pt, .safetensors or .pth) or --init random|fastebm for the baseline")
     if cfg.ckpt is not None and cfg.init is not None:
         raise UsageError("--ckpt and --init exclude each other: --init builds an untrained backbone")
-    if cfg.ckpt is not None and not os.path.isfile(cfg.ckpt):
-        raise UsageError(f"--ckpt: {cfg.ckpt!r} does not exist (give last.pt, an exported .safetensors/.pth)")
+    if cfg.ckpt is not None:
+        from .backbone import ckpt_file_problem
+
+        problem = ckpt_file_problem(cfg.ckpt)  # missing, or a folder (naming the checkpoints in it)
+        if problem:
+            raise UsageError(problem)
     if cfg.model is not None and cfg.model not in PRESETS:
         raise UsageError(f"--model: unknown preset {cfg.model!r}; choose from {', '.join(sorted(PRESETS))}")
     if cfg.data is not None and (cfg.train_dir or cfg.val_dir):
@@ -241,6 +247,9 @@ def validate(cfg):
     if not cfg.output_dir:
         raise UsageError("--output_dir must not be empty")
     if getattr(cfg, "resume", None) not in (None, "auto") and not os.path.isfile(cfg.resume):
+        if os.path.isdir(cfg.resume):
+            raise UsageError(f"--resume: {cfg.resume!r} is a folder; give its checkpoint file, e.g. "
+                             f"{os.path.join(cfg.resume, 'checkpoint.pt')}, or 'auto' with --output_dir {cfg.resume}")
         raise UsageError(f"--resume: {cfg.resume!r} does not exist (give a checkpoint.pt or 'auto')")
     filled = fill_recipe(cfg)
     _check_library_names(cfg)

@@ -106,7 +106,11 @@ def export_backbone(model, path: str) -> str:
 
 
 def export_checkpoint(checkpoint_path: str, path: str) -> str:
-    """Backbone of a training checkpoint (``last.pt``) or of another export, as a timm-loadable file."""
+    """Backbone of a training checkpoint (``last.pt``) or of another export, as a timm-loadable file.
+
+    Raises UsageError for an input :func:`~fastebm.eval.backbone.read_backbone` refuses (missing, a
+    folder, pickled Python objects, truncated, not a ViT) or an unknown output format; OutputError when
+    the output cannot be written."""
     from .backbone import read_backbone
 
     bb = read_backbone(checkpoint_path)

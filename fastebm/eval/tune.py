@@ -20,23 +20,31 @@ from its own generator, and ``checkpoint.pt`` (model, optimiser, EMA, counters, 
 written atomically after every evaluated epoch (``--eval_every``); so ``--max_epochs N`` then
 ``--resume auto`` reproduces an uninterrupted run bit for bit. SIGTERM/SIGINT stop at the next
 step; the run resumes after the last saved epoch.
+
+A resume continues the same run or none (:func:`resume_changes`): a setting that changes what the
+run computes (the backbone, by the SHA-256 of its weights; ``--init``, ``--few_shot``, ``--seed``,
+the data and its image counts, ``--model``/``--img_size``, the recipe, ``--epochs`` and every
+optimisation or augmentation flag; the number of processes) that differs from the checkpoint's is
+refused before anything is written. Only ``_RESUME_QUIET`` and ``_RESUME_WARN`` may change; the
+latter are printed as a warning and listed in ``summary.json``'s ``resumes``.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
-import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .. import distributed
-from ..checkpoint import atomic_torch_save
+from ..checkpoint import pickled_objects, atomic_torch_save
 from ..errors import TrainingDiverged, UsageError
 from ..runlog import MetricsLogger
 from ..signals import StopRequest
-from .backbone import eval_size, resolve_backbone
+from .backbone import eval_size, resolve_backbone, weights_fingerprint
+from .config import to_dict
 from .datasets import load_eval_data, make_transforms, with_transform
 from .probe import fit_probe_head
 from .recipes import resolve_blr, resolve_crop, resolve_schedule
@@ -44,11 +52,18 @@ from .runio import (EpochShuffle, ShardSampler, base_summary, finish, loader, nu
                     prepare_output_dir, seed_epoch, start_run, sum_over_ranks, what_line)
 from .timm_vit import build_classifier, check_img_size
 
+log = logging.getLogger(__name__)
+
 CKPT_FILE = "checkpoint.pt"
 CKPT_FORMAT = "fastebm-eval-finetune"
 PLOT_FILE = "accuracy.png"
-# Settings that may change between a run and its resumption without changing the run.
-_RESUME_FREE = {"resume", "max_epochs", "output_dir", "num_workers", "device", "dist_timeout", "save_ckpt", "config"}
+# Settings a resume may change. Quiet: where the run stops, writes and waits; nothing it computes.
+_RESUME_QUIET = {"resume", "max_epochs", "output_dir", "dist_timeout", "save_ckpt"}
+# With a warning (and a record in summary.json's "resumes"): how the same run is computed and checked
+# (hardware, arithmetic, loader processes, validation cadence), not what it measures. Any other setting
+# that differs is refused.
+_RESUME_WARN = {"num_workers", "device", "precision", "eval_every"}
+_PATH_KEYS = ("ckpt", "data", "train_dir", "val_dir")  # the same place spelled differently is the same setting
 
 
 def _check_batches(cfg, n_train: int, world: int) -> None:
@@ -60,7 +75,67 @@ def _check_batches(cfg, n_train: int, world: int) -> None:
                          f"{cfg.batch_size} x accum_iter {cfg.accum_iter} x {world} process(es)); lower --batch_size")
 
 
-def _load_resume(cfg) -> Optional[Dict[str, Any]]:
+def run_identity(run, cfg, bb, data) -> Dict[str, Any]:
+    """What a fine-tuning run's checkpoint records beside its config, so that a resume can tell the same run
+    from another: the backbone weights' SHA-256, the absolute paths of its inputs, the image counts, the
+    number of processes and the device type and arithmetic actually used (``auto`` resolved)."""
+    return {"backbone_sha256": weights_fingerprint(bb.state),
+            "abspaths": {k: os.path.abspath(getattr(cfg, k)) for k in _PATH_KEYS if getattr(cfg, k) is not None},
+            "data_size": {"train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes},
+            "world_size": run.world,
+            "compute": f"{run.device.type}, {'bf16' if run.autocast is not None else 'fp32'}"}
+
+
+def resume_changes(state: Dict[str, Any], cfg, identity: Dict[str, Any]) -> Tuple[Dict[str, str], Dict[str, list]]:
+    """Compares a checkpoint's run with the run that would continue it: ``(refused, allowed)``.
+
+    ``refused``: setting -> "old -> new" for every difference that makes it another run; ``allowed``:
+    setting -> [old, new] for the ``_RESUME_WARN`` settings (and a --ckpt path that names the same weights).
+    A checkpoint written before a record existed is compared on what it has."""
+    old_cfg, new_cfg = state["config"], to_dict(cfg)
+    old_paths = state.get("abspaths") or {}
+    old_sha, new_sha = state.get("backbone_sha256"), identity["backbone_sha256"]
+    refused: Dict[str, str] = {}
+    allowed: Dict[str, list] = {}
+    for key, old in old_cfg.items():
+        if key not in new_cfg or key in _RESUME_QUIET:
+            continue
+        new = new_cfg[key]
+        same_place = key in _PATH_KEYS and new is not None and old_paths.get(key) == os.path.abspath(new)
+        if new == old or same_place:
+            continue
+        if key == "ckpt" and old is not None and new is not None and old_sha is not None:
+            continue  # both are files: their weights decide (below)
+        if key in _RESUME_WARN:
+            allowed[key] = [old, new]
+        else:
+            refused[f"--{key}"] = f"{old!r} -> {new!r}"
+    if old_cfg.get("ckpt") is not None and cfg.ckpt is not None and old_sha is not None:
+        if old_sha != new_sha:
+            moved = "" if old_cfg["ckpt"] == cfg.ckpt else f"{old_cfg['ckpt']!r} -> "
+            refused["--ckpt"] = (f"{moved}{cfg.ckpt!r} holds other weights than the run started from "
+                                 f"(sha256 {old_sha[:12]} -> {new_sha[:12]}; overwritten by further training?)")
+        elif old_cfg["ckpt"] != cfg.ckpt and old_paths.get("ckpt") != os.path.abspath(cfg.ckpt):
+            allowed["ckpt"] = [old_cfg["ckpt"], cfg.ckpt]  # another file with the same weights
+    old_size, new_size = state.get("data_size"), identity["data_size"]
+    if old_size and old_size != new_size and not any(f"--{k}" in refused for k in ("data", "train_dir", "val_dir", "few_shot")):
+        def size(d):
+            return f"{d['train_images']} train / {d['val_images']} val images in {d['num_classes']} classes"
+        refused["the data"] = f"{size(old_size)} -> {size(new_size)}"
+    if state.get("compute") not in (None, identity["compute"]):
+        allowed["compute"] = [state["compute"], identity["compute"]]  # e.g. --device auto on another machine
+    old_world = state.get("world_size")
+    if old_world is not None and old_world != identity["world_size"]:
+        refused["processes"] = f"{old_world} -> {identity['world_size']} (the global batch and lr change)"
+    return refused, allowed
+
+
+def _load_resume(cfg, identity: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The checkpoint ``--resume`` names (None: start a new run), with ``resumes`` extended by this resume.
+
+    Raises UsageError when OUTPUT_DIR holds a run and --resume is not given, when the file cannot be read
+    or is not a fine-tuning checkpoint, or when a setting that changes the run differs from the
+    checkpoint's (:func:`resume_changes`; one line naming each, old -> new). Warns about the allowed changes."""
     if cfg.resume is None and os.path.isfile(os.path.join(cfg.output_dir, CKPT_FILE)):
         raise UsageError(f"--output_dir {cfg.output_dir} holds a fine-tuning run ({CKPT_FILE}): --resume auto continues "
                          "it; give another --output_dir (or delete that one) to start a new run")
@@ -69,7 +144,11 @@ def _load_resume(cfg) -> Optional[Dict[str, Any]]:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or not a checkpoint
+    except Exception as exc:  # truncated, not a checkpoint, or another tool's pickle
+        foreign = pickled_objects(path, exc)
+        if foreign:
+            raise UsageError(f"--resume {path} is not a fastebm-eval fine-tuning checkpoint (it holds pickled objects: "
+                             f"{', '.join(foreign[:5])}); give the checkpoint.pt of a fastebm-eval finetune run") from None
         raise UsageError(f"--resume {path} cannot be read ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise UsageError(f"--resume {path} is not a fastebm-eval fine-tuning checkpoint")
@@ -77,9 +156,19 @@ def _load_resume(cfg) -> Optional[Dict[str, Any]]:
     if recorded not in (None, cfg.recipe):
         raise UsageError(f"--resume {path} was trained with --recipe {recorded}, and this run's recipe is {cfg.recipe}: "
                          f"give --recipe {recorded} to continue it (a folder gets imagenet unless told)")
-    changed = sorted(k for k, v in state["config"].items() if k not in _RESUME_FREE and getattr(cfg, k, v) != v)
-    if changed:
-        warnings.warn(f"resuming {path} with changed settings {changed}; the run is no longer the same run", stacklevel=2)
+    refused, allowed = resume_changes(state, cfg, identity)
+    if refused:
+        pretty = ", ".join(f"{k}: {v}" for k, v in refused.items())
+        hint = ("; to stop early and continue later, keep --epochs and give --max_epochs"
+                if "--epochs" in refused else "")
+        raise UsageError(f"--resume {path}: refusing to continue that run with changed settings ({pretty}): they change "
+                         f"what it measures; give the same flags to continue it, or a new --output_dir to start "
+                         f"another run{hint}")
+    if allowed:
+        pretty = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in allowed.items())
+        log.warning(f"resuming {path} with changed settings ({pretty}); allowed, as they do not change what the run "
+                    f"measures (summary.json lists them under 'resumes')")
+    state["resumes"] = list(state.get("resumes") or []) + [{"after_epoch": int(state["epoch"]), "changed": allowed}]
     state["path"] = path
     return state
 
@@ -153,14 +242,14 @@ class _Trainer:
         self.updates = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.probe: Optional[Dict[str, Any]] = None  # LP-FT's probe record (--head_init probe)
+        self.identity: Dict[str, Any] = {}  # run_identity(): what a resume compares besides the config
+        self.resumes: List[Dict[str, Any]] = []  # one record per resume: after which epoch, what changed
 
     def state(self, epoch: int, history: List[Dict]) -> Dict[str, Any]:
-        from .config import to_dict
-
         return {"format": CKPT_FORMAT, "version": 1, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
                 "epoch": epoch, "updates": self.updates, "history": history, "config": to_dict(self.cfg),
-                "probe": self.probe}
+                "probe": self.probe, **self.identity, "resumes": self.resumes}
 
     def load(self, state: Dict[str, Any]) -> None:
         try:
@@ -172,6 +261,7 @@ class _Trainer:
             raise UsageError(f"--resume {state['path']} does not fit this model/optimiser: {' '.join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]}") from None
         self.updates = int(state["updates"])
         self.probe = state.get("probe")
+        self.resumes = list(state.get("resumes") or [])
         self.scheduler.step_update(self.updates)
 
     def train_epoch(self, epoch: int, batches, stop: StopRequest, console) -> Dict[str, float]:
@@ -215,7 +305,10 @@ class _Trainer:
 
 
 def run_finetune(cfg) -> Dict[str, Any]:
-    """Runs ``fastebm-eval finetune`` with a checked :class:`~fastebm.eval.config.FinetuneConfig`; returns the summary."""
+    """Runs ``fastebm-eval finetune`` with a checked :class:`~fastebm.eval.config.FinetuneConfig`; returns the summary.
+
+    Raises UsageError before anything is written for a bad backbone, data or batch, and for a
+    ``--resume`` that would change the run (:func:`_load_resume`); TrainingDiverged on a non-finite loss."""
     bb = resolve_backbone(cfg)
     img_size = eval_size(cfg, bb)
     check_img_size(bb.arch, img_size)
@@ -228,7 +321,8 @@ def run_finetune(cfg) -> Dict[str, Any]:
         resolve_schedule(cfg, steps_per_epoch, len(data.train), data.num_classes)
         resolve_crop(cfg, len(data.train), data.num_classes)
         resolve_blr(cfg, len(data.train), data.num_classes)
-        resume = _load_resume(cfg)  # every input is checked before anything is written
+        identity = run_identity(run, cfg, bb, data)
+        resume = _load_resume(cfg, identity)  # every input is checked before anything is written
         prepare_output_dir(run, cfg.output_dir)
         model = build_classifier(bb, data.num_classes, img_size=img_size, global_pool=cfg.global_pool,
                                  drop_path_rate=cfg.drop_path, head_init_std=cfg.head_init_std, seed=cfg.seed).to(run.device)
@@ -238,6 +332,7 @@ def run_finetune(cfg) -> Dict[str, Any]:
         probe = _init_head(run, cfg, model, train_ds, val_ds, workers) if resume is None else None
         trainer = _Trainer(run, cfg, model, data.num_classes, steps_per_epoch)
         trainer.probe = probe
+        trainer.identity = identity
         history: List[Dict] = []
         if resume is not None:
             trainer.load(resume)
@@ -309,7 +404,8 @@ def _loop(run, cfg, trainer, sampler, train_ds, val_ds, workers, start, history,
 def _finish(run, cfg, bb, data, history, status, trainer) -> Dict[str, Any]:
     summary = base_summary(run, cfg, bb, data)
     summary.update({"status": status, "epochs_done": len(history) and history[-1]["epoch"], "lr": trainer.lr,
-                    "updates": trainer.updates, "head_init": cfg.head_init, "history": history})
+                    "updates": trainer.updates, "head_init": cfg.head_init, "history": history,
+                    "backbone_sha256": trainer.identity.get("backbone_sha256"), "resumes": trainer.resumes})
     if trainer.probe is not None:
         summary["probe"] = trainer.probe
     trained = [r for r in history if "train_top1" in r]

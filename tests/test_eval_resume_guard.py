@@ -1,0 +1,141 @@
+"""fastebm-eval finetune --resume continues the same run or none; --ckpt names a file fastebm can read.
+
+* a resume under another backbone (--init instead of --ckpt, another file, the same path holding
+  other weights), --few_shot, --seed or --epochs is refused: exit 2, one line naming each change
+  old -> new and the fix, and nothing in the output folder changes;
+* an allowed resume (--num_workers, the same --ckpt spelled differently) continues the run, warns,
+  and summary.json records the change under "resumes";
+* a folder given as --ckpt (eval, export) or --resume names the files to give; a torch.save of
+  pickled Python objects (MAE's argparse.Namespace) names them and says what to do.
+"""
+import argparse
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from fastebm.cli.eval import main
+from fastebm.cli.export import main as export_main
+from fastebm.eval.backbone import read_backbone
+from fastebm.eval.export import write_export
+from test_eval_support import image_folder, trained_checkpoint
+
+
+def _snapshot(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def _error(capsys, prog="fastebm-eval"):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"{prog}: error: ") and "Traceback" not in err[0]
+    return err[0][len(f"{prog}: error: "):]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A fine-tuning run from an exported backbone, stopped after epoch 1 of 2 (--max_epochs 1)."""
+    root = tmp_path_factory.mktemp("resume_guard")
+    data = image_folder(root / "data", size=16, per_class=(2, 2, 2), val_per_class=1)
+    ckpt = str(root / "backbone.safetensors")
+    write_export(read_backbone(trained_checkpoint()), ckpt)
+    out = root / "ft"
+    args = ["finetune", "--data", data, "--batch_size", "2", "--epochs", "2", "--warmup_epochs", "0",
+            "--num_workers", "0", "--output_dir", str(out)]
+    assert main([*args, "--ckpt", ckpt, "--few_shot", "1", "--max_epochs", "1"]) == 0
+    return {"root": root, "out": out, "ckpt": ckpt, "args": args}
+
+
+@pytest.mark.parametrize("change, expected", [
+    (["--init", "random", "--few_shot", "1"], "(--ckpt: '{ckpt}' -> None, --init: None -> 'random')"),
+    (["--ckpt", "{ckpt}", "--few_shot", "2", "--seed", "3"], "(--few_shot: 1 -> 2, --seed: 0 -> 3)"),
+    (["--ckpt", "{ckpt}", "--few_shot", "1", "--epochs", "3"], "(--epochs: 2 -> 3)"),
+])
+def test_resume_with_changed_settings_is_refused(stopped_run, capsys, change, expected):
+    out, ckpt = stopped_run["out"], stopped_run["ckpt"]
+    before = _snapshot(out)
+    capsys.readouterr()
+    argv = [*stopped_run["args"], *[a.format(ckpt=ckpt) for a in change], "--resume", "auto"]
+    assert main(argv) == 2
+    msg = _error(capsys)
+    path = os.path.join(str(out), "checkpoint.pt")
+    assert msg.startswith(f"--resume {path}: refusing to continue that run with changed settings "
+                          f"{expected.format(ckpt=ckpt)}: they change what it measures; give the same flags to "
+                          f"continue it, or a new --output_dir to start another run"), msg
+    assert ("keep --epochs and give --max_epochs" in msg) == ("--epochs" in change)
+    assert _snapshot(out) == before  # the refused run wrote nothing
+
+
+def test_resume_from_a_checkpoint_holding_other_weights_is_refused(stopped_run, capsys, tmp_path):
+    """The same --ckpt path, overwritten (e.g. by further training) since the run started: refused by the
+    weights' SHA-256, whatever the path says."""
+    out = tmp_path / "ft"
+    shutil.copytree(stopped_run["out"], out)
+    ckpt = str(tmp_path / "backbone.safetensors")
+    bb = read_backbone(stopped_run["ckpt"])
+    bb.state = {k: v + 0.01 for k, v in bb.state.items()}
+    write_export(bb, ckpt)
+    before = _snapshot(out)
+    capsys.readouterr()
+    args = [*stopped_run["args"][:-1], str(out), "--ckpt", ckpt, "--few_shot", "1", "--resume", "auto"]
+    assert main(args) == 2
+    msg = _error(capsys)
+    assert f"(--ckpt: '{stopped_run['ckpt']}' -> '{ckpt}' holds other weights than the run started from (sha256 " in msg
+    assert "give the same flags to continue it, or a new --output_dir" in msg
+    assert _snapshot(out) == before
+
+
+def test_allowed_resume_continues_warns_and_records(stopped_run, capsys, tmp_path):
+    """--num_workers and another file with the same weights (here a .pth export of them) may change."""
+    out = tmp_path / "ft"
+    shutil.copytree(stopped_run["out"], out)
+    ckpt = str(tmp_path / "same.pth")
+    write_export(read_backbone(stopped_run["ckpt"]), ckpt)
+    args = [*stopped_run["args"][:-1], str(out), "--ckpt", ckpt, "--few_shot", "1", "--resume", "auto",
+            "--num_workers", "1"]
+    capsys.readouterr()
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert (f"fastebm-eval: warning: resuming {os.path.join(str(out), 'checkpoint.pt')} with changed settings "
+            f"(num_workers: 0 -> 1, ckpt: '{stopped_run['ckpt']}' -> '{ckpt}'); allowed, as they do not change what "
+            f"the run measures (summary.json lists them under 'resumes')") in err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "completed" and s["epochs_done"] == 2 and s["init"] == "export" and s["ckpt"] == ckpt
+    assert s["resumes"] == [{"after_epoch": 1, "changed": {"num_workers": [0, 1], "ckpt": [stopped_run["ckpt"], ckpt]}}]
+    assert s["backbone_sha256"] == torch.load(out / "checkpoint.pt", weights_only=True)["backbone_sha256"]
+    assert [r["epoch"] for r in s["history"]] == [1, 2]
+
+
+def test_a_folder_as_ckpt_names_the_files_in_it(tmp_path, capsys):
+    run = os.path.dirname(trained_checkpoint())  # fastebm-train's folder: last.pt, backbone.pth
+    expected = f"--ckpt: {run!r} is a folder; give a checkpoint file, e.g. {run}/last.pt or {run}/backbone.pth"
+    assert main(["knn", "--ckpt", run, "--output_dir", str(tmp_path / "knn")]) == 2
+    assert _error(capsys) == expected
+    assert export_main(["--ckpt", run, "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert _error(capsys, "fastebm-export") == expected
+    (tmp_path / "empty").mkdir()
+    assert main(["knn", "--ckpt", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "knn")]) == 2
+    assert "is a folder and holds no checkpoint (no last.pt, backbone.pth or .safetensors)" in _error(capsys)
+    assert main(["finetune", "--init", "random", "--resume", str(tmp_path / "empty"),
+                 "--output_dir", str(tmp_path / "ft")]) == 2
+    assert _error(capsys).startswith(f"--resume: {str(tmp_path / 'empty')!r} is a folder; give its checkpoint file")
+    assert sorted(os.listdir(tmp_path)) == ["empty"]  # nothing written
+
+
+def test_a_pickle_of_python_objects_names_them(tmp_path, capsys):
+    """MAE's checkpoints: torch.save({"model": state_dict, "args": argparse.Namespace(...)})."""
+    path = str(tmp_path / "mae_like.pth")
+    torch.save({"model": read_backbone(trained_checkpoint()).state, "args": argparse.Namespace(lr=1e-3)}, path)
+    start = (f"--ckpt {path} holds pickled Python objects (argparse.Namespace), which fastebm does not load "
+             f"(unpickling can run code); if you trust the file, save its weights alone and give that file, e.g. in "
+             f"Python torch.save(torch.load({path!r}, weights_only=False)['model'], 'backbone.pth')")
+    assert export_main(["--ckpt", path, "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert _error(capsys, "fastebm-export").startswith(start)
+    assert main(["knn", "--ckpt", path, "--output_dir", str(tmp_path / "knn")]) == 2
+    assert _error(capsys).startswith(start)
+    assert main(["finetune", "--init", "random", "--resume", path, "--output_dir", str(tmp_path / "ft")]) == 2
+    assert "is not a fastebm-eval fine-tuning checkpoint (it holds pickled objects: argparse.Namespace)" in _error(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["mae_like.pth"]  # nothing written
