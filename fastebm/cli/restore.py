@@ -4,14 +4,18 @@
     fastebm-restore --ckpt last.pt noisy.jpg --already_corrupted --steps 6 -o out/
 
 Writes into OUT: ``strips/NNNN_name.png`` (clean | corrupted | after each step, with PSNR, SSIM and
-energy), ``restored/NNNN_name.png`` (the final image at the input's size), ``metrics.csv`` and
-``results.json`` (per image PSNR/SSIM of corrupted and restored, energy after each step; settings,
-step sizes, means, skipped files), ``index.html`` (contact sheet) and ``grid.png`` (the first strips).
-Exit codes (:mod:`fastebm.cli._run`): 0 done (unreadable files are skipped and listed), 2 bad input
-(one line on stderr).
+energy), ``restored/NNNN_name.png`` (the final image at the input's size; with ``--resize`` at the
+model's), ``metrics.csv`` and ``results.json`` (per image PSNR/SSIM of corrupted and restored, energy
+after each step; settings incl. every task parameter and the overlap, step sizes, means, skipped
+files), ``index.html`` (contact sheet) and ``grid.png`` (the first strips). An OUT that holds an
+earlier run's outputs is refused unless ``--overwrite`` (which deletes only those files); a folder
+scan never reads OUT. Exit codes (:mod:`fastebm.cli._run`): 0 done (unreadable files are skipped
+and listed), 2 bad input (one line on stderr).
 """
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import sys
 from typing import List, Optional
@@ -20,8 +24,11 @@ from ..settings import ArgumentParser, DefaultsHelpFormatter, check_seed
 from ._run import run
 from ._tools_common import add_tiling_flags, command_line, positive, skip_recorder
 
+log = logging.getLogger(__name__)
+
 PROG = "fastebm-restore"
 TASKS = ("mim", "sort", "sr", "denoise", "colorize")
+TASK_FLAGS = (("mask_ratio", "mim"), ("sr_factor", "sr"), ("sigma", "denoise"))  # flag -> the task it belongs to
 
 
 def build_parser() -> ArgumentParser:
@@ -42,6 +49,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--sigma", type=float, default=None, help="denoise: noise std in [0, 1] pixel units (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corruption (image i uses sample id i)")
     p.add_argument("--grid_rows", type=int, default=16, help="strips shown in grid.png (the first ones)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier fastebm-restore run in -o (deletes only those files)")
     add_tiling_flags(p, batch_default=64)
     return p
 
@@ -59,40 +68,77 @@ def _row(result, stem: str, strip_rel: str, restored_rel: str) -> dict:
     return row
 
 
+def check_task_flags(args) -> None:
+    """ToolInputError (one line) for a task parameter given for another task than the run's, or with
+    ``--already_corrupted``, or ``--task`` together with ``--already_corrupted``."""
+    from ..tools.errors import ToolInputError
+
+    if args.already_corrupted and args.task is not None:
+        raise ToolInputError("--task and --already_corrupted exclude each other: --already_corrupted restores "
+                             "the images as given; drop one of them")
+    task = args.task or "denoise"
+    for flag, owner in TASK_FLAGS:
+        if getattr(args, flag) is None:
+            continue
+        if args.already_corrupted:
+            raise ToolInputError(f"--{flag} applies to --task {owner} only, and --already_corrupted applies no "
+                                 f"corruption; drop --{flag}")
+        if owner != task:
+            raise ToolInputError(f"--{flag} applies to --task {owner} only, but the task is {task}"
+                                 f"{'' if args.task else ' (the default)'}; drop --{flag} or add --task {owner}")
+
+
 def run_tool(args, argv: Optional[List[str]] = None) -> dict:
+    """The command's work; raises ToolInputError (exit 2, one line) for bad input: flags (a task
+    parameter of another task, --task with --already_corrupted, --steps/--batch_size/--grid_rows < 1),
+    an -o holding an earlier run's outputs without --overwrite, a checkpoint, images or task that
+    cannot be used; OutputError when -o cannot be written."""
     from ..tools.checkpoint import load_objective
     from ..tools.descent import model_geometry, step_sizes
     from ..tools.errors import ToolInputError
     from ..tools.inputs import collect_images
-    from ..tools.output import (atomic_write_text, ensure_output_dir, safe_stem, save_pil, unique_columns, write_csv,
-                                write_json)
+    from ..tools.output import (RESTORE_OUTPUTS, atomic_write_text, check_earlier_outputs, ensure_output_dir,
+                                remove_outputs, safe_stem, save_pil, unique_columns, write_csv, write_json)
     from ..tools.pictures import contact_sheet, grid, strip, to_pil
-    from ..tools.restoration import iter_restorations, resolve_device, summarise, task_params
+    from ..tools.restoration import (effective_overlap, iter_restorations, left_out_reason, resolve_device, summarise,
+                                     task_params)
 
     check_seed(args.seed)
-    if args.already_corrupted and args.task is not None:
-        raise ToolInputError("--task and --already_corrupted exclude each other: --already_corrupted restores "
-                             "the images as given; drop one of them")
+    check_task_flags(args)
     if args.steps is not None:
         positive("steps", args.steps, "the number of descent steps")
     positive("batch_size", args.batch_size, "tiles per model call")
     positive("grid_rows", args.grid_rows, "strips in grid.png")
+    earlier = check_earlier_outputs(args.output_dir, RESTORE_OUTPUTS, args.overwrite)  # reads only
     out = ensure_output_dir(args.output_dir)
     device = resolve_device(args.device)
     objective, config = load_objective(args.ckpt, device)
     tile, _ = model_geometry(objective)
-    items = collect_images(args.images, img_size=tile[0])
+    excluded: List[str] = []
+    items = collect_images(args.images, img_size=tile[0], exclude=out, excluded=excluded)
+    if excluded:
+        log.warning(f"skipped {len(excluded)} image file(s) under the output folder {out} (it lies inside an input "
+                    f"folder; earlier outputs are never read as input)")
+    _check_inputs_survive(items, earlier)
     task = None if args.already_corrupted else (args.task or "denoise")
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else config.get("mask_ratio")
     params = task_params(task, mask_ratio, args.sr_factor, args.sigma) if task else {}
+    overlap = effective_overlap(objective, task, params, args.overlap)  # checks the task and the overlap
     steps = args.steps or objective.steps
+    step_sizes(objective, steps)  # checks steps
     skipped: List[dict] = []
     on_skip = skip_recorder(skipped)
 
+    results = iter_restorations(objective, items, task, steps=steps, params=params, seed=args.seed,
+                                resize=args.resize, overlap=overlap, batch_size=args.batch_size,
+                                on_skip=on_skip, progress=True)
+    first = next(results, None)  # every check has passed and one image was restored: only now is -o changed
+    if first is None:
+        raise ToolInputError(f"none of the {len(items)} image(s) could be read (e.g. {skipped[0]['path']}: "
+                             f"{skipped[0]['reason']})")
+    remove_outputs(out, earlier, RESTORE_OUTPUTS)
     rows, strips, used = [], [], set()
-    for result in iter_restorations(objective, items, task, steps=steps, params=params, seed=args.seed,
-                                    resize=args.resize, overlap=args.overlap, batch_size=args.batch_size,
-                                    on_skip=on_skip, progress=True):
+    for result in itertools.chain([first], results):
         stem = safe_stem(result.name, result.index, used)
         picture = strip(result)
         save_pil(picture, os.path.join(out, "strips", stem + ".png"))
@@ -100,13 +146,10 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
         rows.append(_row(result, stem, f"strips/{stem}.png", f"restored/{stem}.png"))
         if len(strips) < args.grid_rows:
             strips.append(picture)
-    if not rows:
-        raise ToolInputError(f"none of the {len(items)} image(s) could be read (e.g. {skipped[0]['path']}: "
-                             f"{skipped[0]['reason']})")
     mean = summarise(rows)
-    with_psnr = [r for r in rows if r["psnr_corrupted"] is not None and r.get("psnr_1") is not None]
-    if with_psnr:  # the same images as the mean gain: how PSNR evolves along the descent
-        mean["psnr_per_step"] = [sum(r[f"psnr_{t}"] for r in with_psnr) / len(with_psnr) for t in range(1, steps + 1)]
+    in_mean = [r for r in rows if left_out_reason(r) is None and r.get("psnr_1") is not None]
+    if in_mean:  # the same images as the means: how PSNR evolves along the descent
+        mean["psnr_per_step"] = [sum(r[f"psnr_{t}"] for r in in_mean) / len(in_mean) for t in range(1, steps + 1)]
     columns = unique_columns(rows, [])
     write_csv(os.path.join(out, "metrics.csv"), rows, columns)
     summary = {
@@ -115,8 +158,9 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
         "trained_steps": objective.steps, "steps": steps,
         "step_sizes": [float(a) for a in step_sizes(objective, steps)],
         "task": task or "already_corrupted", "task_params": params.get(task, {}) if task else {},
-        "seed": args.seed, "resize": args.resize, "device": str(device),
-        "mean": mean, "images": rows, "skipped": skipped,
+        "seed": args.seed, "resize": args.resize, "overlap": overlap, "batch_size": args.batch_size,
+        "device": str(device), "mean": mean, "images": rows, "skipped": skipped,
+        "excluded_outputs": len(excluded),
     }
     write_json(os.path.join(out, "results.json"), summary)
     save_pil(grid(strips, rows=args.grid_rows), os.path.join(out, "grid.png"))
@@ -128,13 +172,29 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
     return summary
 
 
+def _check_inputs_survive(items, earlier: List[str]) -> None:
+    """ToolInputError when --overwrite would delete an input image (a file of the earlier run named as input)."""
+    from ..tools.errors import ToolInputError
+
+    doomed = {os.path.realpath(p) for p in earlier}
+    for item in items:
+        if not item.name.startswith("builtin:") and os.path.realpath(item.name) in doomed:
+            raise ToolInputError(f"--overwrite would delete the input image {item.name} (an output of the earlier run "
+                                 f"in -o): copy it elsewhere first, or give another -o")
+
+
 def _mean_text(mean: dict, task: Optional[str]) -> str:
-    if task is None or mean.get("psnr_gain") is None:
-        return "no clean reference: energies only" if task is None else "no image changed by the task"
-    return (f"mean PSNR {mean['psnr_corrupted']:.2f} -> {mean['psnr_restored']:.2f} dB "
-            f"({mean['psnr_gain']:+.2f} dB), SSIM {mean['ssim_corrupted']:.3f} -> {mean['ssim_restored']:.3f}"
-            if mean.get("ssim_corrupted") is not None else
-            f"mean PSNR {mean['psnr_corrupted']:.2f} -> {mean['psnr_restored']:.2f} dB ({mean['psnr_gain']:+.2f} dB)")
+    from ..tools.restoration import left_out_text
+
+    if task is None:
+        return "no clean reference: energies only"
+    left = left_out_text(mean.get("left_out", {}))
+    if mean.get("psnr_gain") is None:
+        return f"no image has the PSNR and SSIM to average ({left})" if left else "no image changed by the task"
+    n, total = mean["images_in_mean"], mean["images"]
+    over = f"over {n} of {total} images ({left})" if n < total else f"over {total} image{'s' if total > 1 else ''}"
+    return (f"mean {over}: PSNR {mean['psnr_corrupted']:.2f} -> {mean['psnr_restored']:.2f} dB "
+            f"({mean['psnr_gain']:+.2f} dB), SSIM {mean['ssim_corrupted']:.3f} -> {mean['ssim_restored']:.3f}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -7,6 +7,11 @@ decoded by :func:`fastebm.data.decode.decode_image` (re-exported here), which ap
 orientation and maps every pixel mode to 8-bit RGB. Unreadable or corrupt files are not fatal
 here: ``load`` raises ``UnreadableImage`` and the loader substitutes another sample and counts
 the file (fastebm/data/loader.py).
+
+``exclude`` (training passes its ``--output_dir``) is a folder that is never read as data even
+when it lies inside DIR: a run's own pictures (``restoration_grid.png``, ``loss_curve.png``) must not
+become training samples of its next ``--resume``. The files skipped there are counted and named in
+one warning.
 """
 from __future__ import annotations
 
@@ -21,21 +26,40 @@ from .errors import DataError, UnreadableImage
 from .sampling import AUGMENT_STREAM, generator_for, spread_order
 from .transforms import crop_flip_resize
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageFolderData", "UnreadableImage", "decode_image", "scan_image_files"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolderData", "UnreadableImage", "decode_image", "scan_image_files", "within"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
-def scan_image_files(root: str) -> Tuple[List[str], List[int], List[str]]:
-    """(paths, labels, class names) of every image under ``root``, in a stable sorted order."""
+def within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (both resolved: symlinks, ``..``, relative paths)."""
+    p, f = os.path.realpath(path), os.path.realpath(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
+
+
+def scan_image_files(root: str, exclude: Optional[str] = None) -> Tuple[List[str], List[int], List[str]]:
+    """(paths, labels, class names) of every image under ``root``, in a stable sorted order.
+
+    Files under ``exclude`` (a folder, e.g. the run's ``--output_dir`` inside ``root``) are left out.
+    Raises DataError when ``root`` is missing, not a folder, or holds no (non-excluded, non-hidden) image.
+    """
+    return _scan(root, exclude)[:3]
+
+
+def _scan(root: str, exclude: Optional[str] = None) -> Tuple[List[str], List[int], List[str], int]:
+    """:func:`scan_image_files` and the number of image files skipped under ``exclude``."""
     if not os.path.exists(root):
         raise DataError(f"--data: folder {root!r} does not exist")
     if not os.path.isdir(root):
         raise DataError(f"--data: {root!r} is not a folder (give a directory of images)")
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if exclude is not None and not within(exclude, root):
+        exclude = None  # outside the data: nothing to skip
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith(".")
+                     and not (exclude is not None and within(d.path, exclude)))
     class_index = {c: i for i, c in enumerate(classes)}
     paths, labels = [], []
     seen_dirs = set()
+    excluded = 0
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen_dirs:  # a symlink cycle (or the same folder linked twice): scan it once
@@ -43,13 +67,21 @@ def scan_image_files(root: str) -> Tuple[List[str], List[int], List[str]]:
             continue
         seen_dirs.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        images = [name for name in sorted(files)
+                  if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
+        if exclude is not None and within(folder, exclude):
+            excluded += len(images)
+            continue
         rel = os.path.relpath(folder, root)
         label = -1 if rel == "." else class_index.get(rel.split(os.sep)[0], -1)
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                paths.append(os.path.join(folder, name))
-                labels.append(label)
+        for name in images:
+            paths.append(os.path.join(folder, name))
+            labels.append(label)
     if not paths:
+        if excluded:
+            raise DataError(f"--data: folder {root!r} has image files only under --output_dir {exclude!r} "
+                            f"({excluded} skipped: a run's own outputs are never read as data); "
+                            f"give an --output_dir outside --data")
         hidden = _hidden_images(root)
         if hidden:
             where = ", ".join(f"{name} ({n})" for name, n in list(hidden.items())[:3]) + (", ..." if len(hidden) > 3 else "")
@@ -57,7 +89,7 @@ def scan_image_files(root: str) -> Tuple[List[str], List[int], List[str]]:
                             f"skipped: {where}): files and folders whose names start with '.' are skipped; "
                             f"rename or move them")
         raise DataError(f"--data: folder {root!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}), recursively")
-    return paths, labels, classes
+    return paths, labels, classes, excluded
 
 
 def _hidden_images(root: str) -> Dict[str, int]:
@@ -80,14 +112,22 @@ def _hidden_images(root: str) -> Dict[str, int]:
 
 
 class ImageFolderData:
-    """Random-resized-crop (scale 0.2-1) + flip samples of an image tree, as uint8 (3, S, S)."""
+    """Random-resized-crop (scale 0.2-1) + flip samples of an image tree, as uint8 (3, S, S).
 
-    def __init__(self, root: str, img_size: int, seed: int, crop_scale=(0.2, 1.0)):
+    ``exclude``: a folder never read as data (the run's ``--output_dir`` when it lies inside
+    ``root``); the image files skipped there are counted in ``excluded`` and named in one warning.
+    Raises DataError as :func:`scan_image_files`.
+    """
+
+    def __init__(self, root: str, img_size: int, seed: int, crop_scale=(0.2, 1.0), exclude: Optional[str] = None):
         self.root = root
         self.img_size = img_size
         self.seed = seed
         self.crop_scale = crop_scale
-        self.paths, self.labels, self.classes = scan_image_files(root)
+        self.paths, self.labels, self.classes, self.excluded = _scan(root, exclude)
+        if self.excluded:
+            warnings.warn(f"--data: skipped {self.excluded} image file(s) under --output_dir {exclude!r}, which lies "
+                          f"inside {root!r}: a run's own pictures are never read as training data", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.paths)

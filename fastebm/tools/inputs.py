@@ -9,6 +9,9 @@ recursively, in sorted order, hidden entries skipped; the extensions of ``--data
 * ``builtin:noise``: 497 images of uniform noise (independent uint8 per pixel and channel);
 * ``builtin:blurred_digits``: the held-out digits blurred by a Gaussian of sigma = size/16 px.
 
+A folder scan skips the command's own output folder (``exclude``, the ``-o`` folder) when it lies
+inside the folder: a second run must not restore or score the first run's pictures.
+
 Images are decoded lazily (``ImageItem.load``); a file that does not decode raises
 ``fastebm.data.folder.UnreadableImage``, which the tools count, list and skip.
 """
@@ -17,11 +20,11 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..data.folder import IMAGE_EXTENSIONS, decode_image
+from ..data.folder import IMAGE_EXTENSIONS, decode_image, within
 from ..data.transforms import pil_to_uint8
 from .errors import ToolInputError
 
@@ -68,8 +71,11 @@ def builtin_set(name: str, img_size: int) -> torch.Tensor:
     return gaussian_blur(held.digits, [kernel, kernel], [sigma, sigma])
 
 
-def _scan_folder(root: str) -> List[str]:
+def _scan_folder(root: str, exclude: Optional[str] = None, excluded: Optional[List[str]] = None) -> List[str]:
+    """Image files under ``root`` (sorted, hidden entries skipped); those under ``exclude`` go to ``excluded``."""
     paths, seen = [], set()
+    if exclude is not None and not within(exclude, root):
+        exclude = None
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a symlink cycle: scan each folder once
@@ -77,8 +83,13 @@ def _scan_folder(root: str) -> List[str]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        paths += [os.path.join(folder, f) for f in sorted(files)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        found = [os.path.join(folder, f) for f in sorted(files)
+                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        if exclude is not None and within(folder, exclude):
+            if excluded is not None:
+                excluded += found
+            continue
+        paths += found
     return paths
 
 
@@ -86,11 +97,15 @@ def _file_item(path: str) -> ImageItem:
     return ImageItem(path, lambda: pil_to_uint8(decode_image(path)))
 
 
-def collect_images(specs: Sequence[str], img_size: int, what: str = "IMAGES") -> List[ImageItem]:
+def collect_images(specs: Sequence[str], img_size: int, what: str = "IMAGES", exclude: Optional[str] = None,
+                   excluded: Optional[List[str]] = None) -> List[ImageItem]:
     """Every image named by ``specs`` (files, folders, ``builtin:NAME``), in the order given.
 
-    ``img_size`` is the side of the built-in sets (the model's resolution). Raises ToolInputError
-    when a path does not exist, a folder holds no image files, or nothing at all is found.
+    ``img_size`` is the side of the built-in sets (the model's resolution). ``exclude``: a folder
+    (the command's ``-o``) whose files a folder scan skips; the skipped paths are appended to
+    ``excluded`` when given (a file named explicitly is never skipped). Raises ToolInputError
+    when a path does not exist, a folder holds no image files (or only under ``exclude``), or
+    nothing at all is found.
     """
     if isinstance(specs, str):
         specs = [specs]
@@ -102,7 +117,14 @@ def collect_images(specs: Sequence[str], img_size: int, what: str = "IMAGES") ->
             images = builtin_set(name, img_size)
             items += [ImageItem(f"{spec}[{i}]", functools.partial(images.__getitem__, i)) for i in range(len(images))]
         elif os.path.isdir(spec):
-            paths = _scan_folder(spec)
+            skipped: List[str] = []
+            paths = _scan_folder(spec, exclude, skipped)
+            if excluded is not None:
+                excluded += skipped
+            if not paths and skipped:
+                raise ToolInputError(f"{what}: the image files in folder {spec!r} all lie under the output folder "
+                                     f"{exclude!r} ({len(skipped)} skipped: outputs are never read as input); "
+                                     f"give an output folder (-o) outside {spec!r}")
             if not paths:
                 raise ToolInputError(f"{what}: no images found in folder {spec!r} (looked for "
                                      f"{' '.join(IMAGE_EXTENSIONS)}, recursively)")

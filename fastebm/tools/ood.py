@@ -140,16 +140,27 @@ def score_sets(models: Dict[str, object], sets: Dict[str, Sequence[ImageItem]], 
 
     Returns ``(rows, metrics, energies)``: one row per (model, image) with ``energy`` (and
     ``energy_after_{steps}``), one metrics dict per (model, score, out-set), and
-    ``energies[model][set]`` as float64 arrays of the plain energy (for histograms).
+    ``energies[model][set]`` as float64 arrays of the plain energy (for histograms). An unreadable
+    file is reported through ``on_skip`` once per set, not once per model. Raises ToolInputError
+    when a set has no readable image.
     """
     rows, metrics, energies = [], [], {}
+    reported = set()
+
+    def skip_once(set_name):
+        def report(name, reason):
+            if (set_name, name) not in reported:
+                reported.add((set_name, name))
+                on_skip(name, reason)
+        return report
+
     after = f"energy_after_{steps}" if steps else None
     for model_name, objective in models.items():
         per_set: Dict[str, Dict[str, np.ndarray]] = {}
         for set_name, items in sets.items():
             values = []
             for _, name, traj in iter_energies(objective, items, steps=steps, resize=resize, overlap=overlap,
-                                               batch_size=batch_size, on_skip=on_skip, progress=progress,
+                                               batch_size=batch_size, on_skip=skip_once(set_name), progress=progress,
                                                desc=f"{model_name}: {set_name}"):
                 row = {"model": model_name, "set": set_name,
                        "role": "in" if set_name == in_set else ("out" if in_set else ""),

@@ -1,16 +1,30 @@
-"""Output files of the tools, each written atomically (temp file in the same folder, then rename)."""
+"""Output files of the tools, each written atomically (temp file in the same folder, then rename).
+
+An output folder that holds a tool's earlier outputs is refused unless ``--overwrite`` (the
+contract of ``fastebm-train --output_dir``): a second run into the same ``-o`` would otherwise
+leave the first run's per-image files (or its ``ood.md``) beside summaries that describe only the
+second. With ``--overwrite`` only the tool's own files are deleted (:class:`ToolOutputs`), after
+every check has passed and just before the first new file is written; other files stay.
+"""
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
+import re
 import tempfile
-from typing import Any, Dict, Iterable, List, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from .. import files
+from ..errors import OutputError
 from .errors import ToolInputError
 
-__all__ = ["ensure_output_dir", "atomic_write_text", "write_json", "write_csv", "save_pil", "save_figure", "safe_stem",
+log = logging.getLogger(__name__)
+
+__all__ = ["ToolOutputs", "RESTORE_OUTPUTS", "SCORE_OUTPUTS", "check_earlier_outputs", "remove_outputs",
+           "ensure_output_dir", "atomic_write_text", "write_json", "write_csv", "save_pil", "save_figure", "safe_stem",
            "unique_columns"]
 
 
@@ -28,6 +42,83 @@ def ensure_output_dir(path: str, flag: str = "-o") -> str:
         raise ToolInputError(f"{flag}: cannot write to the output folder {path!r} ({exc.strerror or exc}); "
                              "choose a writable folder") from None
     return path
+
+
+PER_IMAGE_FILE = re.compile(r"^\d{4,}_.*\.png$")  # safe_stem(...) + ".png"
+
+
+@dataclass(frozen=True)
+class ToolOutputs:
+    """The files a tool writes into its output folder: ``files`` at the top, and ``folders`` of
+    per-image files named ``NNNN_name.png`` (other files in those folders are not the tool's)."""
+
+    prog: str
+    files: Tuple[str, ...]
+    folders: Tuple[str, ...] = ()
+
+    def present(self, out: str) -> List[str]:
+        """Paths of this tool's files in ``out`` (reads only; [] when ``out`` is not a folder)."""
+        if not os.path.isdir(out):
+            return []
+        paths = [os.path.join(out, f) for f in self.files if os.path.isfile(os.path.join(out, f))]
+        for folder in self.folders:
+            sub = os.path.join(out, folder)
+            if os.path.isdir(sub):
+                paths += [os.path.join(sub, f) for f in sorted(os.listdir(sub))
+                          if PER_IMAGE_FILE.match(f) and os.path.isfile(os.path.join(sub, f))]
+        return paths
+
+
+RESTORE_OUTPUTS = ToolOutputs("fastebm-restore", ("results.json", "metrics.csv", "index.html", "grid.png"),
+                              ("strips", "restored"))
+SCORE_OUTPUTS = ToolOutputs("fastebm-score", ("ood.json", "ood.md", "energies.csv", "energy_hist.png"))
+
+
+def _listing(out: str, paths: List[str]) -> str:
+    """``results.json, grid.png, strips/ (6 files)``: the files, per-image folders counted."""
+    top, per_folder = [], {}
+    for path in paths:
+        rel = os.path.relpath(path, out)
+        if os.sep in rel:
+            folder = rel.split(os.sep)[0]
+            per_folder[folder] = per_folder.get(folder, 0) + 1
+        else:
+            top.append(rel)
+    return ", ".join(top + [f"{folder}/ ({n} file{'s' if n > 1 else ''})" for folder, n in per_folder.items()])
+
+
+def check_earlier_outputs(out: str, outputs: ToolOutputs, overwrite: bool, flag: str = "-o") -> List[str]:
+    """The earlier run's files in ``out`` that ``--overwrite`` will delete ([] if none). Reads only.
+
+    Raises ToolInputError naming them when there are any and ``overwrite`` is False."""
+    found = outputs.present(os.fspath(out))
+    if found and not overwrite:
+        raise ToolInputError(f"{flag} {os.fspath(out)!r} holds the outputs of an earlier {outputs.prog} run "
+                             f"({_listing(out, found)}): add --overwrite to replace them (deletes only those files; "
+                             f"other files stay), or give another {flag}")
+    return found
+
+
+def remove_outputs(out: str, paths: List[str], outputs: ToolOutputs) -> int:
+    """Deletes ``paths`` (from :func:`check_earlier_outputs`) and the per-image folders left empty;
+    logs and returns the count. Raises OutputError naming a file that cannot be deleted."""
+    removed = 0
+    for path in paths:
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(f"--overwrite: cannot delete {path}: {exc.strerror or exc}") from None
+    for folder in outputs.folders:
+        try:
+            os.rmdir(os.path.join(out, folder))  # only when empty: other files stay
+        except OSError:
+            pass
+    if removed:
+        log.info(f"--overwrite: deleted {removed} file(s) of the earlier {outputs.prog} run in {out}")
+    return removed
 
 
 def _in_folder(path: str) -> str:

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-MIN_PANEL_SIDE = 128  # small images are enlarged (nearest neighbour) so that the labels fit
+MIN_PANEL_SIDE = 128  # a panel is enlarged (nearest neighbour) to at least this along each axis, so labels fit
+MAX_PANEL_SIDE = 512  # ... but uniform enlargement stops at this longer side (a thin image is then stretched)
 MAX_STEP_PANELS = 8  # a longer descent shows this many steps, evenly spaced, the last included
 LABEL_HEIGHT = 42  # three lines: panel name, PSNR and SSIM, energy
 GAP = 4
@@ -57,20 +58,33 @@ def strip(result) -> Image.Image:
         labels.append((f"step {t}" + (" (restored)" if last and n > 1 else ""),
                        *_metric_lines(psnr, result.ssim_restored if last else None, result.energies[t])))
     h, w = panels[0].shape[-2:]
-    scale = min(8, max(1, math.ceil(MIN_PANEL_SIDE / min(h, w))))
-    pw, ph = w * scale, h * scale
+    ph, pw = panel_size(h, w)
     canvas = Image.new("RGB", (len(panels) * (pw + GAP) - GAP, ph + LABEL_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
     font = _font()
     for i, (panel, lines) in enumerate(zip(panels, labels)):
         im = to_pil(panel)
-        if scale > 1:
+        if (ph, pw) != (h, w):
             im = im.resize((pw, ph), Image.NEAREST)
         x0 = i * (pw + GAP)
         canvas.paste(im, (x0, LABEL_HEIGHT))
         for row, text in enumerate(lines):
             draw.text((x0 + 2, 1 + 13 * row), text, fill="black" if row == 0 else (60, 60, 60), font=font)
     return canvas
+
+
+def panel_size(h: int, w: int) -> Tuple[int, int]:
+    """(height, width) of a strip panel for an h x w image: enlarged by one integer factor until the
+    shorter side reaches MIN_PANEL_SIDE, as long as the longer side stays within MAX_PANEL_SIDE; an
+    axis still under MIN_PANEL_SIDE (a thin image, e.g. 200x3) is then stretched alone to reach it.
+    Images with both sides >= MIN_PANEL_SIDE keep their size."""
+    scale = max(1, min(math.ceil(MIN_PANEL_SIDE / min(h, w)), MAX_PANEL_SIDE // max(h, w)))
+    ph, pw = h * scale, w * scale
+    if ph < MIN_PANEL_SIDE:
+        ph = h * math.ceil(MIN_PANEL_SIDE / h)
+    if pw < MIN_PANEL_SIDE:
+        pw = w * math.ceil(MIN_PANEL_SIDE / w)
+    return ph, pw
 
 
 def _metric_lines(psnr: Optional[float], ssim: Optional[float], energy: float) -> Tuple[str, str]:

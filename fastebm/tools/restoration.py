@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 import numpy as np
 import torch
 
-from ..corrupt import IMAGENET_MEAN, IMAGENET_STD, pixels_to_unit, prepare_batch
+from ..corrupt import DEFAULT_PARAMS, IMAGENET_MEAN, IMAGENET_STD, pixels_to_unit, prepare_batch
 from ..corrupt.reference import normalise
 from ..data.folder import UnreadableImage
 from ..eval.psnr import region_psnr, to_unit_range
@@ -82,9 +82,12 @@ class RestorationResult:
 
 def task_params(task: str, mask_ratio: Optional[float] = None, sr_factor: Optional[int] = None,
                 sigma: Optional[float] = None) -> Dict[str, Dict]:
-    """``prepare_batch`` parameters of ``task``; None keeps the training default (mim 0.6, sr x4, sigma 0.2)."""
+    """``prepare_batch`` parameters of ``task``, every one with its effective value: the given one, or
+    for None the training default (``fastebm.corrupt.DEFAULT_PARAMS``: mim ratio 0.6, sort ratio 0.25,
+    sr factor 4, denoise sigma 0.2; colorize has none). Parameters of other tasks are ignored here
+    (the CLI refuses them)."""
     given = {"mim": {"ratio": mask_ratio}, "sr": {"factor": sr_factor}, "denoise": {"sigma": sigma}}.get(task, {})
-    return {task: {k: v for k, v in given.items() if v is not None}}
+    return {task: {**DEFAULT_PARAMS.get(task, {}), **{k: v for k, v in given.items() if v is not None}}}
 
 
 def check_task(objective, task: str, params: Dict[str, Dict]) -> int:
@@ -109,6 +112,22 @@ def check_task(objective, task: str, params: Dict[str, Dict]) -> int:
     except ValueError as exc:
         raise ToolInputError(f"--task {task} on the model's {tile[0]}x{tile[1]} input: {exc}") from None
     return {"mim": patch, "sort": patch, "sr": params.get("sr", {}).get("factor", 4)}.get(task, 1)
+
+
+def effective_overlap(objective, task: Optional[str], params: Dict[str, Dict], overlap: Optional[int] = None) -> int:
+    """The tile overlap in px a restoration with ``task`` (None: already corrupted) uses: ``overlap``
+    checked, or the default (a quarter of the tile, a multiple of the tiling unit). Raises
+    ToolInputError for a task that does not fit the model or a bad overlap."""
+    tile = model_geometry(objective)[0]
+    unit = _tiling_unit(objective, task, params)
+    return default_overlap(tile, unit) if overlap is None else check_overlap(overlap, tile, unit)
+
+
+def _tiling_unit(objective, task: Optional[str], params: Dict[str, Dict]) -> int:
+    """What tile positions and padding are multiples of: the task's unit and the model's patch side."""
+    unit = check_task(objective, task, params) if task is not None else 1
+    patch = model_geometry(objective)[1]
+    return unit * patch // math.gcd(unit, patch)  # keep tiles on the model's patch grid too
 
 
 def _as_uint8(image) -> torch.Tensor:
@@ -234,9 +253,8 @@ def iter_restorations(objective, items: Sequence[ImageItem], task: Optional[str]
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ToolInputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     params = params or (task_params(task) if task else {})
-    unit = check_task(objective, task, params) if task is not None else 1
-    tile, patch = model_geometry(objective)
-    unit = unit * patch // math.gcd(unit, patch)  # keep tiles on the model's patch grid too
+    unit = _tiling_unit(objective, task, params)
+    tile = model_geometry(objective)[0]
     overlap = default_overlap(tile, unit) if overlap is None else check_overlap(overlap, tile, unit)
     device = next(objective.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -325,24 +343,60 @@ def _objective(model, device):
     return model
 
 
-def summarise(results: Iterable) -> Dict[str, Optional[float]]:
-    """Means over images of each metric that exists (``None`` when no image has it).
+SUMMARY_KEYS = ("psnr_corrupted", "psnr_restored", "ssim_corrupted", "ssim_restored")
+
+
+# Why an image is left out of the means (``summarise``'s ``left_out`` keys) -> how to say it of n images.
+LEFT_OUT = {
+    "no_reference": "{n} image{s} without a clean reference",
+    "empty_region": "{n} image{s} without pixels in the task's region",
+    "grey": "{n} grey image{s} with nothing to colorize",
+    "unchanged": "{n} image{s} the task left unchanged",
+    "no_ssim": "{n} image{s} under 3 px on a side (no SSIM)",
+}
+
+
+def left_out_reason(m: Dict) -> Optional[str]:
+    """Why an image (its metrics as a dict, with ``task``) is not in the means (a :data:`LEFT_OUT`
+    key), or None."""
+    if m.get("psnr_restored") is None:
+        return "no_reference" if m.get("task") in (None, "already_corrupted") else "empty_region"
+    if m.get("psnr_corrupted") is None:
+        return "grey" if m.get("task") == "colorize" else "unchanged"
+    if m.get("ssim_corrupted") is None or m.get("ssim_restored") is None:
+        return "no_ssim"
+    return None
+
+
+def left_out_text(left_out: Dict[str, int]) -> str:
+    """``1 grey image with nothing to colorize, 2 images ...`` for ``summarise``'s ``left_out``."""
+    return ", ".join(LEFT_OUT[k].format(n=n, s="" if n == 1 else "s") for k, n in left_out.items())
+
+
+def summarise(results: Iterable) -> Dict:
+    """Means over images of PSNR (corrupted, restored, gain) and SSIM (corrupted, restored).
 
     ``results``: RestorationResults or dicts with the keys ``psnr_corrupted``, ``psnr_restored``,
-    ``ssim_corrupted``, ``ssim_restored`` (None where missing). PSNR means (and the mean gain) are over
-    the images that have both PSNRs.
+    ``ssim_corrupted``, ``ssim_restored`` (None where missing) and optionally ``task``. Every mean
+    is over the same images: those that have all four metrics (``images_in_mean`` of ``images``);
+    ``left_out`` counts the others per reason (a :data:`LEFT_OUT` key: e.g. ``grey``, a grey image
+    under ``colorize`` has no corrupted PSNR; ``no_ssim``, an image under 3 px has no SSIM). A mean is None when no
+    image has every metric. ``images_with_psnr`` counts the images that have both PSNRs.
     """
-    keys = ("psnr_corrupted", "psnr_restored", "ssim_corrupted", "ssim_restored")
-    values = {k: [] for k in keys + ("psnr_gain",)}
+    values = {k: [] for k in SUMMARY_KEYS + ("psnr_gain",)}
+    left_out: Dict[str, int] = {}
+    total = with_psnr = 0
     for r in results:
-        m = r if isinstance(r, dict) else {k: getattr(r, k) for k in keys}
-        if m["psnr_corrupted"] is not None and m["psnr_restored"] is not None:
-            values["psnr_corrupted"].append(m["psnr_corrupted"])
-            values["psnr_restored"].append(m["psnr_restored"])
-            values["psnr_gain"].append(m["psnr_restored"] - m["psnr_corrupted"])
-        for k in ("ssim_corrupted", "ssim_restored"):
-            if m[k] is not None:
-                values[k].append(m[k])
-    out = {k: (float(np.mean(v)) if v else None) for k, v in values.items()}
-    out["images_with_psnr"] = len(values["psnr_gain"])
+        m = dict(r) if isinstance(r, dict) else {k: getattr(r, k) for k in SUMMARY_KEYS + ("task",)}
+        total += 1
+        with_psnr += m["psnr_corrupted"] is not None and m["psnr_restored"] is not None
+        reason = left_out_reason(m)
+        if reason is not None:
+            left_out[reason] = left_out.get(reason, 0) + 1
+            continue
+        for k in SUMMARY_KEYS:
+            values[k].append(m[k])
+        values["psnr_gain"].append(m["psnr_restored"] - m["psnr_corrupted"])
+    out: Dict = {k: (float(np.mean(v)) if v else None) for k, v in values.items()}
+    out.update(images=total, images_in_mean=len(values["psnr_gain"]), images_with_psnr=with_psnr, left_out=left_out)
     return out

@@ -61,7 +61,7 @@ def build_data(cfg: TrainConfig, img_size: int) -> Union[BuiltinDemoData, ImageF
     """The built-in demo data without ``--data``, else the image folder (DataError if unusable)."""
     if cfg.data is None:
         return BuiltinDemoData(img_size, cfg.seed)
-    source = ImageFolderData(cfg.data, img_size, cfg.seed)
+    source = ImageFolderData(cfg.data, img_size, cfg.seed, exclude=cfg.output_dir)  # a run's own pictures are never data
     source.check_readable()
     return source
 
