@@ -11,11 +11,11 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Callable, Iterable, Optional
 
 from .errors import OutputError
 
-__all__ = ["atomic_write", "fsync_dir", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_safe", "new_file_mode",
+__all__ = ["atomic_write", "fsync_dir", "remove_files", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "json_safe", "new_file_mode",
            "current_umask"]
 
 
@@ -31,6 +31,21 @@ def fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_files(paths: Iterable[str], flag: str = "--overwrite") -> int:
+    """Deletes ``paths`` (a missing one is skipped) for ``flag``; returns how many were deleted.
+    Raises OutputError naming the first file that cannot be deleted."""
+    removed = 0
+    for path in paths:
+        try:
+            os.unlink(path)
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(f"{flag}: cannot delete {path}: {exc.strerror or exc}") from None
+    return removed
 
 
 def current_umask() -> int:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from .. import files
-from ..errors import OutputError
 from .errors import ToolInputError
 
 log = logging.getLogger(__name__)
@@ -102,15 +101,7 @@ def check_earlier_outputs(out: str, outputs: ToolOutputs, overwrite: bool, flag:
 def remove_outputs(out: str, paths: List[str], outputs: ToolOutputs) -> int:
     """Deletes ``paths`` (from :func:`check_earlier_outputs`) and the per-image folders left empty;
     logs and returns the count. Raises OutputError naming a file that cannot be deleted."""
-    removed = 0
-    for path in paths:
-        try:
-            os.unlink(path)
-            removed += 1
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise OutputError(f"--overwrite: cannot delete {path}: {exc.strerror or exc}") from None
+    removed = files.remove_files(paths)
     for folder in outputs.folders:
         try:
             os.rmdir(os.path.join(out, folder))  # only when empty: other files stay

@@ -20,6 +20,7 @@ from typing import List, Optional
 from .. import distributed
 from ..checkpoint import LAST, PREVIOUS
 from ..errors import FastEBMError, OutputError, UsageError
+from ..files import remove_files
 from .checkpoint import EPOCH_CHECKPOINT
 from .config import TrainConfig
 
@@ -103,14 +104,6 @@ def prepare_output_dir(cfg: TrainConfig) -> None:
     paths += glob.glob(os.path.join(glob.escape(cfg.output_dir), EPOCH_CHECKPOINT.format(epoch="*")))
     paths += glob.glob(os.path.join(glob.escape(cfg.output_dir), "tb", "events.out.tfevents.*"))
     paths += glob.glob(os.path.join(glob.escape(cfg.output_dir), LAST + ".damaged*"))  # set aside by a fallback resume
-    removed = 0
-    for path in paths:
-        try:
-            os.unlink(path)
-            removed += 1
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise OutputError(f"--overwrite: cannot delete {path}: {exc.strerror or exc}") from None
+    removed = remove_files(paths)
     if removed:
         log.info(f"--overwrite: deleted {removed} file(s) of the earlier run in {cfg.output_dir}")
