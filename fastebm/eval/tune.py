@@ -23,17 +23,22 @@ step; the run resumes after the last saved epoch.
 
 A resume continues the same run or none (:func:`resume_changes`): a setting that changes what the
 run computes (the backbone, by the SHA-256 of its weights; ``--init``, ``--few_shot``, ``--seed``,
-the data and its image counts, ``--model``/``--img_size``, the recipe, ``--epochs`` and every
-optimisation or augmentation flag; the number of processes) that differs from the checkpoint's is
-refused before anything is written. Only ``_RESUME_QUIET`` and ``_RESUME_WARN`` may change; the
-latter are printed as a warning and listed in ``summary.json``'s ``resumes``.
+the data and its image counts, ``--model``/``--img_size``, the recipe, ``--epochs``, ``--num_workers``
+(the workers draw the augmentation) and every optimisation or augmentation flag; the number of
+processes) that differs from the checkpoint's is refused before anything is written; ``--model``,
+``--img_size``, ``--num_workers``, the lr, ``--device`` and ``--precision`` are compared as they
+resolved (``run_identity``'s ``resolved``). Only ``_RESUME_QUIET`` and ``_RESUME_WARN`` may change; the
+latter are printed as a warning and listed in ``summary.json``'s ``resumes``. A resume with nothing
+left to train warns and writes nothing.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -43,12 +48,12 @@ from ..checkpoint import pickled_objects, atomic_torch_save
 from ..errors import TrainingDiverged, UsageError
 from ..runlog import MetricsLogger
 from ..signals import StopRequest
-from .backbone import eval_size, resolve_backbone, weights_fingerprint
+from .backbone import eval_size, pretrain_img_size, resolve_backbone, weights_fingerprint
 from .config import to_dict
 from .datasets import load_eval_data, make_transforms, with_transform
 from .probe import fit_probe_head
 from .recipes import resolve_blr, resolve_crop, resolve_schedule
-from .runio import (EpochShuffle, ShardSampler, base_summary, finish, loader, num_workers, plot_curves,
+from .runio import (SUMMARY_FILE, EpochShuffle, ShardSampler, base_summary, finish, loader, num_workers, plot_curves,
                     prepare_output_dir, seed_epoch, start_run, sum_over_ranks, what_line)
 from .timm_vit import build_classifier, check_img_size
 
@@ -60,10 +65,15 @@ PLOT_FILE = "accuracy.png"
 # Settings a resume may change. Quiet: where the run stops, writes and waits; nothing it computes.
 _RESUME_QUIET = {"resume", "max_epochs", "output_dir", "dist_timeout", "save_ckpt"}
 # With a warning (and a record in summary.json's "resumes"): how the same run is computed and checked
-# (hardware, arithmetic, loader processes, validation cadence), not what it measures. Any other setting
-# that differs is refused.
-_RESUME_WARN = {"num_workers", "device", "precision", "eval_every"}
+# (hardware, arithmetic, validation cadence), not what it measures. Any other setting that differs is
+# refused, --num_workers included: each loader process draws its own augmentation, so the worker count
+# changes the images a run trains on (and its result).
+_RESUME_WARN = {"device", "precision", "eval_every"}
 _PATH_KEYS = ("ckpt", "data", "train_dir", "val_dir")  # the same place spelled differently is the same setting
+# Flags compared as the values they resolve to (run_identity's "resolved"), not as given: --model vit_demo
+# and no --model are the same run when the backbone is a vit_demo; --lr 2.5e-4 and the --blr that gives it too.
+_RESOLVED = {"model": "--model", "img_size": "--img_size", "lr": "lr (--blr/--lr)", "num_workers": "--num_workers"}
+_RESOLVED_RAW = {"blr"}
 
 
 def _check_batches(cfg, n_train: int, world: int) -> None:
@@ -75,15 +85,51 @@ def _check_batches(cfg, n_train: int, world: int) -> None:
                          f"{cfg.batch_size} x accum_iter {cfg.accum_iter} x {world} process(es)); lower --batch_size")
 
 
+def _lr(cfg, world: int) -> float:
+    """The peak lr a run uses: --lr, else blr * effective batch / 256 (after :func:`resolve_blr`)."""
+    return float(cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size * cfg.accum_iter * world / 256)
+
+
 def run_identity(run, cfg, bb, data) -> Dict[str, Any]:
     """What a fine-tuning run's checkpoint records beside its config, so that a resume can tell the same run
-    from another: the backbone weights' SHA-256, the absolute paths of its inputs, the image counts, the
-    number of processes and the device type and arithmetic actually used (``auto`` resolved)."""
+    from another: the backbone weights' SHA-256, the real paths of its inputs (symlinks resolved), the image
+    counts, the number of processes, the device type and arithmetic actually used (``auto`` resolved), and
+    under ``resolved`` the values the flags resolved to (model preset, evaluation size, peak lr, loader
+    processes, device, arithmetic). ``_defaults`` (not saved) holds what an unset flag resolves to here, to
+    compare a checkpoint written before ``resolved`` existed."""
+    arith = "bf16" if run.autocast is not None else "fp32"
+    random_init = cfg.init is not None
     return {"backbone_sha256": weights_fingerprint(bb.state),
-            "abspaths": {k: os.path.abspath(getattr(cfg, k)) for k in _PATH_KEYS if getattr(cfg, k) is not None},
+            "abspaths": {k: os.path.realpath(getattr(cfg, k)) for k in _PATH_KEYS if getattr(cfg, k) is not None},
             "data_size": {"train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes},
             "world_size": run.world,
-            "compute": f"{run.device.type}, {'bf16' if run.autocast is not None else 'fp32'}"}
+            "compute": f"{run.device.type}, {arith}",
+            "resolved": {"model": bb.preset, "img_size": eval_size(cfg, bb), "lr": _lr(cfg, run.world),
+                         "num_workers": num_workers(cfg, data.kind), "device": str(run.device), "precision": arith},
+            "_defaults": {"model": "vit_demo" if random_init else bb.preset,
+                          "img_size": pretrain_img_size(bb.preset) if random_init and bb.preset else bb.eval_img_size,
+                          "num_workers": num_workers(SimpleNamespace(num_workers=None), data.kind)}}
+
+
+def _same(old, new) -> bool:
+    if isinstance(old, float) or isinstance(new, float):
+        return old is not None and new is not None and math.isclose(old, new, rel_tol=1e-9, abs_tol=0.0)
+    return old == new
+
+
+def _old_resolved(state: Dict[str, Any], identity: Dict[str, Any]) -> Dict[str, Any]:
+    """What a checkpoint's flags resolved to: its record, or for one written before the record, its config
+    with each unset flag filled as it resolves here (the backbone itself is compared separately)."""
+    if state.get("resolved"):
+        return state["resolved"]
+    old, defaults = state["config"], identity.get("_defaults") or {}
+    lr = old.get("lr")
+    if lr is None and old.get("blr") is not None:
+        lr = old["blr"] * old.get("batch_size", 1) * old.get("accum_iter", 1) * (state.get("world_size") or 1) / 256
+    return {"model": old.get("model") if old.get("model") is not None else defaults.get("model"),
+            "img_size": old.get("img_size") if old.get("img_size") is not None else defaults.get("img_size"),
+            "lr": lr,
+            "num_workers": old.get("num_workers") if old.get("num_workers") is not None else defaults.get("num_workers")}
 
 
 def resume_changes(state: Dict[str, Any], cfg, identity: Dict[str, Any]) -> Tuple[Dict[str, str], Dict[str, list]]:
@@ -97,11 +143,26 @@ def resume_changes(state: Dict[str, Any], cfg, identity: Dict[str, Any]) -> Tupl
     old_sha, new_sha = state.get("backbone_sha256"), identity["backbone_sha256"]
     refused: Dict[str, str] = {}
     allowed: Dict[str, list] = {}
+    resolved_old, resolved_new = _old_resolved(state, identity), identity["resolved"]
+    recorded = bool(state.get("resolved"))
     for key, old in old_cfg.items():
         if key not in new_cfg or key in _RESUME_QUIET:
             continue
+        if key in _RESOLVED:  # compared as resolved, not as given (blr: through the lr it gives)
+            a, b = resolved_old.get(key), resolved_new.get(key)
+            if not _same(a, b):
+                refused[_RESOLVED[key]] = f"{a:.6g} -> {b:.6g}" if key == "lr" and a is not None else f"{a!r} -> {b!r}"
+            continue
+        if key in _RESOLVED_RAW:
+            continue
+        if recorded and key in ("device", "precision"):  # warned about as resolved: auto -> cpu is no change
+            if resolved_old.get(key) != resolved_new.get(key):
+                allowed[key] = [resolved_old.get(key), resolved_new.get(key)]
+            continue
         new = new_cfg[key]
-        same_place = key in _PATH_KEYS and new is not None and old_paths.get(key) == os.path.abspath(new)
+        old_place = old_paths.get(key)  # realpath; an older record holds an abspath: resolve its symlinks now
+        same_place = (key in _PATH_KEYS and new is not None and old_place is not None
+                      and os.path.realpath(old_place) == os.path.realpath(new))
         if new == old or same_place:
             continue
         if key == "ckpt" and old is not None and new is not None and old_sha is not None:
@@ -112,17 +173,20 @@ def resume_changes(state: Dict[str, Any], cfg, identity: Dict[str, Any]) -> Tupl
             refused[f"--{key}"] = f"{old!r} -> {new!r}"
     if old_cfg.get("ckpt") is not None and cfg.ckpt is not None and old_sha is not None:
         if old_sha != new_sha:
+            same_path = (old_cfg["ckpt"] == cfg.ckpt
+                         or (old_paths.get("ckpt") is not None and os.path.realpath(old_paths["ckpt"]) == os.path.realpath(cfg.ckpt)))
             moved = "" if old_cfg["ckpt"] == cfg.ckpt else f"{old_cfg['ckpt']!r} -> "
+            why = "; overwritten by further training?" if same_path else ""
             refused["--ckpt"] = (f"{moved}{cfg.ckpt!r} holds other weights than the run started from "
-                                 f"(sha256 {old_sha[:12]} -> {new_sha[:12]}; overwritten by further training?)")
-        elif old_cfg["ckpt"] != cfg.ckpt and old_paths.get("ckpt") != os.path.abspath(cfg.ckpt):
+                                 f"(sha256 {old_sha[:12]} -> {new_sha[:12]}{why})")
+        elif old_cfg["ckpt"] != cfg.ckpt and os.path.realpath(old_paths.get("ckpt") or old_cfg["ckpt"]) != os.path.realpath(cfg.ckpt):
             allowed["ckpt"] = [old_cfg["ckpt"], cfg.ckpt]  # another file with the same weights
     old_size, new_size = state.get("data_size"), identity["data_size"]
     if old_size and old_size != new_size and not any(f"--{k}" in refused for k in ("data", "train_dir", "val_dir", "few_shot")):
         def size(d):
             return f"{d['train_images']} train / {d['val_images']} val images in {d['num_classes']} classes"
         refused["the data"] = f"{size(old_size)} -> {size(new_size)}"
-    if state.get("compute") not in (None, identity["compute"]):
+    if not recorded and state.get("compute") not in (None, identity["compute"]):
         allowed["compute"] = [state["compute"], identity["compute"]]  # e.g. --device auto on another machine
     old_world = state.get("world_size")
     if old_world is not None and old_world != identity["world_size"]:
@@ -149,7 +213,9 @@ def _load_resume(cfg, identity: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         if foreign:
             raise UsageError(f"--resume {path} is not a fastebm-eval fine-tuning checkpoint (it holds pickled objects: "
                              f"{', '.join(foreign[:5])}); give the checkpoint.pt of a fastebm-eval finetune run") from None
-        raise UsageError(f"--resume {path} cannot be read ({str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__})") from None
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--resume {path} is unreadable, truncated or corrupt ({reason}); delete it to start the run "
+                         f"over in {cfg.output_dir}, or give another --output_dir") from None
     if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
         raise UsageError(f"--resume {path} is not a fastebm-eval fine-tuning checkpoint")
     recorded = state["config"].get("recipe")  # None: a checkpoint from before --recipe
@@ -164,6 +230,10 @@ def _load_resume(cfg, identity: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         raise UsageError(f"--resume {path}: refusing to continue that run with changed settings ({pretty}): they change "
                          f"what it measures; give the same flags to continue it, or a new --output_dir to start "
                          f"another run{hint}")
+    state["path"] = path
+    if _nothing_to_train(cfg, state):
+        state["nothing_to_train"] = True
+        return state
     if allowed:
         pretty = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in allowed.items())
         log.warning(f"resuming {path} with changed settings ({pretty}); allowed, as they do not change what the run "
@@ -249,7 +319,8 @@ class _Trainer:
         return {"format": CKPT_FORMAT, "version": 1, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "ema": self.ema.module.state_dict() if self.ema else None,
                 "epoch": epoch, "updates": self.updates, "history": history, "config": to_dict(self.cfg),
-                "probe": self.probe, **self.identity, "resumes": self.resumes}
+                "probe": self.probe, **{k: v for k, v in self.identity.items() if not k.startswith("_")},
+                "resumes": self.resumes}
 
     def load(self, state: Dict[str, Any]) -> None:
         try:
@@ -323,6 +394,8 @@ def run_finetune(cfg) -> Dict[str, Any]:
         resolve_blr(cfg, len(data.train), data.num_classes)
         identity = run_identity(run, cfg, bb, data)
         resume = _load_resume(cfg, identity)  # every input is checked before anything is written
+        if resume is not None and resume.get("nothing_to_train"):
+            return _untouched_summary(cfg, resume)
         prepare_output_dir(run, cfg.output_dir)
         model = build_classifier(bb, data.num_classes, img_size=img_size, global_pool=cfg.global_pool,
                                  drop_path_rate=cfg.drop_path, head_init_std=cfg.head_init_std, seed=cfg.seed).to(run.device)
@@ -346,6 +419,33 @@ def run_finetune(cfg) -> Dict[str, Any]:
         return _finish(run, cfg, bb, data, history, status, trainer)
     finally:
         run.close()
+
+
+def _nothing_to_train(cfg, resume: Dict[str, Any]) -> bool:
+    """Warns (one line, like fastebm-train) when the checkpoint is at or past where this run would stop."""
+    stop_at = cfg.epochs if cfg.max_epochs is None else cfg.max_epochs
+    epoch = int(resume["epoch"])
+    if epoch < stop_at:
+        return False
+    head = f"nothing to train: {resume['path']} is at epoch {epoch}"
+    if epoch < cfg.epochs:
+        log.warning(f"{head} and --max_epochs is {cfg.max_epochs} (the run has --epochs {cfg.epochs}); the files are "
+                    f"left as they are. To train further, resume with a larger --max_epochs (at most --epochs)")
+    else:
+        log.warning(f"{head}, the end of the run (--epochs {cfg.epochs}); the files are left as they are. To train "
+                    f"longer, start a new run with a larger --epochs in another --output_dir")
+    return True
+
+
+def _untouched_summary(cfg, resume: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's summary.json as it is (nothing is written), or the checkpoint's record when there is none."""
+    try:
+        with open(os.path.join(cfg.output_dir, SUMMARY_FILE)) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        history = resume.get("history") or []
+        return {"status": "nothing_to_train", "epochs_done": int(resume["epoch"]), "history": history,
+                "checkpoint": resume["path"], "config": resume["config"]}
 
 
 def _init_head(run, cfg, model, train_ds, val_ds, workers) -> Optional[Dict[str, Any]]:
