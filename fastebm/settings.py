@@ -146,8 +146,26 @@ def _value_hint(cls: type, f: dataclasses.Field) -> str:
 
 def _whole_number(value: Any, where: str) -> Any:
     """A YAML or Python value of an int setting: an integral float (``4.0``) becomes the int, a bool or a
-    non-integral number is a UsageError ``"WHERE: 3.5 is not a whole number; ..."``; anything else is
-    returned for the converter (``int("3")``; a string such as ``"3.5"`` fails there)."""
+    non-integral number is a UsageError ``"WHERE: 3.5 is not a whole number; ..."``. A string of a
+    float (PyYAML reads ``1e3`` as the string '1e3') is a UsageError too: ``"WHERE: '1e3' is 1000
+    written as a float; write 1000"``, or the whole-number error when it is not integral. Anything
+    else is returned for the converter (``int("3")``)."""
+    if isinstance(value, str):
+        try:
+            int(value)
+            return value
+        except ValueError:
+            pass
+        try:
+            number = float(value)
+        except ValueError:
+            return value  # not a number at all: the converter's "invalid value"
+        if number != number or number in (float("inf"), float("-inf")):
+            raise UsageError(f"{where}: {value!r} is not a whole number; give an integer")
+        if not number.is_integer():
+            lo = math.floor(number)
+            raise UsageError(f"{where}: {value!r} is not a whole number; give an integer such as {lo} or {lo + 1}")
+        raise UsageError(f"{where}: {value!r} is {int(number)} written as a float; write {int(number)}")
     if isinstance(value, bool):
         raise UsageError(f"{where}: {str(value).lower()} is not a whole number; give an integer such as 1 or 2 "
                          f"(true/false suits only on/off settings)")
@@ -166,7 +184,8 @@ def coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
     value for a list field becomes a one-item list); UsageError ``"WHERE: ..."`` otherwise.
 
     An int setting takes ints, integral floats (``4.0`` -> 4) and strings of ints; a bool, a
-    non-integral number (``3.5``) or a non-finite one is an error, never truncated."""
+    non-integral number (``3.5``), a non-finite one or a string of a float (YAML ``1e3``) is an
+    error, never truncated."""
     listed = is_list(cls, f)
     if (value is None and (listed or not _base_type(cls, f)[1])) or (
             listed and isinstance(value, (list, tuple)) and any(v is None for v in value)):
@@ -243,16 +262,18 @@ def read_config_file(path: str, cls: type, aliases: Mapping[str, str] = types.Ma
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out: Dict[str, Any] = {}
     spelled: Dict[str, str] = {}
-    for key, value in read_yaml_mapping(path).items():
-        key = str(key).replace("-", "_")
+    for written, value in read_yaml_mapping(path).items():
+        written = str(written)
+        key = written.replace("-", "_")
         name = aliases.get(key, key)
         if name not in fields:
-            raise UsageError(f"config file {path!r} has unknown key {key!r}; keys are flag names such as batch_size")
-        if name in out:
-            raise UsageError(f"config file {path!r} gives {name} twice (as {spelled[name]} and {key}); keep one")
+            raise UsageError(f"config file {path!r} has unknown key {written!r}; keys are flag names such as "
+                             f"batch_size")
+        if name in out:  # named as written: "as batch_size and batch-size"
+            raise UsageError(f"config file {path!r} gives {name} twice (as {spelled[name]} and {written}); keep one")
         if key in aliases and on_alias is not None:
             on_alias(key)
-        out[name], spelled[name] = coerce(cls, fields[name], value, f"config key {key}"), key
+        out[name], spelled[name] = coerce(cls, fields[name], value, f"config key {key}"), written
     return out
 
 

@@ -28,6 +28,35 @@ def test_fractions_in_int_settings_are_errors(tmp_path, text, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("text, message", [
+    # PyYAML reads 1e3 (no dot) as the string '1e3': named as a float, never a bare "invalid value"
+    ("max_steps: 1e3\n", "config key max_steps: '1e3' is 1000 written as a float; write 1000"),
+    ("batch_size: 8e0\n", "config key batch_size: '8e0' is 8 written as a float; write 8"),
+    ("max_steps: '1000.0'\n", "config key max_steps: '1000.0' is 1000 written as a float; write 1000"),
+    ("max_steps: 25e-1\n", "config key max_steps: '25e-1' is not a whole number; give an integer such as 2 or 3"),
+    ("batch_size: 'inf'\n", "config key batch_size: 'inf' is not a whole number; give an integer"),
+])
+def test_float_strings_in_int_settings_name_the_whole_number(tmp_path, text, message):
+    with pytest.raises(UsageError) as info:
+        _train(tmp_path, text)
+    assert str(info.value) == message
+
+
+def test_int_strings_and_non_numbers_in_int_settings(tmp_path):
+    assert _train(tmp_path, "batch_size: '6'\n").batch_size == 6
+    with pytest.raises(UsageError, match=r"^config key batch_size: invalid value 'six'$"):
+        _train(tmp_path, "batch_size: six\n")
+
+
+def test_a_setting_given_in_two_spellings_names_the_keys_as_written(tmp_path):
+    with pytest.raises(UsageError) as info:
+        _train(tmp_path, "batch_size: 4\nbatch-size: 8\n")
+    assert str(info.value).endswith("gives batch_size twice (as batch_size and batch-size); keep one")
+    with pytest.raises(UsageError) as info:
+        _train(tmp_path, "batch-size: 4\nbatch_size: 8\n")
+    assert str(info.value).endswith("gives batch_size twice (as batch-size and batch_size); keep one")
+
+
 def test_whole_floats_are_taken_as_ints_and_floats_stay_floats(tmp_path):
     cfg = _train(tmp_path, "batch_size: 4.0\nmax_steps: 3.0\nblr: 1\nmask_ratio: 0.5\n")
     assert cfg.batch_size == 4 and type(cfg.batch_size) is int

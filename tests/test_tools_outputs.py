@@ -125,8 +125,17 @@ def test_training_folder_data_leaves_out_its_output_dir(tmp_path):
     assert not any("run" in p for p in source.paths)
     outside = ImageFolderData(data, 8, 0, exclude=str(tmp_path / "elsewhere"))  # not inside: no effect
     assert len(outside) == 6 and outside.excluded == 0
+    only = tmp_path / "only3"
+    _images(only / "run", [(12, 12)])
     with pytest.raises(DataError, match="only under --output_dir"):
-        ImageFolderData(str(run), 8, 0, exclude=str(run))
+        ImageFolderData(str(only), 8, 0, exclude=str(only / "run"))
+    # --output_dir IS the data folder: the user's images are not "a run's own outputs"
+    for same in (data, os.path.join(data, "cats", ".."), data + os.sep):
+        with pytest.raises(DataError) as err:
+            ImageFolderData(data, 8, 0, exclude=same)
+        assert str(err.value) == (f"--data: --output_dir {same!r} is the data folder itself; give an --output_dir "
+                                  f"outside --data (a run's own pictures would become training data)")
+        assert "skipped" not in str(err.value)
     # fastebm-train's own data builder passes its --output_dir
     from fastebm.train.build import build_data
     from fastebm.train.config import TrainConfig
@@ -191,6 +200,97 @@ def test_score_refuses_earlier_outputs_and_overwrite_drops_the_stale_table(tmp_p
     assert json.loads((out / "ood.json").read_text())["metrics"] == []
 
 
+def test_restore_overwrite_deletes_only_the_files_results_json_lists(tmp_path, ckpt, capsys):
+    images = _images(tmp_path / "a", [(16, 16), (16, 16)])
+    out = tmp_path / "out"
+    code, io = _restore(capsys, ["--ckpt", ckpt, images, "-o", str(out)])
+    assert code == 0, io.err
+    # a user's own files that look like per-image outputs but are not listed in results.json
+    (out / "strips" / "9999_custom.png").write_bytes(b"mine")
+    (out / "restored" / "0005_other.png").write_bytes(b"mine too")
+    code, io = _restore(capsys, ["--ckpt", ckpt, images, "-o", str(out)])
+    line = _one_error_line(io, "fastebm-restore")
+    assert code == 2 and "strips/ (2 files)" in line and "restored/ (2 files)" in line  # only the listed ones
+    code, io = _restore(capsys, ["--ckpt", ckpt, os.path.join(images, "img0.png"), "-o", str(out), "--overwrite"])
+    assert code == 0, io.err
+    assert sorted(os.listdir(out / "strips")) == ["0000_img0.png", "9999_custom.png"]
+    assert sorted(os.listdir(out / "restored")) == ["0000_img0.png", "0005_other.png"]
+    assert (out / "strips" / "9999_custom.png").read_bytes() == b"mine"
+    # no readable results.json: the name pattern decides (the listed strip survives only if named otherwise)
+    (out / "results.json").write_text("{not json")
+    code, io = _restore(capsys, ["--ckpt", ckpt, os.path.join(images, "img1.png"), "-o", str(out), "--overwrite"])
+    assert code == 0, io.err
+    assert sorted(os.listdir(out / "strips")) == ["0000_img1.png"]
+    # a listed path outside strips/ and restored/ is never deleted
+    summary = json.loads((out / "results.json").read_text())
+    summary["images"][0]["strip"] = "../victim.png"
+    (out / "results.json").write_text(json.dumps(summary))
+    (tmp_path / "victim.png").write_bytes(b"keep")
+    code, io = _restore(capsys, ["--ckpt", ckpt, os.path.join(images, "img0.png"), "-o", str(out), "--overwrite"])
+    assert code == 0, io.err
+    assert (tmp_path / "victim.png").read_bytes() == b"keep"
+    assert sorted(os.listdir(out / "restored")) == ["0000_img0.png"]
+
+
+# ----------------------------------------------------------------------------- nothing written on bad input
+
+def test_refused_runs_create_no_output_folder(tmp_path, ckpt, capsys):
+    images = _images(tmp_path / "imgs", [(16, 16)])
+    backbone = tmp_path / "backbone.pth"
+    torch.save({"weight": torch.zeros(2)}, str(backbone))  # an exported backbone, not a training checkpoint
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"broken")
+    (tmp_path / "empty").mkdir()
+    restore_cases = [
+        ["--ckpt", str(backbone), os.path.join(images, "img0.png")],
+        ["--ckpt", str(tmp_path / "nonexist.pt"), images],
+        ["--ckpt", ckpt, str(tmp_path / "missing.png")],
+        ["--ckpt", ckpt, str(tmp_path / "empty")],
+        ["--ckpt", ckpt, str(tmp_path / "bad")],  # every image unreadable
+        ["--ckpt", ckpt, images, "--overlap", "3"],
+        ["--ckpt", ckpt, images, "--task", "sr", "--sr_factor", "3"],
+        ["--ckpt", ckpt, images, "--resize", "--overlap", "4"],
+    ]
+    for i, argv in enumerate(restore_cases):
+        out = tmp_path / f"ro_{i}" / "nested"
+        code, io = _restore(capsys, argv + ["-o", str(out)])
+        _one_error_line(io, "fastebm-restore")
+        assert code == 2 and not (tmp_path / f"ro_{i}").exists(), (argv, io.err)
+    score_cases = [
+        ["--ckpt", str(tmp_path / "nonexist.pt"), "--in", images],
+        ["--ckpt", str(backbone), "--in", images],
+        ["--ckpt", ckpt, "--in", str(tmp_path / "empty")],
+        ["--ckpt", ckpt, "--in", str(tmp_path / "bad")],
+        ["--ckpt", ckpt, "--in", images, "--overlap", "3"],
+        ["--ckpt", ckpt, "--in", images, "--resize", "--overlap", "4"],
+    ]
+    for i, argv in enumerate(score_cases):
+        out = tmp_path / f"so_{i}"
+        code = score_cli.main(argv + ["-o", str(out)])
+        _one_error_line(capsys.readouterr(), "fastebm-score")
+        assert code == 2 and not out.exists(), argv
+
+
+@pytest.mark.parametrize("main, prog, verb, data", [(restore_cli.main, "fastebm-restore", "restores", []),
+                                                     (score_cli.main, "fastebm-score", "scores", ["--in"])])
+def test_overlap_with_resize_is_a_usage_error(tmp_path, ckpt, capsys, main, prog, verb, data):
+    images = _images(tmp_path / "imgs", [(16, 16)])
+    code = main(["--ckpt", ckpt, *data, images, "-o", str(tmp_path / "out"), "--resize", "--overlap", "4"])
+    line = _one_error_line(capsys.readouterr(), prog)
+    assert code == 2 and line == (f"{prog}: error: --overlap applies to tiling, and --resize {verb} the whole image "
+                                  f"as one tile; drop one of them")
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_records_no_overlap_with_resize(tmp_path, ckpt, capsys):
+    images = _images(tmp_path / "imgs", [(20, 24)])
+    out = tmp_path / "out"
+    assert score_cli.main(["--ckpt", ckpt, "--in", images, "-o", str(out), "--resize"]) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "ood.json").read_text())
+    assert summary["resize"] is True and summary["overlap"] is None
+
+
 # ----------------------------------------------------------------------------- flags and recorded settings
 
 @pytest.mark.parametrize("extra, owner", [(["--mask_ratio", "0.5"], "mim"),
@@ -230,10 +330,11 @@ def test_results_json_records_task_params_and_overlap_and_means_cover_the_same_i
     assert mean["psnr_per_step"][-1] == pytest.approx(rgb["psnr_restored"])
     assert "mean over 1 of 2 images (1 grey image with nothing to colorize)" in io.out
     out2 = tmp_path / "out2"
-    code, io = _restore(capsys, ["--ckpt", ckpt, images, "-o", str(out2), "--overlap", "8", "--resize"])
+    code, io = _restore(capsys, ["--ckpt", ckpt, images, "-o", str(out2), "--resize"])
     assert code == 0, io.err
     summary = json.loads((out2 / "results.json").read_text())
-    assert summary["task_params"] == {"sigma": 0.2} and summary["overlap"] == 8 and summary["resize"]
+    # --resize: one tile per image, no overlap used
+    assert summary["task_params"] == {"sigma": 0.2} and summary["overlap"] is None and summary["resize"]
     # --resize: the restored image is written at the model's size (docs/tools.md)
     row = summary["images"][0]
     assert Image.open(out2 / row["restored"]).size == (16, 16)

@@ -17,9 +17,17 @@ def add_tiling_flags(parser: argparse.ArgumentParser, batch_default: int) -> Non
                         help="resize every image to the model's resolution (bilinear, antialiased) instead of "
                              "processing it tile by tile at its own size")
     parser.add_argument("--overlap", type=int, default=None,
-                        help="tile overlap in px (a multiple of the patch side; default a quarter of the tile)")
+                        help="tile overlap in px (a multiple of the patch side; default a quarter of the tile; "
+                             "not with --resize)")
     parser.add_argument("--batch_size", type=int, default=batch_default, help="tiles per model call")
     parser.add_argument("--device", default="auto", help="auto (cuda if visible), cpu, cuda or cuda:N")
+
+
+def check_tiling_flags(args, verb: str = "restores") -> None:
+    """ToolInputError (one line) for ``--overlap`` together with ``--resize`` (one tile: no overlap)."""
+    if args.resize and args.overlap is not None:
+        raise ToolInputError(f"--overlap applies to tiling, and --resize {verb} the whole image as one tile; "
+                             "drop one of them")
 
 
 def positive(name: str, value: int, what: str) -> int:

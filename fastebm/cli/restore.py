@@ -6,10 +6,11 @@
 Writes into OUT: ``strips/NNNN_name.png`` (clean | corrupted | after each step, with PSNR, SSIM and
 energy), ``restored/NNNN_name.png`` (the final image at the input's size; with ``--resize`` at the
 model's), ``metrics.csv`` and ``results.json`` (per image PSNR/SSIM of corrupted and restored, energy
-after each step; settings incl. every task parameter and the overlap, step sizes, means, skipped
-files), ``index.html`` (contact sheet) and ``grid.png`` (the first strips). An OUT that holds an
-earlier run's outputs is refused unless ``--overwrite`` (which deletes only those files); a folder
-scan never reads OUT. Exit codes (:mod:`fastebm.cli._run`): 0 done (unreadable files are skipped
+after each step; settings incl. every task parameter and the overlap (null with ``--resize``), step sizes,
+means, skipped files), ``index.html`` (contact sheet) and ``grid.png`` (the first strips). An OUT that holds an
+earlier run's outputs is refused unless ``--overwrite`` (which deletes only those files: the strips
+and restored images its results.json lists); a folder scan never reads OUT. Nothing is written (not
+even OUT created) on bad input. Exit codes (:mod:`fastebm.cli._run`): 0 done (unreadable files are skipped
 and listed), 2 bad input (one line on stderr).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import List, Optional
 
 from ..settings import ArgumentParser, DefaultsHelpFormatter, check_seed
 from ._run import run
-from ._tools_common import add_tiling_flags, command_line, positive, skip_recorder
+from ._tools_common import add_tiling_flags, check_tiling_flags, command_line, positive, skip_recorder
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,16 @@ def check_task_flags(args) -> None:
 
 def run_tool(args, argv: Optional[List[str]] = None) -> dict:
     """The command's work; raises ToolInputError (exit 2, one line) for bad input: flags (a task
-    parameter of another task, --task with --already_corrupted, --steps/--batch_size/--grid_rows < 1),
+    parameter of another task, --task with --already_corrupted, --overlap with --resize,
+    --steps/--batch_size/--grid_rows < 1),
     an -o holding an earlier run's outputs without --overwrite, a checkpoint, images or task that
     cannot be used; OutputError when -o cannot be written."""
     from ..tools.checkpoint import load_objective
     from ..tools.descent import model_geometry, step_sizes
     from ..tools.errors import ToolInputError
     from ..tools.inputs import collect_images
-    from ..tools.output import (RESTORE_OUTPUTS, atomic_write_text, check_earlier_outputs, ensure_output_dir,
+    from ..tools.output import (RESTORE_OUTPUTS, atomic_write_text, check_earlier_outputs, check_output_dir,
+                                ensure_output_dir,
                                 remove_outputs, safe_stem, save_pil, unique_columns, write_csv, write_json)
     from ..tools.pictures import contact_sheet, grid, strip, to_pil
     from ..tools.restoration import (effective_overlap, iter_restorations, left_out_reason, resolve_device, summarise,
@@ -109,16 +112,15 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
         positive("steps", args.steps, "the number of descent steps")
     positive("batch_size", args.batch_size, "tiles per model call")
     positive("grid_rows", args.grid_rows, "strips in grid.png")
-    earlier = check_earlier_outputs(args.output_dir, RESTORE_OUTPUTS, args.overwrite)  # reads only
-    out = ensure_output_dir(args.output_dir)
+    check_tiling_flags(args, "restores")
+    # Every check reads only: -o is created after all of them have passed (nothing is written on bad input).
+    out = check_output_dir(args.output_dir)
+    earlier = check_earlier_outputs(out, RESTORE_OUTPUTS, args.overwrite)
     device = resolve_device(args.device)
     objective, config = load_objective(args.ckpt, device)
     tile, _ = model_geometry(objective)
     excluded: List[str] = []
     items = collect_images(args.images, img_size=tile[0], exclude=out, excluded=excluded)
-    if excluded:
-        log.warning(f"skipped {len(excluded)} image file(s) under the output folder {out} (it lies inside an input "
-                    f"folder; earlier outputs are never read as input)")
     _check_inputs_survive(items, earlier)
     task = None if args.already_corrupted else (args.task or "denoise")
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else config.get("mask_ratio")
@@ -126,6 +128,9 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
     overlap = effective_overlap(objective, task, params, args.overlap)  # checks the task and the overlap
     steps = args.steps or objective.steps
     step_sizes(objective, steps)  # checks steps
+    if excluded:
+        log.warning(f"skipped {len(excluded)} image file(s) under the output folder {out} (it lies inside an input "
+                    f"folder; earlier outputs are never read as input)")
     skipped: List[dict] = []
     on_skip = skip_recorder(skipped)
 
@@ -136,6 +141,7 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
     if first is None:
         raise ToolInputError(f"none of the {len(items)} image(s) could be read (e.g. {skipped[0]['path']}: "
                              f"{skipped[0]['reason']})")
+    out = ensure_output_dir(out)
     remove_outputs(out, earlier, RESTORE_OUTPUTS)
     rows, strips, used = [], [], set()
     for result in itertools.chain([first], results):
@@ -158,7 +164,7 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
         "trained_steps": objective.steps, "steps": steps,
         "step_sizes": [float(a) for a in step_sizes(objective, steps)],
         "task": task or "already_corrupted", "task_params": params.get(task, {}) if task else {},
-        "seed": args.seed, "resize": args.resize, "overlap": overlap, "batch_size": args.batch_size,
+        "seed": args.seed, "resize": args.resize, "overlap": None if args.resize else overlap, "batch_size": args.batch_size,
         "device": str(device), "mean": mean, "images": rows, "skipped": skipped,
         "excluded_outputs": len(excluded),
     }

@@ -9,7 +9,8 @@ random-initialised model of the same architecture (``--seed``). Writes into OUT:
 (model, set, role, path, energy[, energy_after_k]), ``ood.json`` and ``ood.md`` (AUROC, AUPR-in,
 AUPR-out, FPR at 95 % TPR per model, score and out-set; score = -energy, in-distribution positive)
 and ``energy_hist.png``. An OUT that holds an earlier run's outputs is refused unless ``--overwrite``
-(which deletes only those files); a folder scan never reads OUT. Exit codes (:mod:`fastebm.cli._run`):
+(which deletes only those files); a folder scan never reads OUT; nothing is written (not even OUT
+created) on bad input. ``ood.json`` records ``overlap`` null with ``--resize``. Exit codes (:mod:`fastebm.cli._run`):
 0 done, 2 bad input (one line on stderr).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import List, Optional
 
 from ..settings import ArgumentParser, DefaultsHelpFormatter, check_seed
 from ._run import run
-from ._tools_common import add_tiling_flags, command_line, positive, skip_recorder
+from ._tools_common import add_tiling_flags, check_tiling_flags, command_line, positive, skip_recorder
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,15 @@ def _set_name(spec: str, taken: set) -> str:
 def run_tool(args, argv: Optional[List[str]] = None) -> dict:
     """The command's work; raises ToolInputError (exit 2, one line) for bad input: --ood without --in,
     no checkpoint, --restore_steps < 0, an -o holding an earlier run's outputs without --overwrite,
-    an empty or unreadable set, a bad --overlap; OutputError when -o cannot be written."""
+    an empty or unreadable set, a bad --overlap or --overlap with --resize (-o is created only after
+    every check); OutputError when -o cannot be written."""
     from ..tools.checkpoint import load_objective, random_init_objective
     from ..tools.descent import check_overlap, default_overlap, model_geometry
     from ..tools.errors import ToolInputError
     from ..tools.inputs import collect_images
     from ..tools.ood import metrics_table, score_sets
-    from ..tools.output import (SCORE_OUTPUTS, atomic_write_text, check_earlier_outputs, ensure_output_dir,
+    from ..tools.output import (SCORE_OUTPUTS, atomic_write_text, check_earlier_outputs, check_output_dir,
+                                ensure_output_dir,
                                 remove_outputs, write_csv, write_json)
     from ..tools.pictures import energy_histograms
     from ..tools.restoration import resolve_device
@@ -89,8 +92,10 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
             raise ToolInputError(f"no checkpoint given and none at {DEFAULT_CKPT}: run fastebm-train first "
                                  "(it writes the demo checkpoint there) or pass --ckpt PATH")
         ckpt = DEFAULT_CKPT
-    earlier = check_earlier_outputs(args.output_dir, SCORE_OUTPUTS, args.overwrite)  # reads only
-    out = ensure_output_dir(args.output_dir)
+    check_tiling_flags(args, "scores")
+    # Every check reads only: -o is created after all of them have passed (nothing is written on bad input).
+    out = check_output_dir(args.output_dir)
+    earlier = check_earlier_outputs(out, SCORE_OUTPUTS, args.overwrite)
     device = resolve_device(args.device)
     objective, config = load_objective(ckpt, device)
     models = {"checkpoint": objective}
@@ -121,14 +126,15 @@ def run_tool(args, argv: Optional[List[str]] = None) -> dict:
     rows, metrics, energies = score_sets(models, sets, in_name if ood_specs else None, steps=args.restore_steps,
                                          resize=args.resize, overlap=overlap, batch_size=args.batch_size,
                                          on_skip=on_skip, progress=True)
-    remove_outputs(out, earlier, SCORE_OUTPUTS)  # every set was scored: only now is -o changed
+    out = ensure_output_dir(out)  # every set was scored: only now is -o created or changed
+    remove_outputs(out, earlier, SCORE_OUTPUTS)
     columns = ["model", "set", "role", "path", "energy"] + ([f"energy_after_{args.restore_steps}"] if args.restore_steps else [])
     write_csv(os.path.join(out, "energies.csv"), rows, columns)
     table = metrics_table(metrics) if metrics else ""
     summary = {"command": command_line(PROG, argv), "checkpoint": os.path.abspath(ckpt),
                "model": config.get("model"), "builtin": builtin, "in_set": in_name, "sets": {k: len(v) for k, v in sets.items()},
                "restore_steps": args.restore_steps, "random_init_seed": args.seed if "random init" in models else None,
-               "resize": args.resize, "overlap": overlap, "excluded_outputs": len(set(excluded)),
+               "resize": args.resize, "overlap": None if args.resize else overlap, "excluded_outputs": len(set(excluded)),
                "device": str(device), "metrics": metrics, "skipped": skipped,
                "mean_energy": {m: {s: float(v.mean()) for s, v in per.items()} for m, per in energies.items()}}
     write_json(os.path.join(out, "ood.json"), summary)

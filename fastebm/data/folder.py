@@ -41,7 +41,8 @@ def scan_image_files(root: str, exclude: Optional[str] = None) -> Tuple[List[str
     """(paths, labels, class names) of every image under ``root``, in a stable sorted order.
 
     Files under ``exclude`` (a folder, e.g. the run's ``--output_dir`` inside ``root``) are left out.
-    Raises DataError when ``root`` is missing, not a folder, or holds no (non-excluded, non-hidden) image.
+    Raises DataError when ``root`` is missing, not a folder, is ``exclude`` itself, or holds no
+    (non-excluded, non-hidden) image.
     """
     return _scan(root, exclude)[:3]
 
@@ -52,6 +53,9 @@ def _scan(root: str, exclude: Optional[str] = None) -> Tuple[List[str], List[int
         raise DataError(f"--data: folder {root!r} does not exist")
     if not os.path.isdir(root):
         raise DataError(f"--data: {root!r} is not a folder (give a directory of images)")
+    if exclude is not None and os.path.realpath(exclude) == os.path.realpath(root):
+        raise DataError(f"--data: --output_dir {exclude!r} is the data folder itself; give an --output_dir outside "
+                        f"--data (a run's own pictures would become training data)")
     if exclude is not None and not within(exclude, root):
         exclude = None  # outside the data: nothing to skip
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith(".")

@@ -3,19 +3,21 @@
 An output folder that holds a tool's earlier outputs is refused unless ``--overwrite`` (the
 contract of ``fastebm-train --output_dir``): a second run into the same ``-o`` would otherwise
 leave the first run's per-image files (or its ``ood.md``) beside summaries that describe only the
-second. With ``--overwrite`` only the tool's own files are deleted (:class:`ToolOutputs`), after
+second. With ``--overwrite`` only the tool's own files are deleted (:class:`ToolOutputs`: the
+per-image files the earlier run's results.json lists, or by name when it has none), after
 every check has passed and just before the first new file is written; other files stay.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .. import files
 from .errors import ToolInputError
@@ -23,8 +25,30 @@ from .errors import ToolInputError
 log = logging.getLogger(__name__)
 
 __all__ = ["ToolOutputs", "RESTORE_OUTPUTS", "SCORE_OUTPUTS", "check_earlier_outputs", "remove_outputs",
-           "ensure_output_dir", "atomic_write_text", "write_json", "write_csv", "save_pil", "save_figure", "safe_stem",
+           "check_output_dir", "ensure_output_dir", "atomic_write_text", "write_json", "write_csv", "save_pil", "save_figure", "safe_stem",
            "unique_columns"]
+
+
+def check_output_dir(path: str, flag: str = "-o") -> str:
+    """ToolInputError (one line) when ``path`` cannot become a writable output folder; reads only.
+
+    Run before the other checks that precede :func:`ensure_output_dir` so that bad input is
+    refused without creating the folder; ``ensure_output_dir`` still proves the folder writable."""
+    path = os.fspath(path)
+    if not path:
+        raise ToolInputError(f"{flag}: the output folder must not be empty")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ToolInputError(f"{flag}: {path!r} exists and is not a folder; choose a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ToolInputError(f"{flag}: cannot create the output folder {path!r} ({existing!r} is a file); "
+                             "choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ToolInputError(f"{flag}: cannot write to the output folder {path!r} ({existing!r} is not writable); "
+                             "choose a writable folder")
+    return path
 
 
 def ensure_output_dir(path: str, flag: str = "-o") -> str:
@@ -49,17 +73,25 @@ PER_IMAGE_FILE = re.compile(r"^\d{4,}_.*\.png$")  # safe_stem(...) + ".png"
 @dataclass(frozen=True)
 class ToolOutputs:
     """The files a tool writes into its output folder: ``files`` at the top, and ``folders`` of
-    per-image files named ``NNNN_name.png`` (other files in those folders are not the tool's)."""
+    per-image files. Which per-image files are the tool's: those that the earlier run's ``record``
+    (a top-level JSON file) lists in its ``images`` rows under ``record_keys`` (paths relative to the
+    folder, e.g. ``strips/0000_cat.png``); only when there is no readable record, those named
+    ``NNNN_name.png``. Other files in those folders are not the tool's."""
 
     prog: str
     files: Tuple[str, ...]
     folders: Tuple[str, ...] = ()
+    record: Optional[str] = None
+    record_keys: Tuple[str, ...] = ()
 
     def present(self, out: str) -> List[str]:
         """Paths of this tool's files in ``out`` (reads only; [] when ``out`` is not a folder)."""
         if not os.path.isdir(out):
             return []
         paths = [os.path.join(out, f) for f in self.files if os.path.isfile(os.path.join(out, f))]
+        recorded = self.recorded(out)
+        if recorded is not None:
+            return paths + recorded
         for folder in self.folders:
             sub = os.path.join(out, folder)
             if os.path.isdir(sub):
@@ -67,9 +99,37 @@ class ToolOutputs:
                           if PER_IMAGE_FILE.match(f) and os.path.isfile(os.path.join(sub, f))]
         return paths
 
+    def recorded(self, out: str) -> Optional[List[str]]:
+        """The per-image files the record in ``out`` lists and that exist (a listed path must be a
+        file directly inside one of ``folders``; others are ignored); None when there is no record
+        or it cannot be read as JSON with a list of ``images`` rows."""
+        if self.record is None:
+            return None
+        try:
+            with open(os.path.join(out, self.record), encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        rows = data.get("images") if isinstance(data, dict) else None
+        if not isinstance(rows, list):
+            return None
+        paths: List[str] = []
+        for row in rows:
+            for key in self.record_keys:
+                rel = row.get(key) if isinstance(row, dict) else None
+                if not isinstance(rel, str):
+                    continue
+                parts = rel.replace("\\", "/").split("/")
+                if len(parts) != 2 or parts[0] not in self.folders or parts[1] in ("", ".", ".."):
+                    continue
+                path = os.path.join(out, parts[0], parts[1])
+                if os.path.isfile(path) and path not in paths:
+                    paths.append(path)
+        return paths
+
 
 RESTORE_OUTPUTS = ToolOutputs("fastebm-restore", ("results.json", "metrics.csv", "index.html", "grid.png"),
-                              ("strips", "restored"))
+                              ("strips", "restored"), record="results.json", record_keys=("strip", "restored"))
 SCORE_OUTPUTS = ToolOutputs("fastebm-score", ("ood.json", "ood.md", "energies.csv", "energy_hist.png"))
 
 
