@@ -14,6 +14,7 @@ one-sample t-test of the differences (scipy).
 from __future__ import annotations
 
 import argparse
+import textwrap
 import json
 import sys
 from typing import Dict, List
@@ -138,8 +139,9 @@ def plot(data: Dict[str, Dict], arms: List[str], seeds: List[int], title: str, o
     for i, name in enumerate(arms):
         vals = np.array([[data[name]["seeds"][s]["metrics"].get(m, np.nan) for s in seeds] for m, _ in METRICS])
         ax.bar(np.arange(len(METRICS)) + (i - (len(arms) - 1) / 2) * width, np.nanmean(vals, 1), width,
-               yerr=np.nanstd(vals, 1, ddof=1) if len(seeds) > 1 else None, capsize=2, label=data[name]["label"])
-    ax.set_xticks(np.arange(len(METRICS)), [label for _, label in METRICS], fontsize=9)
+               yerr=np.nanstd(vals, 1, ddof=1) if len(seeds) > 1 else None, capsize=2, label=textwrap.fill(data[name]["label"], 70))
+    # metric names on two lines, so that neighbouring names do not run into each other
+    ax.set_xticks(np.arange(len(METRICS)), [label.replace(", ", ",\n", 1) for _, label in METRICS], fontsize=9)
     bench = next(iter(data.values()))["signature"][3]
     import report
 
@@ -147,9 +149,9 @@ def plot(data: Dict[str, Dict], arms: List[str], seeds: List[int], title: str, o
     ax.set_ylim(0.4 if bench == "digits" else 0.0, 1.0)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"{title} (mean ± std over seeds {', '.join(map(str, seeds))})")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, bbox_inches="tight")  # "tight": the legend below the axes is part of the picture
     print(f"wrote {out} (seeds {seeds})")
 
 
