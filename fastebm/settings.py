@@ -88,12 +88,18 @@ def is_list(cls: type, f: dataclasses.Field) -> bool:
     return typing.get_origin(_base_type(cls, f)[0]) is list
 
 
+def _item_type(cls: type, f: dataclasses.Field) -> Any:
+    """The annotation of one value of field ``f``: without ``Optional``, and of a list field its item."""
+    base = _base_type(cls, f)[0]
+    if typing.get_origin(base) is list:
+        (base,) = typing.get_args(base)
+    return base
+
+
 def field_type(cls: type, f: dataclasses.Field) -> Callable[[Any], Any]:
     """The converter of one flag value (of a list field: of one item), from the field's annotation;
     TypeError for an annotation other than int, float, str, bool, their Optional or List."""
-    base, can_be_none = _base_type(cls, f)
-    if typing.get_origin(base) is list:
-        (base,) = typing.get_args(base)
+    base, can_be_none = _item_type(cls, f), _base_type(cls, f)[1]
     if base not in (int, float, str, bool):
         raise TypeError(f"{cls.__name__}.{f.name}: unsupported annotation {base!r}")
     if base is bool:
@@ -192,8 +198,7 @@ def coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
         raise UsageError(f"{where}: {'has no value' if value is None else 'an item has no value'}; give "
                          f"{_value_hint(cls, f)} or leave the setting out (null / None suits only settings whose "
                          f"default is none)")
-    base = _base_type(cls, f)[0]
-    if (typing.get_args(base) or (None,))[0] is int if listed else base is int:  # checked before int() truncates
+    if _item_type(cls, f) is int:  # checked before int() truncates
         value = ([_whole_number(v, where) for v in value] if isinstance(value, (list, tuple))
                  else _whole_number(value, where) if value is not None else None)
     try:

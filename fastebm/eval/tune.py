@@ -123,9 +123,10 @@ def _old_resolved(state: Dict[str, Any], identity: Dict[str, Any]) -> Dict[str, 
     if state.get("resolved"):
         return state["resolved"]
     old, defaults = state["config"], identity.get("_defaults") or {}
-    lr = old.get("lr")
-    if lr is None and old.get("blr") is not None:
-        lr = old["blr"] * old.get("batch_size", 1) * old.get("accum_iter", 1) * (state.get("world_size") or 1) / 256
+    lr = None
+    if old.get("lr") is not None or old.get("blr") is not None:
+        lr = _lr(SimpleNamespace(lr=old.get("lr"), blr=old.get("blr"), batch_size=old.get("batch_size", 1),
+                                 accum_iter=old.get("accum_iter", 1)), state.get("world_size") or 1)
     return {"model": old.get("model") if old.get("model") is not None else defaults.get("model"),
             "img_size": old.get("img_size") if old.get("img_size") is not None else defaults.get("img_size"),
             "lr": lr,
@@ -297,7 +298,7 @@ class _Trainer:
         from timm.optim import create_optimizer_v2
 
         self.run, self.cfg, self.model = run, cfg, model
-        self.lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size * cfg.accum_iter * run.world / 256
+        self.lr = _lr(cfg, run.world)
         self.optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
                                              layer_decay=None if cfg.layer_decay >= 1 else cfg.layer_decay)
         self.scheduler = _scheduler(self.optimizer, cfg, steps_per_epoch)
