@@ -600,7 +600,11 @@ def test_pretraining_without_the_digits_sees_only_photo_crops(tmp_path, monkeypa
     all_digits = digits_uint8(img_size)[0]
     d = torch.cdist(crops.flatten(1).double(), all_digits.flatten(1).double(), compute_mode="donot_use_mm_for_euclid_dist")
     assert (d.min(1).values > 0).all()  # a digit slot holds no digit
-    assert crops.float().std(dim=(1, 2, 3)).min() > 0  # and an image, not a constant
+    # and photo crops, not blanks or grey digits: a crop can fall on a flat patch of a photo (about one crop in
+    # 2,000 is constant, all from one photo's flat region), so most, not all, of the 40 carry texture and colour
+    textured = crops.float().std(dim=(1, 2, 3)) > 0
+    coloured = (crops[:, 0] != crops[:, 1]).flatten(1).any(1) | (crops[:, 1] != crops[:, 2]).flatten(1).any(1)
+    assert textured.sum() >= 30 and coloured.sum() >= 30
     # the photo slots are the built-in data's crops; the digit slots draw fresh ones, different per epoch
     i = n + int(torch.randint(0, plain.num_photo_crops, ()))
     assert torch.equal(photos.load(i, epoch)[0], plain.load(i, epoch)[0])
