@@ -833,3 +833,22 @@ def test_the_chart_draws_no_bar_for_a_metric_an_arm_did_not_run(tmp_path, monkey
     xs, heights = drawn["B"]
     assert heights == pytest.approx([part["ft_all"]["mean"]]) and len(xs) == 1
     assert round(xs[0]) == R.METRICS.index("ft_all")  # in the fine-tuning group, beside arm A's bar
+
+
+def test_an_evaluation_only_arm_shares_its_pretraining_run(tmp_path):
+    """Round 17's arm evaluates MAE's 16 px equal-FLOPs backbones at 32 px: one pretraining job (with the FLOPs
+    table's equal-FLOPs epochs) serves both arms, and only the evaluation size differs."""
+    import arms as A
+    import run as RUN
+
+    names, seed = ["mae_flops_16px", "mae_flops_16px_eval32px"], int(torch.randint(0, 100, ()))
+    budget = A.Budget()
+    fl = RUN.flops_table(names, budget)
+    assert fl["arms"][names[1]] == fl["arms"][names[0]] and fl["arms"][names[0]]["epochs"] == fl["mae_equal_flops_epochs"]
+    jobs = RUN.build_jobs(names, [seed], str(tmp_path), budget, fl)
+    pre = [j for j in jobs if j.part == "pretrain"]
+    assert [j.name for j in pre] == [f"pretrain/mae_flops_16px_s{seed}"]
+    ev = {n: [j for j in jobs if j.arm == n and j.part != "pretrain"] for n in names}
+    assert all(len(v) == 3 and all(j.deps == [pre[0].name] for j in v) for v in ev.values())
+    sizes = {n: {c[c.index("--img_size") + 1] for j in v for c in j.commands if "--img_size" in c} for n, v in ev.items()}
+    assert sizes == {names[0]: {"16"}, names[1]: {"32"}}

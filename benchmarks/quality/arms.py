@@ -116,6 +116,12 @@ ARMS: Dict[str, Arm] = {a.name: a for a in [
         mae_img_size=16, pretrain_data="photos"),
     Arm("mae_flops_16px_photos", "MAE at 16 px, same training FLOPs, pretrained without the digits", "mae", mae_budget="flops",
         mae_img_size=16, pretrain_data="photos"),
+    # round 17: round 16 found that the textures' native 32 px raise every arm and let a random init fine-tune level
+    # with (all labels) or above (100 labels) fastebm's backbones; MAE at equal FLOPs was not measured there. Its 16 px
+    # backbones evaluated at 32 px (as the defaults were, position embedding resampled), beside `mae_flops` (MAE
+    # pretrained at 32 px for the same FLOPs).
+    Arm("mae_flops_16px_eval32px", "MAE at 16 px, same training FLOPs, evaluated at 32 px", "mae", mae_budget="flops",
+        mae_img_size=16, pretrained_as="mae_flops_16px", eval_img_size=32),
 ]}
 # Rounds 6 and 7 (docs/quality.md): the built-in fine-tuning recipe was chosen on timm's random init alone, which
 # could favour random init. The three arms the fine-tuning checks compare then had their all-label lr and layer
