@@ -1,14 +1,15 @@
 """fastebm-eval finetune --resume continues the same run or none; --ckpt names a file fastebm can read.
 
 * a resume under another backbone (--init instead of --ckpt, another file, the same path holding
-  other weights), --few_shot, --seed, --epochs, --num_workers (the workers draw the augmentation) or
-  the resolved lr is refused: exit 2, one line naming each change old -> new and the fix, and nothing
-  in the output folder changes;
-* flags are compared as resolved: --model/--img_size/--lr/--device/--precision/--num_workers given with
+  other weights), --few_shot, --seed, --epochs or the resolved lr is refused: exit 2, one line naming
+  each change old -> new and the fix, and nothing in the output folder changes; so is a checkpoint of an
+  earlier fastebm-eval that drew the augmentation per loader process;
+* flags are compared as resolved: --model/--img_size/--lr/--device/--precision given with
   the value the run resolved to (or dropped, the reverse) are no change, also for a checkpoint written
   before the record of resolved values; the data folder through a symlink is the same folder;
 * an allowed resume (--eval_every, the same --ckpt spelled differently) continues the run, warns,
-  and summary.json records the change under "resumes";
+  and summary.json records the change under "resumes"; --num_workers may change without a word (the
+  augmentation is drawn per image: test_eval_runs checks the result is the same);
 * a resume with nothing left to train warns in one line and writes nothing; a truncated checkpoint.pt
   is named as unreadable with what to do;
 * a folder given as --ckpt (eval, export) or --resume names the files to give; a torch.save of
@@ -59,7 +60,6 @@ def stopped_run(tmp_path_factory):
     (["--init", "random", "--few_shot", "1"], "(--ckpt: '{ckpt}' -> None, --init: None -> 'random')"),
     (["--ckpt", "{ckpt}", "--few_shot", "2", "--seed", "3"], "(--few_shot: 1 -> 2, --seed: 0 -> 3)"),
     (["--ckpt", "{ckpt}", "--few_shot", "1", "--epochs", "3"], "(--epochs: 2 -> 3)"),
-    (["--ckpt", "{ckpt}", "--few_shot", "1", "--num_workers", "1"], "(--num_workers: 0 -> 1)"),
     (["--ckpt", "{ckpt}", "--few_shot", "1", "--lr", "0.001"], "(lr (--blr/--lr): 3.90625e-06 -> 0.001)"),
 ])
 def test_resume_with_changed_settings_is_refused(stopped_run, capsys, change, expected):
@@ -186,7 +186,7 @@ def _explicit_checkpoint(stopped_run, tmp_path, keep_record):
     assert state["resolved"]["lr"] == pytest.approx(3.90625e-06) and state["resolved"]["model"] == "vit_demo"
     state["config"].update(model="vit_demo", img_size=16, lr=3.90625e-06, blr=None, device="cpu", precision="fp32")
     if not keep_record:
-        del state["resolved"]
+        del state["resolved"]  # (it keeps the record of per-image augmentation draws, which is another check)
     torch.save(state, out / "checkpoint.pt")
     return out
 
@@ -201,6 +201,24 @@ def test_dropping_flags_that_resolved_to_the_same_is_no_change(stopped_run, caps
     assert main(argv) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert "changed settings" not in err and _nothing_left(out) in err.splitlines(), err
+    assert _snapshot(out) == before
+
+
+def test_a_checkpoint_with_augmentation_drawn_per_loader_process_is_refused(stopped_run, capsys, tmp_path):
+    """A checkpoint without the record of per-image augmentation draws came from an earlier fastebm-eval:
+    its epochs drew their augmentation per loader process, so no resume here could continue it exactly."""
+    out = tmp_path / "ft"
+    shutil.copytree(stopped_run["out"], out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state.pop("augment_draws").startswith("per image")
+    torch.save(state, out / "checkpoint.pt")
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main([*stopped_run["args"][:-1], str(out), "--ckpt", stopped_run["ckpt"], "--few_shot", "1",
+                 "--resume", "auto"]) == 2
+    msg = _error(capsys)
+    assert msg.startswith(f"--resume {out / 'checkpoint.pt'} was written by an earlier fastebm-eval") and msg.endswith(
+        "start a new run in another --output_dir"), msg
     assert _snapshot(out) == before
 
 

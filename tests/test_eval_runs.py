@@ -184,22 +184,25 @@ def test_init_arms():
     assert float(r1.head.weight.detach().std()) < 1e-4  # MAE's head init, the same for every arm
 
 
-def _finetune_args(root, out, *extra):
+def _finetune_args(root, out, *extra, workers=1):
     return ["finetune", "--ckpt", trained_checkpoint(), "--data", root, "--img_size", "20", "--batch_size", "4",
             "--epochs", "3", "--warmup_epochs", "1", "--blr", "0.05", "--model_ema", "--model_ema_decay", "0.9",
-            "--num_workers", "1", "--output_dir", str(out), *extra]
+            "--num_workers", str(workers), "--output_dir", str(out), *extra]
 
 
-def test_finetune_resume_is_exact(tmp_path):
+def test_finetune_resume_is_exact_with_any_number_of_loader_workers(tmp_path):
+    """--max_epochs then --resume auto reproduces an uninterrupted run bit for bit, and so does another worker
+    count: each image's augmentation (RandAugment, crop, flip, erasing) is drawn from (seed, epoch, index), not
+    from whichever loader process reads it. Straight run: 1 worker; split run: 0 workers, resumed with 2."""
     root = image_folder(tmp_path / "data", size=24, per_class=(6, 5, 5))
     assert main(_finetune_args(root, tmp_path / "straight")) == 0
-    assert main(_finetune_args(root, tmp_path / "split", "--max_epochs", "2")) == 0
+    assert main(_finetune_args(root, tmp_path / "split", "--max_epochs", "2", workers=0)) == 0
     half = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert half["status"] == "stopped_at_max_epochs" and half["epochs_done"] == 2
     before = (tmp_path / "split" / "checkpoint.pt").read_bytes()
-    assert main(_finetune_args(root, tmp_path / "split")) == 2  # without --resume: refused, nothing overwritten
+    assert main(_finetune_args(root, tmp_path / "split", workers=0)) == 2  # without --resume: refused, nothing overwritten
     assert (tmp_path / "split" / "checkpoint.pt").read_bytes() == before
-    assert main(_finetune_args(root, tmp_path / "split", "--resume", "auto")) == 0
+    assert main(_finetune_args(root, tmp_path / "split", "--resume", "auto", workers=2)) == 0
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3 and a["updates"] == b["updates"] == 3 * (16 // 4)

@@ -9,12 +9,15 @@ its slice of the same global batch).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
+import random
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -39,6 +42,24 @@ def generator_for(*values: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(mix_seed(*values))
     return g
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU global RNGs seeded from ``seed`` (a 63-bit int, e.g. from
+    :func:`mix_seed`) inside the block and restored to their previous states after it: for library code
+    that draws from the global RNGs (timm's transforms), one image at a time, without disturbing the caller's
+    streams. CUDA RNGs are not touched."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
+        torch.random.default_generator.manual_seed(seed)  # the CPU generator only (torch.manual_seed: CUDA too)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
 
 
 # Stream tags keep the order and the augmentation draws independent of each other.

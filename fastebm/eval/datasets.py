@@ -8,13 +8,16 @@
 
 Images go through timm's ``create_transform`` (training: random-resized crop, flip, RandAugment,
 random erasing per the recipe; evaluation: resize + centre crop), and come out normalised
-float tensors (3, S, S) with an integer label.
+float tensors (3, S, S) with an integer label. A training set given an ``augment_seed`` draws each
+image's augmentation from global RNGs seeded with (seed, epoch, index) for that one call and restored
+after it (timm's transforms read Python's, NumPy's and torch's global RNGs): the images a fine-tuning
+run trains on are the same with any number of loader workers or processes.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,32 +26,49 @@ from torch.utils.data import Dataset
 
 from ..data.builtin import HELD_OUT_DIGITS, SPLIT_SEED, digits_uint8
 from ..data.folder import IMAGE_EXTENSIONS, decode_image
-from ..data.sampling import generator_for
+from ..data.sampling import AUGMENT_STREAM, generator_for, mix_seed, seeded_global_rngs
 from ..errors import UsageError
 
 FEW_SHOT_STREAM = 11  # seeds the few-shot draw, independent of the data order and augmentation
 
 
 class LabelledImages(Dataset):
-    """(image, label) pairs; ``load(i)`` gives a PIL RGB image, ``transform`` makes the tensor."""
+    """(image, label) pairs; ``load(i)`` gives a PIL RGB image, ``transform`` makes the tensor.
 
-    def __init__(self, load: Callable[[int], Image.Image], labels: Sequence[int], transform=None, describe=None):
+    ``augment_seed``: None, or the seed of per-image augmentation draws: item ``i`` in the epoch set by
+    :meth:`set_epoch` is transformed with the global RNGs seeded from (augment_seed, epoch, i) and restored
+    afterwards, so an image's augmentation depends on nothing else (not the loader worker that draws it).
+    """
+
+    def __init__(self, load: Callable[[int], Image.Image], labels: Sequence[int], transform=None, describe=None,
+                 augment_seed: Optional[int] = None):
         self._load = load
         self.labels = [int(v) for v in labels]
         self.transform = transform
         self.describe = describe or (lambda i: f"image {i}")
+        self.augment_seed = augment_seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentation draws ``__getitem__`` makes (read by loader workers started after it)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         image = self._load(index)
-        return (self.transform(image) if self.transform is not None else image), self.labels[index]
+        if self.transform is None:
+            return image, self.labels[index]
+        if self.augment_seed is None:
+            return self.transform(image), self.labels[index]
+        with seeded_global_rngs(mix_seed(self.augment_seed, AUGMENT_STREAM, self.epoch, index)):
+            return self.transform(image), self.labels[index]
 
     def subset(self, indices: Sequence[int]) -> "LabelledImages":
         idx = [int(i) for i in indices]
         return LabelledImages(lambda i: self._load(idx[i]), [self.labels[i] for i in idx], self.transform,
-                              lambda i: self.describe(idx[i]))
+                              lambda i: self.describe(idx[i]), self.augment_seed)
 
 
 @dataclass
@@ -171,8 +191,10 @@ def make_transforms(cfg, img_size: int, mean, std, training: bool):
                             re_count=cfg.recount, **common)
 
 
-def with_transform(ds: LabelledImages, transform) -> LabelledImages:
-    return LabelledImages(ds._load, ds.labels, transform, ds.describe)
+def with_transform(ds: LabelledImages, transform, augment_seed: Optional[int] = None) -> LabelledImages:
+    """``ds``'s images and labels with another transform; ``augment_seed`` as in :class:`LabelledImages` (None:
+    the transform reads the global RNGs as they are, right for a deterministic evaluation transform)."""
+    return LabelledImages(ds._load, ds.labels, transform, ds.describe, augment_seed)
 
 
 def class_counts(labels: Sequence[int], num_classes: int) -> List[int]:

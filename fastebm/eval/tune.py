@@ -15,21 +15,23 @@ features of the same labelled images and loaded as the head before fine-tuning (
 built-in digits' default, docs/quality.md). Each epoch also records the training accuracy
 (running, on the augmented batches in train mode; not with Mixup/CutMix, whose targets are mixed).
 
-Exact resume: every epoch reseeds the global RNGs from (seed, epoch) and draws its data order
-from its own generator, and ``checkpoint.pt`` (model, optimiser, EMA, counters, history) is
-written atomically after every evaluated epoch (``--eval_every``); so ``--max_epochs N`` then
-``--resume auto`` reproduces an uninterrupted run bit for bit. SIGTERM/SIGINT stop at the next
+Exact resume: every epoch reseeds the global RNGs from (seed, epoch) and draws its data order from
+its own generator, each training image's augmentation comes from (seed, epoch, image) in any loader
+process (``datasets.LabelledImages``), and ``checkpoint.pt`` (model, optimiser, EMA, counters,
+history) is written atomically after every evaluated epoch (``--eval_every``); so ``--max_epochs N``
+then ``--resume auto`` reproduces an uninterrupted run bit for bit. SIGTERM/SIGINT stop at the next
 step; the run resumes after the last saved epoch.
 
 A resume continues the same run or none (:func:`resume_changes`): a setting that changes what the
 run computes (the backbone, by the SHA-256 of its weights; ``--init``, ``--few_shot``, ``--seed``,
-the data and its image counts, ``--model``/``--img_size``, the recipe, ``--epochs``, ``--num_workers``
-(the workers draw the augmentation) and every optimisation or augmentation flag; the number of
-processes) that differs from the checkpoint's is refused before anything is written; ``--model``,
-``--img_size``, ``--num_workers``, the lr, ``--device`` and ``--precision`` are compared as they
-resolved (``run_identity``'s ``resolved``). Only ``_RESUME_QUIET`` and ``_RESUME_WARN`` may change; the
-latter are printed as a warning and listed in ``summary.json``'s ``resumes``. A resume with nothing
-left to train warns and writes nothing.
+the data and its image counts, ``--model``/``--img_size``, the recipe, ``--epochs`` and every
+optimisation or augmentation flag; the number of processes) that differs from the checkpoint's is
+refused before anything is written, as is a checkpoint whose augmentation was drawn per loader
+process (an earlier fastebm-eval's); ``--model``, ``--img_size``, the lr, ``--device`` and
+``--precision`` are compared as they resolved (``run_identity``'s ``resolved``). Only
+``_RESUME_QUIET`` (``--num_workers`` among them: each image's augmentation is drawn from (seed,
+epoch, image)) and ``_RESUME_WARN`` may change; the latter are printed as a warning and listed in
+``summary.json``'s ``resumes``. A resume with nothing left to train warns and writes nothing.
 """
 from __future__ import annotations
 
@@ -62,17 +64,19 @@ log = logging.getLogger(__name__)
 CKPT_FILE = "checkpoint.pt"
 CKPT_FORMAT = "fastebm-eval-finetune"
 PLOT_FILE = "accuracy.png"
-# Settings a resume may change. Quiet: where the run stops, writes and waits; nothing it computes.
-_RESUME_QUIET = {"resume", "max_epochs", "output_dir", "dist_timeout", "save_ckpt"}
+# Settings a resume may change. Quiet: where the run stops, writes and waits, and how many loader processes
+# read the images (each image's augmentation is drawn from (seed, epoch, index): datasets.LabelledImages);
+# nothing it computes.
+_RESUME_QUIET = {"resume", "max_epochs", "output_dir", "dist_timeout", "save_ckpt", "num_workers"}
 # With a warning (and a record in summary.json's "resumes"): how the same run is computed and checked
-# (hardware, arithmetic, validation cadence), not what it measures. Any other setting that differs is
-# refused, --num_workers included: each loader process draws its own augmentation, so the worker count
-# changes the images a run trains on (and its result).
+# (hardware, arithmetic, validation cadence), not what it measures. Any other setting that differs is refused.
 _RESUME_WARN = {"device", "precision", "eval_every"}
 _PATH_KEYS = ("ckpt", "data", "train_dir", "val_dir")  # the same place spelled differently is the same setting
 # Flags compared as the values they resolve to (run_identity's "resolved"), not as given: --model vit_demo
 # and no --model are the same run when the backbone is a vit_demo; --lr 2.5e-4 and the --blr that gives it too.
-_RESOLVED = {"model": "--model", "img_size": "--img_size", "lr": "lr (--blr/--lr)", "num_workers": "--num_workers"}
+_RESOLVED = {"model": "--model", "img_size": "--img_size", "lr": "lr (--blr/--lr)"}
+# How each training image's augmentation is drawn; checkpoints without the record drew it per loader process.
+AUGMENT_DRAWS = "per image: (seed, epoch, index)"
 _RESOLVED_RAW = {"blr"}
 
 
@@ -95,8 +99,8 @@ def run_identity(run, cfg, bb, data) -> Dict[str, Any]:
     from another: the backbone weights' SHA-256, the real paths of its inputs (symlinks resolved), the image
     counts, the number of processes, the device type and arithmetic actually used (``auto`` resolved), and
     under ``resolved`` the values the flags resolved to (model preset, evaluation size, peak lr, loader
-    processes, device, arithmetic). ``_defaults`` (not saved) holds what an unset flag resolves to here, to
-    compare a checkpoint written before ``resolved`` existed."""
+    processes, device, arithmetic), and how the augmentation is drawn. ``_defaults`` (not saved) holds what
+    an unset flag resolves to here, to compare a checkpoint written before ``resolved`` existed."""
     arith = "bf16" if run.autocast is not None else "fp32"
     random_init = cfg.init is not None
     return {"backbone_sha256": weights_fingerprint(bb.state),
@@ -104,11 +108,11 @@ def run_identity(run, cfg, bb, data) -> Dict[str, Any]:
             "data_size": {"train_images": len(data.train), "val_images": len(data.val), "num_classes": data.num_classes},
             "world_size": run.world,
             "compute": f"{run.device.type}, {arith}",
+            "augment_draws": AUGMENT_DRAWS,
             "resolved": {"model": bb.preset, "img_size": eval_size(cfg, bb), "lr": _lr(cfg, run.world),
                          "num_workers": num_workers(cfg, data.kind), "device": str(run.device), "precision": arith},
             "_defaults": {"model": "vit_demo" if random_init else bb.preset,
-                          "img_size": pretrain_img_size(bb.preset) if random_init and bb.preset else bb.eval_img_size,
-                          "num_workers": num_workers(SimpleNamespace(num_workers=None), data.kind)}}
+                          "img_size": pretrain_img_size(bb.preset) if random_init and bb.preset else bb.eval_img_size}}
 
 
 def _same(old, new) -> bool:
@@ -129,8 +133,7 @@ def _old_resolved(state: Dict[str, Any], identity: Dict[str, Any]) -> Dict[str, 
                                  accum_iter=old.get("accum_iter", 1)), state.get("world_size") or 1)
     return {"model": old.get("model") if old.get("model") is not None else defaults.get("model"),
             "img_size": old.get("img_size") if old.get("img_size") is not None else defaults.get("img_size"),
-            "lr": lr,
-            "num_workers": old.get("num_workers") if old.get("num_workers") is not None else defaults.get("num_workers")}
+            "lr": lr}
 
 
 def resume_changes(state: Dict[str, Any], cfg, identity: Dict[str, Any]) -> Tuple[Dict[str, str], Dict[str, list]]:
@@ -223,6 +226,10 @@ def _load_resume(cfg, identity: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     if recorded not in (None, cfg.recipe):
         raise UsageError(f"--resume {path} was trained with --recipe {recorded}, and this run's recipe is {cfg.recipe}: "
                          f"give --recipe {recorded} to continue it (a folder gets imagenet unless told)")
+    if state.get("augment_draws") != identity["augment_draws"]:
+        raise UsageError(f"--resume {path} was written by an earlier fastebm-eval, which drew each image's augmentation "
+                         f"in whichever loader process read it; this version draws it from (seed, epoch, image), so the "
+                         f"resumed epochs would not continue that run: start a new run in another --output_dir")
     refused, allowed = resume_changes(state, cfg, identity)
     if refused:
         pretty = ", ".join(f"{k}: {v}" for k, v in refused.items())
@@ -401,7 +408,7 @@ def run_finetune(cfg) -> Dict[str, Any]:
         model = build_classifier(bb, data.num_classes, img_size=img_size, global_pool=cfg.global_pool,
                                  drop_path_rate=cfg.drop_path, head_init_std=cfg.head_init_std, seed=cfg.seed).to(run.device)
         workers = num_workers(cfg, data.kind)
-        train_ds = with_transform(data.train, make_transforms(cfg, img_size, bb.mean, bb.std, training=True))
+        train_ds = with_transform(data.train, make_transforms(cfg, img_size, bb.mean, bb.std, training=True), augment_seed=cfg.seed)
         val_ds = with_transform(data.val, make_transforms(cfg, img_size, bb.mean, bb.std, training=False))
         probe = _init_head(run, cfg, model, train_ds, val_ds, workers) if resume is None else None
         trainer = _Trainer(run, cfg, model, data.num_classes, steps_per_epoch)
@@ -475,6 +482,7 @@ def _loop(run, cfg, trainer, sampler, train_ds, val_ds, workers, start, history,
         for epoch in range(start, stop_at):
             seed_epoch(cfg.seed, epoch)
             sampler.set_epoch(epoch)
+            train_ds.set_epoch(epoch)
             batches = loader(train_ds, cfg.batch_size, sampler, workers, run.device, cfg.seed, epoch, drop_last=True)
             stats = trainer.train_epoch(epoch, batches, stop, console)
             if stats.get("stopped"):
