@@ -163,3 +163,34 @@ def test_make_config_rejects_unknown_settings():
     with pytest.raises(UsageError, match="--k"):
         make_config("knn", init="random", k=0)
     assert not os.path.exists("./fastebm_eval")
+
+
+def _files(folder):
+    return {p: (folder / p).read_bytes() for p in sorted(os.listdir(folder)) if (folder / p).is_file()}
+
+
+def test_a_folder_holding_another_commands_results_is_refused(tmp_path, capsys):
+    """knn, linprobe and finetune each refuse an --output_dir whose summary.json another command (or another
+    program) wrote, and leave its files as they were; the same command replaces its own results."""
+    import json
+
+    root = image_folder(tmp_path / "data", size=16, per_class=(4, 3, 3), seed=int(torch.randint(0, 1000, ())))
+    common = ["--ckpt", trained_checkpoint(), "--data", root, "--crop_pct", "1", "--num_workers", "0"]
+    lp = tmp_path / "lp"
+    assert main(["linprobe", *common, "--epochs", "2", "--warmup_epochs", "0", "--output_dir", str(lp)]) == 0
+    before = _files(lp)
+    capsys.readouterr()
+    for argv in (["knn", *common, "--k", "3"], ["finetune", *common, "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "4"]):
+        assert main([*argv, "--output_dir", str(lp)]) == 2
+        _one_line_error(capsys, f"--output_dir {lp} holds fastebm-eval linprobe's results (summary.json), which "
+                                f"fastebm-eval {argv[0]} would overwrite: give another --output_dir")
+        assert _files(lp) == before
+    assert main(["linprobe", *common, "--epochs", "2", "--warmup_epochs", "0", "--seed", "5", "--output_dir", str(lp)]) == 0
+    assert json.loads((lp / "summary.json").read_text())["seed"] == 5
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "summary.json").write_text('{"final_loss": 0.25}')
+    capsys.readouterr()
+    assert main(["knn", *common, "--k", "3", "--output_dir", str(other)]) == 2
+    _one_line_error(capsys, "holds another program's results (summary.json)")
+    assert os.listdir(other) == ["summary.json"]

@@ -7,6 +7,7 @@ Markdown table) and a PNG (accuracy per epoch, or k-NN accuracy against k).
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -147,13 +148,34 @@ def sum_over_ranks(values: Sequence[float]) -> List[float]:
 
 # ----------------------------------------------------------------------------- outputs
 def prepare_output_dir(run: Run, path: str) -> None:
+    """Creates ``--output_dir`` (rank 0). Raises UsageError when it cannot be created or written, or when it
+    holds another command's results (a ``summary.json`` that this command did not write: a fine-tuning run's,
+    a probe's, fastebm-train's), which this run would overwrite; the same command's results are replaced
+    (a k-NN or probe run is repeated from the start; a fine-tuning run guards its own checkpoint)."""
     if run.is_main:
+        _refuse_other_results(run.command, path)
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--output_dir {path}: cannot create it ({exc.strerror})") from None
         if not os.access(path, os.W_OK):
             raise UsageError(f"--output_dir {path} is not writable")
+
+
+def _refuse_other_results(command: str, path: str) -> None:
+    summary = os.path.join(path, SUMMARY_FILE)
+    if not os.path.isfile(summary):
+        return
+    try:
+        with open(summary, encoding="utf-8") as fh:
+            other = json.load(fh).get("command")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: not ours either
+        other = None
+    if other == command:
+        return
+    whose = f"fastebm-eval {other}" if other in ("finetune", "linprobe", "knn") else "another program"
+    raise UsageError(f"--output_dir {path} holds {whose}'s results ({SUMMARY_FILE}), which fastebm-eval {command} "
+                     f"would overwrite: give another --output_dir")
 
 
 def base_summary(run: Run, cfg, bb, data) -> Dict[str, Any]:
