@@ -26,6 +26,8 @@ POOLS = ("cls", "avg")
 GLOBAL_POOLS = ("avg", "token")
 PRECISIONS = ("auto", "bf16", "fp32")
 HEAD_INITS = ("random", "zero", "probe")
+# One folder per command by default, so that one command's results never stand where another's would be written
+_OUTPUT_HELP = "where metrics.jsonl, summary.json, results.md, the plot and checkpoints go"
 
 
 @dataclass
@@ -49,7 +51,7 @@ class CommonConfig:
     seed: int = _opt(0, "seed of initialisation, few-shot draw, data order and augmentation")
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N; under torchrun each process takes cuda:LOCAL_RANK")
     precision: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32", choices=PRECISIONS)
-    output_dir: str = _opt("./fastebm_eval", "where metrics.jsonl, summary.json, results.md, the plot and checkpoints go")
+    output_dir: str = _opt("./fastebm_eval", _OUTPUT_HELP)  # each command's own default below
     interpolation: Optional[str] = _opt(None, "resize interpolation (recipe)")
     crop_pct: Optional[float] = _opt(None, "evaluation centre-crop fraction (recipe; 1 = resize only)")
     recipe: str = _opt("auto", "defaults of the flags whose help says 'default: from --recipe': small (the built-in digits' recipe, for a few thousand "
@@ -70,6 +72,8 @@ class FeatureConfig:
 @dataclass
 class FinetuneConfig(CommonConfig):
     """MAE's end-to-end fine-tuning recipe on timm parts."""
+
+    output_dir: str = _opt("./fastebm_eval/finetune", _OUTPUT_HELP)
 
     epochs: Optional[int] = _opt(None, "epochs; the schedule spans them (recipe; small: enough for 1,000 optimiser steps, 2,000 with >= 32 labelled images per class)")
     max_epochs: Optional[int] = _opt(None, "stop after this many epochs without reshaping the schedule (resume later); none = all")
@@ -116,6 +120,8 @@ class FinetuneConfig(CommonConfig):
 class LinprobeConfig(CommonConfig, FeatureConfig):
     """Frozen backbone, MAE's head: BatchNorm without affine + linear layer."""
 
+    output_dir: str = _opt("./fastebm_eval/linprobe", _OUTPUT_HELP)
+
     epochs: Optional[int] = _opt(None, "epochs over the cached features (recipe)")
     warmup_epochs: Optional[float] = _opt(None, "linear warm-up epochs (recipe)")
     blr: Optional[float] = _opt(None, "base learning rate: lr = blr * batch / 256 (recipe)")
@@ -131,6 +137,8 @@ class LinprobeConfig(CommonConfig, FeatureConfig):
 @dataclass
 class KnnConfig(CommonConfig, FeatureConfig):
     """Weighted k-NN on L2-normalised frozen features (DINO's protocol)."""
+
+    output_dir: str = _opt("./fastebm_eval/knn", _OUTPUT_HELP)
 
     k: int = _opt(20, "neighbours that vote")
     temperature: float = _opt(0.07, "vote weight exp(cosine / temperature)")
