@@ -60,7 +60,8 @@ def test_mim_patches_differ_between_samples_and_cover_the_image():
     x = rand_images(64, 1, 16, 16)
     _, w = corrupt(x, "mim", seed=fresh_seed(), ratio=0.5, patch_size=4)
     masks = patches_of(w, 4)[:, :, 0]  # (B, P)
-    assert len({tuple(m) for m in masks}) > 60  # per-sample masks
+    # per-sample masks: 64 draws of 8 of 16 patches collide as Poisson(0.157); one mask for all would give 1
+    assert len({tuple(m) for m in masks}) >= 56
     freq = masks.mean(0)  # every patch masked about half of the time
     assert freq.min() > 0.15 and freq.max() < 0.85
 

@@ -56,7 +56,9 @@ def test_substitute_and_spread_orders_visit_every_index_once():
         assert order == list(substitute_order(n, seed, 4, index))  # a pure function
         assert sorted(spread_order(n)) == list(range(n))
     many = {tuple(substitute_order(360, seed, e, 7))[:3] for e in range(8)}
-    assert len(many) == 8  # each epoch walks differently
+    # each epoch walks differently: a walk is a (start, stride) pair, so two of 8 epochs share one ~1 run in 1,000;
+    # a walk that ignored the epoch would give 1
+    assert len(many) >= 7
     for n in (97, 360, 1001):
         first = list(spread_order(n))[:16]
         assert {4 * p // n for p in first} == {0, 1, 2, 3}  # the first probes reach every quarter of the list

@@ -105,6 +105,10 @@ def test_32bit_int_tiff_unsigned_uses_nominal_range_signed_uses_min_max(tmp_path
         tifffile.imwrite(tmp_path / "s.tif", s)
         lo, hi = float(s.min()), float(s.max())
         assert np.array_equal(_decoded(tmp_path / "s.tif"), _grey3(_round((s - lo) * 255.0 / (hi - lo))))
+    # an exact half of the range rounds up (scaling by a rounded 255 / range gave 127.4999... -> 127)
+    half = np.array([[0, 25, 50]], dtype=np.int16)
+    tifffile.imwrite(tmp_path / "half.tif", half)
+    assert np.array_equal(_decoded(tmp_path / "half.tif"), _grey3(np.array([[0, 128, 255]])))
 
 
 def test_in_memory_int_image_is_min_max():

@@ -126,7 +126,8 @@ def test_linprobe_lars_exempts_the_bias_and_learns():
     f_va = centres[y_va] + 0.3 * torch.randn(len(y_va), 11) + 5.0
     _, used, history = train_head(cfg, f_tr, y_tr, f_va, y_va, 4)
     assert len(history) == 30 and used["steps_per_epoch"] == 60 // 16
-    assert history[-1]["val_top1"] == 1.0 and history[-1]["train_loss"] < history[0]["train_loss"]
+    # (at this lr LARS's loss sometimes spikes mid-run and ends at 26 or 27 of 28; one that does not learn: 0.25-0.5)
+    assert history[-1]["val_top1"] >= 0.75 and history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
 
 
 def test_linprobe_cli_outputs(tmp_path):

@@ -608,7 +608,8 @@ def test_pretraining_without_the_digits_sees_only_photo_crops(tmp_path, monkeypa
     # the photo slots are the built-in data's crops; the digit slots draw fresh ones, different per epoch
     i = n + int(torch.randint(0, plain.num_photo_crops, ()))
     assert torch.equal(photos.load(i, epoch)[0], plain.load(i, epoch)[0])
-    assert not torch.equal(photos.load(slots[0], epoch)[0], photos.load(slots[0], epoch + 1)[0])
+    # (one photo's dark border makes two crops equal ~1 in 350: any of 8 slots differs)
+    assert any(not torch.equal(photos.load(s, epoch)[0], photos.load(s, epoch + 1)[0]) for s in slots[:8])
     assert photos.summary()["train_digits"] == 0 and photos.summary()["photo_crops_per_epoch"] == len(plain)
     with pytest.raises(ValueError, match="choose one of builtin, photos"):
         P.data_class("digits")

@@ -181,4 +181,5 @@ def test_forward_under_no_grad_equals_the_loss_with_grad(steps, grad_mode):
     for key in ("loss_t", "loss_corrupted", "energy", "alphas"):
         torch.testing.assert_close(stats_ng[key], stats[key], rtol=1e-12, atol=1e-14)
     # the loss is far from trivial: restoration moved the images and the loss depends on the parameters
-    assert (stats["loss_t"] - stats["loss_corrupted"]).abs().min() > 1e-6
+    # (max, not min: a step's loss can cross the corrupted loss; a restoration that does nothing gives exactly 0)
+    assert (stats["loss_t"] - stats["loss_corrupted"]).abs().max() > 1e-9

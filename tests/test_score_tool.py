@@ -141,8 +141,11 @@ def test_cli_scores_folders_and_its_metrics_match_the_csv(tmp_path, checkpoint, 
     assert len(summary["metrics"]) == 2 * 2 * 2  # models x scores x out-sets
     for m in summary["metrics"]:
         pick = lambda s: [float(r[m["score"]]) for r in rows if r["model"] == m["model"] and r["set"] == s]
-        want = brute_force_metrics(pick("flat"), pick(m["out_set"]))
-        assert m["auroc"] == pytest.approx(want["auroc"], abs=1e-4)  # CSV holds 6 significant digits
+        inside, outside = pick("flat"), pick(m["out_set"])
+        want = brute_force_metrics(inside, outside)
+        # the CSV holds 6 significant digits: two energies that print alike tie there (half a win) and not in ood.json
+        ties = sum(a == b for a in inside for b in outside)
+        assert m["auroc"] == pytest.approx(want["auroc"], abs=1e-4 + 0.5 * ties / (len(inside) * len(outside)))
     assert (out / "energy_hist.png").stat().st_size > 0 and "AUROC" in (out / "ood.md").read_text()
 
 

@@ -146,7 +146,8 @@ def _wide_to_uint8(im: Image.Image, value_range: Optional[Tuple[float, float]]) 
     low, high = value_range
     if high <= low:  # uniform image under min-max: no contrast to keep
         return np.zeros(v.shape, dtype=np.uint8)
-    scaled = np.clip((np.where(finite, v, low) - low) * (255.0 / (high - low)), 0.0, 255.0)
+    # (v - low) * 255 / (high - low), not times 255 / (high - low): an exact half (127.5) stays exact and rounds up
+    scaled = np.clip((np.where(finite, v, low) - low) * 255.0 / (high - low), 0.0, 255.0)
     return np.floor(scaled + 0.5).astype(np.uint8)  # round half up, the same for every platform
 
 

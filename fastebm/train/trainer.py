@@ -291,8 +291,9 @@ class Trainer(TrainerStartup):
         if st.bad_files:
             log.warning(f"skipped {len(st.bad_files)} unreadable image(s), e.g. {st.bad_files[0]} (listed in summary.json)")
         # the whole run's time: a resumed run adds what its earlier processes took up to their last checkpoint
-        summary["wall_time_s"] = self.run_wall_time_s()
+        # (one clock reading for both, so that they differ by exactly the earlier processes' time)
         summary["process_wall_time_s"] = time.time() - self.t_start
+        summary["wall_time_s"] = self.state.earlier_wall_time_s + summary["process_wall_time_s"]
         summary["config"] = cfg.to_dict()
         write_summary(cfg.output_dir, summary)
         log_results(summary, cfg.output_dir)
