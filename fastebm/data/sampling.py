@@ -2,7 +2,8 @@
 
 Everything random about the data is a pure function of (seed, epoch, sample index): the epoch's
 order is a permutation drawn from a generator seeded with (seed, epoch), and each sample's
-augmentation uses a generator seeded with (seed, epoch, dataset index). No global RNG is touched.
+augmentation uses a generator seeded with (seed, epoch, dataset index). No global RNG is touched
+(``seeded_global_rngs`` is for library code that reads them, such as timm's transforms in fastebm-eval).
 Consequences: a resumed run sees exactly the batches it would have seen, and N processes with
 batch B see the same samples with the same crops as one process with batch N*B (each rank takes
 its slice of the same global batch).
