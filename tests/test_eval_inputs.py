@@ -194,3 +194,21 @@ def test_a_folder_holding_another_commands_results_is_refused(tmp_path, capsys):
     assert main(["knn", *common, "--k", "3", "--output_dir", str(other)]) == 2
     _one_line_error(capsys, "holds another program's results (summary.json)")
     assert os.listdir(other) == ["summary.json"]
+    # an unfinished run has no summary yet: its checkpoint (a killed fine-tuning) or last.pt (fastebm-train) marks it;
+    # a summary.json that cannot be read (a folder, absurd nesting) is refused before anything runs
+    cases = {"ft_killed": ("checkpoint.pt", "a fastebm-eval finetune run (checkpoint.pt)"),
+             "train": ("last.pt", "a fastebm-train run (last.pt)"),
+             "nested": ("summary.json", "a summary.json fastebm-eval cannot read (RecursionError)"),
+             "folder": ("summary.json", "a summary.json fastebm-eval cannot read (")}
+    for name, (marker, said) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        if name == "folder":
+            (folder / marker).mkdir()
+        else:
+            (folder / marker).write_bytes(b"[" * 100_000 if name == "nested" else os.urandom(64))
+        before = _files(folder)
+        capsys.readouterr()
+        assert main(["knn", *common, "--k", "3", "--output_dir", str(folder)]) == 2, name
+        _one_line_error(capsys, f"--output_dir {folder} holds {said}")
+        assert _files(folder) == before and sorted(os.listdir(folder)) == [marker], name

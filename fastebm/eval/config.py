@@ -27,7 +27,7 @@ GLOBAL_POOLS = ("avg", "token")
 PRECISIONS = ("auto", "bf16", "fp32")
 HEAD_INITS = ("random", "zero", "probe")
 # One folder per command by default, so that one command's results never stand where another's would be written
-_OUTPUT_HELP = "where metrics.jsonl, summary.json, results.md, the plot and checkpoints go"
+_OUTPUT_HELP = "where metrics.jsonl, summary.json, results.md and the plot go"
 
 
 @dataclass
@@ -73,7 +73,7 @@ class FeatureConfig:
 class FinetuneConfig(CommonConfig):
     """MAE's end-to-end fine-tuning recipe on timm parts."""
 
-    output_dir: str = _opt("./fastebm_eval/finetune", _OUTPUT_HELP)
+    output_dir: str = _opt("./fastebm_eval/finetune", _OUTPUT_HELP + ", and checkpoint.pt")
 
     epochs: Optional[int] = _opt(None, "epochs; the schedule spans them (recipe; small: enough for 1,000 optimiser steps, 2,000 with >= 32 labelled images per class)")
     max_epochs: Optional[int] = _opt(None, "stop after this many epochs without reshaping the schedule (resume later); none = all")

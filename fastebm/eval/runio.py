@@ -20,12 +20,14 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..data.sampling import generator_for, mix_seed
 from .. import distributed
+from ..checkpoint import LAST
 from ..errors import DistributedSetupError, UsageError
 from .backbone import eval_size
 from .config import to_dict
 from ..files import atomic_write, atomic_write_json, atomic_write_text
 
 SUMMARY_FILE = "summary.json"
+CKPT_FILE = "checkpoint.pt"  # a fine-tuning run's resumable state
 TABLE_FILE = "results.md"
 EPOCH_STREAM = 21  # seeds each epoch's global RNGs (augmentation, Mixup, drop-path): resume is exact
 
@@ -148,12 +150,10 @@ def sum_over_ranks(values: Sequence[float]) -> List[float]:
 
 # ----------------------------------------------------------------------------- outputs
 def prepare_output_dir(run: Run, path: str) -> None:
-    """Creates ``--output_dir`` (rank 0). Raises UsageError when it cannot be created or written, or when it
-    holds another command's results (a ``summary.json`` that this command did not write: a fine-tuning run's,
-    a probe's, fastebm-train's), which this run would overwrite; the same command's results are replaced
-    (a k-NN or probe run is repeated from the start; a fine-tuning run guards its own checkpoint)."""
+    """Creates ``--output_dir`` (rank 0). Raises UsageError, on every rank, when it holds another command's
+    results (:func:`refuse_other_results`), and when it cannot be created or written."""
+    refuse_other_results(run.command, path)
     if run.is_main:
-        _refuse_other_results(run.command, path)
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
@@ -162,20 +162,36 @@ def prepare_output_dir(run: Run, path: str) -> None:
             raise UsageError(f"--output_dir {path} is not writable")
 
 
-def _refuse_other_results(command: str, path: str) -> None:
+# What marks a folder as another run's, besides a summary.json it did not write: an unfinished (or killed)
+# fine-tuning run has its checkpoint before any summary, a fastebm-train run its last.pt.
+_RUN_MARKERS = {CKPT_FILE: "finetune", LAST: "fastebm-train"}
+
+
+def refuse_other_results(command: str, path: str) -> None:
+    """Raises UsageError when ``path`` holds results that fastebm-eval ``command`` would overwrite: a
+    ``summary.json`` another command (or program) wrote, or one it cannot read; a fine-tuning checkpoint
+    (unless ``command`` is finetune, which guards it with --resume); a fastebm-train run. The same
+    command's finished results are replaced (a k-NN or probe run is repeated from the start)."""
+    fix = f"which fastebm-eval {command} would overwrite: give another --output_dir"
+    for name, owner in _RUN_MARKERS.items():
+        if owner != command and os.path.exists(os.path.join(path, name)):
+            whose = f"fastebm-eval {owner}" if owner == "finetune" else owner
+            raise UsageError(f"--output_dir {path} holds a {whose} run ({name}), {fix}")
     summary = os.path.join(path, SUMMARY_FILE)
-    if not os.path.isfile(summary):
+    if not os.path.lexists(summary):
         return
     try:
         with open(summary, encoding="utf-8") as fh:
-            other = json.load(fh).get("command")
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: not ours either
-        other = None
+            record = json.load(fh)
+    except (OSError, ValueError, RecursionError) as exc:  # a folder, a dangling link, not JSON, absurdly nested
+        why = getattr(exc, "strerror", None) or type(exc).__name__
+        raise UsageError(f"--output_dir {path} holds a {SUMMARY_FILE} fastebm-eval cannot read ({why}), {fix} "
+                         f"(or remove that file)") from None
+    other = record.get("command") if isinstance(record, dict) else None
     if other == command:
         return
-    whose = f"fastebm-eval {other}" if other in ("finetune", "linprobe", "knn") else "another program"
-    raise UsageError(f"--output_dir {path} holds {whose}'s results ({SUMMARY_FILE}), which fastebm-eval {command} "
-                     f"would overwrite: give another --output_dir")
+    whose = f"fastebm-eval {other}'s" if other in ("finetune", "linprobe", "knn") else "another program's"
+    raise UsageError(f"--output_dir {path} holds {whose} results ({SUMMARY_FILE}), {fix}")
 
 
 def base_summary(run: Run, cfg, bb, data) -> Dict[str, Any]:

@@ -55,13 +55,12 @@ from .config import to_dict
 from .datasets import load_eval_data, make_transforms, with_transform
 from .probe import fit_probe_head
 from .recipes import resolve_blr, resolve_crop, resolve_schedule
-from .runio import (SUMMARY_FILE, EpochShuffle, ShardSampler, base_summary, finish, loader, num_workers, plot_curves,
-                    prepare_output_dir, seed_epoch, start_run, sum_over_ranks, what_line)
+from .runio import (CKPT_FILE, SUMMARY_FILE, EpochShuffle, ShardSampler, base_summary, finish, loader, num_workers, plot_curves,
+                    prepare_output_dir, refuse_other_results, seed_epoch, start_run, sum_over_ranks, what_line)
 from .timm_vit import build_classifier, check_img_size
 
 log = logging.getLogger(__name__)
 
-CKPT_FILE = "checkpoint.pt"
 CKPT_FORMAT = "fastebm-eval-finetune"
 PLOT_FILE = "accuracy.png"
 # Settings a resume may change. Quiet: where the run stops, writes and waits, and how many loader processes
@@ -401,6 +400,7 @@ def run_finetune(cfg) -> Dict[str, Any]:
         resolve_crop(cfg, len(data.train), data.num_classes)
         resolve_blr(cfg, len(data.train), data.num_classes)
         identity = run_identity(run, cfg, bb, data)
+        refuse_other_results("finetune", cfg.output_dir)  # before a resume with nothing to train answers for it
         resume = _load_resume(cfg, identity)  # every input is checked before anything is written
         if resume is not None and resume.get("nothing_to_train"):
             return _untouched_summary(cfg, resume)
