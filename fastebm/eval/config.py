@@ -26,7 +26,6 @@ POOLS = ("cls", "avg")
 GLOBAL_POOLS = ("avg", "token")
 PRECISIONS = ("auto", "bf16", "fp32")
 HEAD_INITS = ("random", "zero", "probe")
-# One folder per command by default, so that one command's results never stand where another's would be written
 _OUTPUT_HELP = "where metrics.jsonl, summary.json, results.md and the plot go"
 
 
@@ -51,7 +50,9 @@ class CommonConfig:
     seed: int = _opt(0, "seed of initialisation, few-shot draw, data order and augmentation")
     device: str = _opt("auto", "auto (cuda if available), cpu, cuda, cuda:N; under torchrun each process takes cuda:LOCAL_RANK")
     precision: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp32", choices=PRECISIONS)
-    output_dir: str = _opt("./fastebm_eval", _OUTPUT_HELP)  # each command's own default below
+    # each command overrides this default with its own folder, so that one command's results never stand where
+    # another's would be written
+    output_dir: str = _opt("./fastebm_eval", _OUTPUT_HELP)
     interpolation: Optional[str] = _opt(None, "resize interpolation (recipe)")
     crop_pct: Optional[float] = _opt(None, "evaluation centre-crop fraction (recipe; 1 = resize only)")
     recipe: str = _opt("auto", "defaults of the flags whose help says 'default: from --recipe': small (the built-in digits' recipe, for a few thousand "

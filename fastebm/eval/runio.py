@@ -23,7 +23,7 @@ from .. import distributed
 from ..checkpoint import LAST
 from ..errors import DistributedSetupError, UsageError
 from .backbone import eval_size
-from .config import to_dict
+from .config import COMMANDS, to_dict
 from ..files import atomic_write, atomic_write_json, atomic_write_text
 
 SUMMARY_FILE = "summary.json"
@@ -190,7 +190,7 @@ def refuse_other_results(command: str, path: str) -> None:
     other = record.get("command") if isinstance(record, dict) else None
     if other == command:
         return
-    whose = f"fastebm-eval {other}'s" if other in ("finetune", "linprobe", "knn") else "another program's"
+    whose = f"fastebm-eval {other}'s" if other in COMMANDS else "another program's"
     raise UsageError(f"--output_dir {path} holds {whose} results ({SUMMARY_FILE}), {fix}")
 
 
