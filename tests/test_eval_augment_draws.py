@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from fastebm.data.sampling import mix_seed, seeded_global_rngs
 from fastebm.eval.datasets import LabelledImages, make_transforms, with_transform
+from fastebm.eval.recipes import RAND_AUGMENT
 
 
 def test_seeded_global_rngs_draw_as_fresh_generators_and_restore_the_callers_streams():
@@ -43,7 +44,7 @@ def _images(n, size):
 
 
 def _training_transform(img_size):
-    recipe = SimpleNamespace(interpolation="bicubic", crop_pct=1.0, aa="rand-m9-mstd0.5-inc1", scale_min=0.2, hflip=0.5,
+    recipe = SimpleNamespace(interpolation="bicubic", crop_pct=1.0, aa=RAND_AUGMENT, scale_min=0.2, hflip=0.5,
                              reprob=0.25, remode="pixel", recount=1)
     return make_transforms(recipe, img_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), training=True)
 

@@ -61,6 +61,7 @@ def test_help_lists_every_flag(capsys):
     (["finetune", "--init", "random", "--seed", "-1"], "--seed"),
     (["knn", "--init", "random", "--seed", str(2 ** 32)], "--seed"),
     (["finetune", "--init", "random", "--aa", "foo"], "--aa"),
+    (["finetune", "--init", "random", "--aa", "rand-m9-mstd0.5-inc1"], "-mmax9"),  # posterize to 0 bits: see below
     (["finetune", "--init", "random", "--opt", "foo"], "--opt"),
     (["knn", "--init", "random", "--interpolation", "foo"], "--interpolation"),
 ])
@@ -212,3 +213,51 @@ def test_a_folder_holding_another_commands_results_is_refused(tmp_path, capsys):
         assert main(["knn", *common, "--k", "3", "--output_dir", str(folder)]) == 2, name
         _one_line_error(capsys, f"--output_dir {folder} holds {said}")
         assert _files(folder) == before and sorted(os.listdir(folder)) == [marker], name
+
+
+def _posterize_crashes(aa, draws, seed):
+    """Run each posterize op of timm's policy ``aa`` ``draws`` times on a small image, as RandAugment would
+    when it picks the op: True when the installed Pillow refuses one draw."""
+    import random
+
+    from PIL import Image
+    from timm.data import create_transform
+
+    from fastebm.eval.config import _posterize_ops
+
+    image = Image.new("RGB", (5, 3), (200, 90, 17))
+    ops = _posterize_ops(create_transform(input_size=8, is_training=True, auto_augment=aa))
+    assert ops, aa
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        for op in ops:
+            op.prob = 1.0  # every call posterizes, at a freshly drawn magnitude
+            for _ in range(draws):
+                op(image)
+    except ValueError:
+        return True
+    finally:
+        random.setstate(state)
+    return False
+
+
+@pytest.mark.parametrize("aa, fix", [("rand-m9-mstd0.5-inc1", "cap the magnitude with -mmax9"),
+                                     ("rand-m10-inc1", "cap the magnitude with -mmax9"),
+                                     ("rand-m2", "choose another policy"), ("v0", "choose another policy")])
+def test_an_augmentation_that_would_crash_mid_run_is_refused_before_anything_runs(aa, fix, capsys, tmp_path):
+    """MAE's literal ``rand-m9-mstd0.5-inc1`` draws magnitude 10 for ~2 % of posterize calls, which timm maps
+    to 0 kept bits and Pillow 13 refuses: the policy really crashes (checked by drawing), and fastebm-eval
+    says so up front, with the fix, instead of failing a few hundred images into fine-tuning."""
+    assert _posterize_crashes(aa, draws=2000, seed=int(torch.randint(0, 2 ** 31, ())))
+    _run_bad(capsys, tmp_path, ["finetune", "--init", "random", "--aa", aa], f"--aa {aa!r}", "0 bits", fix)
+
+
+@pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1-mmax9", "original", "rand-m9-mstd0.5", "augmix-m5-w4-d2"])
+def test_accepted_augmentations_never_posterize_to_zero_bits(aa):
+    from fastebm.eval.config import make_config
+    from fastebm.eval.recipes import RAND_AUGMENT
+
+    assert make_config("finetune", init="random", aa=aa).aa == aa
+    assert make_config("finetune", init="random", recipe="imagenet").aa == RAND_AUGMENT
+    assert not _posterize_crashes(aa, draws=2000, seed=int(torch.randint(0, 2 ** 31, ())))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Type
@@ -272,6 +273,48 @@ def validate(cfg):
     return cfg
 
 
+def _posterize_ops(transform) -> List[Any]:
+    """timm's posterize ``AugmentOp`` objects inside a training transform (RandAugment's ``ops``,
+    AutoAugment's sub-policies in ``policy``, AugMix's ``ops``)."""
+    found = []
+    for stage in getattr(transform, "transforms", [transform]):
+        groups = [getattr(stage, "ops", None) or []] + list(getattr(stage, "policy", None) or [])
+        found += [op for group in groups for op in group if "Posterize" in str(getattr(op, "name", ""))]
+    return found
+
+
+def _check_posterize_bits(aa: str, transform) -> None:
+    """Refuse a policy whose posterize can be asked to keep a number of bits Pillow refuses.
+
+    timm maps a magnitude to the bits posterize keeps (its increasing variant: magnitude 10 keeps 0),
+    and adds Gaussian noise of std ``mstd`` to the magnitude, clipped to [0, ``mmax`` or 10]. With
+    MAE's ``rand-m9-mstd0.5-inc1`` about 2 % of draws reach 10; Pillow 13 raises a ValueError for
+    0 bits, so fine-tuning would crash within about a thousand images. Each op's reachable magnitudes
+    (noise to 6 std, or [0, m] for timm's uniform ``mstd`` inf) are mapped to bits, and the fewest
+    is tried on a tiny image with the installed Pillow, so a Pillow or timm that accepts it passes.
+
+    Raises:
+        UsageError: naming the bits and the fix (``-mmax9`` caps the magnitude at 9: at least 1 bit).
+    """
+    from PIL import Image
+
+    for op in _posterize_ops(transform):
+        m, std = float(op.magnitude), float(op.magnitude_std)
+        lo, hi = (0.0, m) if math.isinf(std) else (m - 6 * std, m + 6 * std) if std > 0 else (m, m)
+        upper = float(op.magnitude_max or 10.0)
+        bits, at = min((int(op.level_fn(v, op.hparams)[0]), v) for v in (max(0.0, min(v, upper)) for v in (lo, hi)))
+        try:
+            op.aug_fn(Image.new("RGB", (2, 2)), bits)
+        except ValueError:
+            # RandAugment's increasing posterize loses bits as the magnitude grows, so its -mmax cap
+            # fixes it; other policies lose them at a fixed or low magnitude
+            fix = ("cap the magnitude with -mmax9" if aa.startswith("rand") and "Increasing" in op.name
+                   else "choose another policy or magnitude")
+            raise UsageError(f"--aa {aa!r}: timm's {op.name} would keep {bits} bits per channel at magnitude {at:g}, "
+                             f"which the installed Pillow refuses mid-run; {fix} (e.g. rand-m9-mstd0.5-inc1-mmax9, "
+                             "the imagenet recipe's, or original)") from None
+
+
 def _check_library_names(cfg) -> None:
     """--seed's range, and the names timm resolves (--interpolation, --aa, --opt), checked before anything
     is written: timm itself answers a KeyError, an AssertionError or a registry ValueError."""
@@ -286,10 +329,11 @@ def _check_library_names(cfg) -> None:
                          "lanczos, box or hamming") from None
     if aa not in (None, "off"):
         try:
-            create_transform(input_size=8, is_training=True, auto_augment=aa)
+            policy = create_transform(input_size=8, is_training=True, auto_augment=aa)
         except (KeyError, ValueError, AssertionError, IndexError):
-            raise UsageError(f"--aa {aa!r} is not a timm augmentation policy (e.g. rand-m9-mstd0.5-inc1, "
-                             "augmix-m5-w4-d2, original, v0, or off)") from None
+            raise UsageError(f"--aa {aa!r} is not a timm augmentation policy (e.g. rand-m9-mstd0.5-inc1-mmax9, "
+                             "augmix-m5-w4-d2, original, or off)") from None
+        _check_posterize_bits(aa, policy)
     if isinstance(cfg, FinetuneConfig):
         from timm.optim import list_optimizers
 
