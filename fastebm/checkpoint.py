@@ -34,6 +34,8 @@ FORMAT = "fastebm-train-checkpoint"
 VERSION = 1
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"
+# fastebm-eval finetune's resumable state (its own format): named here so fastebm-train can refuse a folder holding one
+FINETUNE_CHECKPOINT = "checkpoint.pt"
 REQUIRED_KEYS = ("format", "model", "optimizer", "step", "config", "rng")
 
 

@@ -129,3 +129,31 @@ def test_a_write_failing_later_names_the_path(tmp_path, capsys, monkeypatch):
     line = _one_error_line(capsys)
     assert os.path.join(out, "last.pt") in line and "No space left on device" in line
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("flags", [{}, {"resume": "auto"}, {"overwrite": "true"}])
+def test_another_commands_results_are_refused_whatever_the_flags(tmp_path, capsys, flags):
+    """fastebm-eval's folders hold a metrics.jsonl, which looks like a run: --resume auto would start from
+    scratch over it and --overwrite would delete its summary. A k-NN run's real folder, and an interrupted
+    fine-tuning's checkpoint.pt, are refused and left byte for byte; fastebm-train's own finished run is not."""
+    from fastebm.cli.eval import main as eval_main
+
+    data = str(tmp_path / "data")
+    make_image_folder(data, n=12)
+    knn = str(tmp_path / "knn")
+    assert eval_main(["knn", "--init", "random", "--k", "3", "--few_shot", "2", "--output_dir", knn]) == 0
+    capsys.readouterr()
+    ft = tmp_path / "ft_killed"
+    ft.mkdir()
+    (ft / "checkpoint.pt").write_bytes(os.urandom(64))
+    (ft / "metrics.jsonl").write_text('{"epoch": 1, "top1": 0.5}\n')
+    for out, needle in ((knn, "the results of fastebm-eval knn (summary.json)"),
+                        (str(ft), "a fastebm-eval finetune run (checkpoint.pt)")):
+        before = _snapshot(out)
+        assert main(fast_args(out, data, max_steps=1, **flags)) == 2
+        line = _one_error_line(capsys)
+        assert needle in line and "give another --output_dir" in line, line
+        assert _snapshot(out) == before
+    own = str(tmp_path / "own")
+    assert main(fast_args(own, data, max_steps=1)) == 0
+    assert main(fast_args(own, data, max_steps=2, **flags)) == (2 if not flags else 0)

@@ -20,14 +20,14 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..data.sampling import generator_for, mix_seed
 from .. import distributed
-from ..checkpoint import LAST
+from ..checkpoint import FINETUNE_CHECKPOINT, LAST
 from ..errors import DistributedSetupError, UsageError
 from .backbone import eval_size
 from .config import COMMANDS, to_dict
 from ..files import atomic_write, atomic_write_json, atomic_write_text
 
 SUMMARY_FILE = "summary.json"
-CKPT_FILE = "checkpoint.pt"  # a fine-tuning run's resumable state
+CKPT_FILE = FINETUNE_CHECKPOINT  # a fine-tuning run's resumable state
 TABLE_FILE = "results.md"
 EPOCH_STREAM = 21  # seeds each epoch's global RNGs (augmentation, Mixup, drop-path): resume is exact
 

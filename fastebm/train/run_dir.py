@@ -8,17 +8,21 @@ Two mistakes used to cost a finished run or end in a traceback:
   ``--overwrite`` (delete it first) says what to do, and nothing is touched before every other
   check has passed (``Trainer.start``);
 * an output path that cannot be written (a read-only folder, a path under a regular file, an
-  existing file): now one line naming the path (:class:`~fastebm.errors.OutputError`, exit 2).
+  existing file): now one line naming the path (:class:`~fastebm.errors.OutputError`, exit 2);
+* a folder holding another command's results (``fastebm-eval``'s ``summary.json`` or fine-tuning
+  ``checkpoint.pt``): its ``metrics.jsonl`` looked like a run, so ``--resume auto`` started from
+  scratch over it and ``--overwrite`` deleted its summary. Now it is refused whatever the flags.
 """
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from typing import List, Optional
 
 from .. import distributed
-from ..checkpoint import LAST, PREVIOUS
+from ..checkpoint import FINETUNE_CHECKPOINT, LAST, PREVIOUS
 from ..errors import FastEBMError, OutputError, UsageError
 from ..files import remove_files
 from .checkpoint import EPOCH_CHECKPOINT
@@ -65,12 +69,32 @@ def run_files(output_dir: str) -> List[str]:
     return [name for name in RUN_MARKERS if os.path.isfile(os.path.join(output_dir, name))]
 
 
+def other_commands_results(output_dir: str) -> Optional[str]:
+    """What in ``output_dir`` another command wrote, which a training run there would overwrite, or None:
+    a fine-tuning checkpoint, or a ``summary.json`` naming a ``command`` (fastebm-eval's do;
+    fastebm-train's never does). Only positive evidence counts: an unreadable summary is left to the run."""
+    if os.path.isfile(os.path.join(output_dir, FINETUNE_CHECKPOINT)):
+        return f"a fastebm-eval finetune run ({FINETUNE_CHECKPOINT})"
+    try:
+        with open(os.path.join(output_dir, "summary.json"), encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError, RecursionError):
+        return None
+    command = record.get("command") if isinstance(record, dict) else None
+    return f"the results of fastebm-eval {command} (summary.json)" if isinstance(command, str) else None
+
+
 def output_dir_problem(cfg: TrainConfig) -> Optional[FastEBMError]:
-    """OutputError for an unwritable ``--output_dir``, UsageError for one that holds a run started
-    without ``--resume``/``--overwrite``, else None. Reads only."""
+    """OutputError for an unwritable ``--output_dir``; UsageError for one holding another command's
+    results (whatever the flags), or a run started without ``--resume``/``--overwrite``; else None.
+    Reads only."""
     problem = writable_problem(cfg.output_dir)
     if problem:
         return OutputError(problem)
+    other = other_commands_results(cfg.output_dir) if os.path.isdir(cfg.output_dir) else None
+    if other:
+        return UsageError(f"--output_dir {cfg.output_dir!r} holds {other}, which fastebm-train would overwrite "
+                          f"(with --resume or --overwrite too): give another --output_dir")
     found = run_files(cfg.output_dir) if os.path.isdir(cfg.output_dir) else []
     if found and cfg.resume is None and not cfg.overwrite:
         return UsageError(f"--output_dir {cfg.output_dir!r} holds a run ({', '.join(found)}): continue it with "
