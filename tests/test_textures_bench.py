@@ -216,3 +216,32 @@ def test_run_refuses_a_work_folder_it_cannot_use_with_one_line_errors(tmp_path, 
     assert run.main(["--quick", "--benchmark", "textures", "--output_dir", str(tmp_path / "w")]) == 2
     assert "not this benchmark's folder" in capsys.readouterr().err
     assert sorted(os.listdir(foreign)) == ["mine.txt"] and not (tmp_path / "w" / "textures.json").exists()
+
+
+def test_the_lr_search_split_holds_out_whole_training_tiles(split, tmp_path):
+    """texture_ft_lr.py's validation split: every training patch goes to exactly one side, every class keeps
+    enough training patches for 100 labels and some validation ones, no validation window shares a pixel with
+    a window left for training (checked on the corners, not the tile bookkeeping), no test patch is used, and
+    the folder written holds those pixels."""
+    import texture_ft_lr as L
+    from PIL import Image
+
+    x_tr, y_tr, _, _, regions = split
+    s = L.val_split()
+    is_val = s["is_val"]
+    assert is_val.shape == y_tr.shape and 0 < is_val.sum() < len(is_val)
+    assert np.array_equal(s["x_val"], x_tr[is_val]) and np.array_equal(s["x_train"], x_tr[~is_val])
+    start = 0
+    for label, name in enumerate(T.CLASSES):
+        corners = regions[name]["train_corners"]
+        held = is_val[start:start + len(corners)]
+        start += len(corners)
+        assert (~held).sum() >= 10 and held.sum() >= 1, name
+        for vy, vx in corners[held]:
+            for ty, tx in corners[~held]:
+                assert abs(int(vy) - int(ty)) >= T.WINDOW or abs(int(vx) - int(tx)) >= T.WINDOW, name
+    counts = L.write_val_split(str(tmp_path / "split"))
+    assert counts == {"train": int((~is_val).sum()), "val": int(is_val.sum())}
+    name = T.CLASSES[int(s["y_val"][0])]
+    first = sorted(os.listdir(tmp_path / "split" / "val" / name))[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "split" / "val" / name / first)), s["x_val"][0])

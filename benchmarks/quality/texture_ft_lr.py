@@ -44,7 +44,8 @@ VAL_SEED = 20261218  # this split's own draw, independent of textures.SPLIT_SEED
 
 
 def val_split() -> Dict[str, np.ndarray]:
-    """The texture training patches divided by tile: {"x_train", "y_train", "x_val", "y_val"} (uint8 / int64)."""
+    """The texture training patches divided by tile: {"x_train", "y_train", "x_val", "y_val"} (uint8 / int64) and
+    "is_val" (bool, one per patch of ``textures.texture_split``'s training set, in its order)."""
     x, y, _, _, regions = T.texture_split(return_regions=True)
     rng = np.random.default_rng(VAL_SEED)
     is_val = np.zeros(len(y), dtype=bool)
@@ -56,7 +57,7 @@ def val_split() -> Dict[str, np.ndarray]:
         # a window lies inside one tile, so its corner names the tile
         is_val[start:start + len(corners)] = [(int(r) // T.TILE * T.TILE, int(c) // T.TILE * T.TILE) in held for r, c in corners]
         start += len(corners)
-    return {"x_train": x[~is_val], "y_train": y[~is_val], "x_val": x[is_val], "y_val": y[is_val]}
+    return {"x_train": x[~is_val], "y_train": y[~is_val], "x_val": x[is_val], "y_val": y[is_val], "is_val": is_val}
 
 
 def write_val_split(out: str) -> Dict[str, int]:
