@@ -4,6 +4,7 @@ Only the main process writes (the caller passes ``enabled=distributed.is_main()`
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -14,9 +15,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .files import remove_files
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+TB_DIR = "tb"  # TensorBoard event files
 
 
 def flatten_stats(stats: Dict[str, Any], prefix: str = "") -> Dict[str, float]:
@@ -62,6 +66,11 @@ class MetricsLogger:
             return
         if resume_step is None:
             open(self.path, "w").close()
+            # a new run replaces the earlier one's TensorBoard events as it replaces its metrics.jsonl: left
+            # beside the new file they would draw both runs as one curve (a repeated fastebm-eval command)
+            if tensorboard:
+                remove_files(glob.glob(os.path.join(glob.escape(output_dir), TB_DIR, "events.out.tfevents.*")),
+                             flag="a new run's log")
         else:
             # A run killed after its last checkpoint logged steps that the resumed run will redo.
             kept = [r for r in read_metrics(output_dir) if r.get("step", 0) <= resume_step]
@@ -72,7 +81,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=os.path.join(output_dir, "tb"), purge_step=resume_step)
+                self._tb = SummaryWriter(log_dir=os.path.join(output_dir, TB_DIR), purge_step=resume_step)
             except Exception as exc:  # tensorboard missing or broken: metrics.jsonl still has everything
                 log.warning(f"TensorBoard logging off ({exc})")
 

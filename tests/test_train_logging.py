@@ -1,8 +1,10 @@
 """Console output (tqdm on a terminal, plain lines otherwise) and metrics.jsonl on resume."""
 import io
 import json
+import os
 import random
 
+import numpy as np
 import torch
 
 from fastebm.runlog import Console, MetricsLogger, flatten_stats, read_metrics
@@ -52,3 +54,40 @@ def test_flatten_stats():
     assert flat["loss_t/1"] == t[0].item() and flat["loss_t/3"] == t[2].item()
     assert flat["lr"] == 0.5 and flat["energy"] == 2.0
     json.dumps(flat)
+
+
+def _tb_scalars(folder):
+    """{events file name: [(step, value) of tag loss]} of every TensorBoard file in ``folder``/tb."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for name in sorted(os.listdir(folder / "tb")):
+        acc = EventAccumulator(str(folder / "tb" / name))
+        acc.Reload()
+        out[name] = [(e.step, e.value) for e in acc.Scalars("loss")] if "loss" in acc.Tags()["scalars"] else []
+    return out
+
+
+def test_a_new_run_replaces_the_earlier_tensorboard_events_and_a_resume_keeps_them(tmp_path):
+    """A repeated fastebm-eval command starts a new log in its own folder: the earlier run's TensorBoard events
+    go with its metrics.jsonl, so the two runs are not drawn as one curve; a resume keeps them, and files
+    that are not event files stay."""
+    first = [random.random() for _ in range(4)]
+    second = [random.random() + 2 for _ in range(3)]
+    for values in (first, second):
+        log = MetricsLogger(str(tmp_path))
+        for step, v in enumerate(values, 1):
+            log.log({"step": step, "loss": v})
+        log.close()
+    curves = list(_tb_scalars(tmp_path).values())
+    assert len(curves) == 1 and [s for s, _ in curves[0]] == [1, 2, 3]
+    assert np.allclose([v for _, v in curves[0]], second)
+    (tmp_path / "tb" / "notes.txt").write_text("mine")
+    resumed = MetricsLogger(str(tmp_path), resume_step=2)
+    resumed.log({"step": 3, "loss": 7.5})
+    resumed.close()
+    names = os.listdir(tmp_path / "tb")
+    assert sum(n.startswith("events.out.tfevents.") for n in names) == 2 and "notes.txt" in names
+    MetricsLogger(str(tmp_path)).close()
+    names = os.listdir(tmp_path / "tb")
+    assert sum(n.startswith("events.out.tfevents.") for n in names) == 1 and "notes.txt" in names
