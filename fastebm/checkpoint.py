@@ -36,6 +36,9 @@ LAST = "last.pt"
 PREVIOUS = "last.prev.pt"
 # fastebm-eval finetune's resumable state (its own format): named here so fastebm-train can refuse a folder holding one
 FINETUNE_CHECKPOINT = "checkpoint.pt"
+# fastebm-train's resolved flags, written before its first step: named here so fastebm-eval can recognise a
+# training run that has not saved a checkpoint yet
+TRAIN_CONFIG = "config.yaml"
 REQUIRED_KEYS = ("format", "model", "optimizer", "step", "config", "rng")
 
 

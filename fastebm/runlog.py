@@ -55,6 +55,21 @@ def read_metrics(output_dir: str) -> List[Dict[str, Any]]:
     return records
 
 
+def _drop_earlier_events(tb_dir: str) -> None:
+    """A new run replaces the earlier run's TensorBoard event files as it replaces its metrics.jsonl: left
+    beside the new file they would draw both runs as one curve (a repeated fastebm-eval command). Only
+    files inside the output folder go: a ``tb`` that links elsewhere may be shared by other runs."""
+    if os.path.islink(tb_dir):
+        log.warning(f"{tb_dir} is a link: the new run's TensorBoard events are written beside the earlier ones "
+                    "there (fastebm deletes nothing outside its output folder)")
+        return
+    old = [p for p in glob.glob(os.path.join(glob.escape(tb_dir), "events.out.tfevents.*"))
+           if os.path.islink(p) or not os.path.isdir(p)]
+    removed = remove_files(old, flag="starting a new run's TensorBoard log")
+    if removed:
+        log.info(f"removed {removed} TensorBoard event file(s) of the earlier run from {tb_dir}")
+
+
 class MetricsLogger:
     """Appends one JSON object per logging interval and mirrors scalars to TensorBoard."""
 
@@ -66,11 +81,8 @@ class MetricsLogger:
             return
         if resume_step is None:
             open(self.path, "w").close()
-            # a new run replaces the earlier one's TensorBoard events as it replaces its metrics.jsonl: left
-            # beside the new file they would draw both runs as one curve (a repeated fastebm-eval command)
             if tensorboard:
-                remove_files(glob.glob(os.path.join(glob.escape(output_dir), TB_DIR, "events.out.tfevents.*")),
-                             flag="a new run's log")
+                _drop_earlier_events(os.path.join(output_dir, TB_DIR))
         else:
             # A run killed after its last checkpoint logged steps that the resumed run will redo.
             kept = [r for r in read_metrics(output_dir) if r.get("step", 0) <= resume_step]

@@ -213,6 +213,25 @@ def test_a_folder_holding_another_commands_results_is_refused(tmp_path, capsys):
         assert main(["knn", *common, "--k", "3", "--output_dir", str(folder)]) == 2, name
         _one_line_error(capsys, f"--output_dir {folder} holds {said}")
         assert _files(folder) == before and sorted(os.listdir(folder)) == [marker], name
+    # a fastebm-train run killed before its first checkpoint holds its config.yaml and its log, which a new
+    # run would replace: refused too; a fastebm-eval config the user keeps in its output folder is not one
+    from fastebm.train.config import TrainConfig
+    from fastebm.train.config.files import save_yaml
+
+    early = tmp_path / "train_early"
+    early.mkdir()
+    save_yaml(TrainConfig(output_dir=str(early), epochs=int(torch.randint(1, 9, ()))), str(early / "config.yaml"))
+    (early / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": float(torch.rand(()))}) + "\n")
+    before = _files(early)
+    capsys.readouterr()
+    assert main(["knn", *common, "--k", "3", "--output_dir", str(early)]) == 2
+    _one_line_error(capsys, f"--output_dir {early} holds a fastebm-train run (config.yaml)")
+    assert _files(early) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("k: 3\nseed: %d\n" % int(torch.randint(0, 100, ())))
+    assert main(["knn", *common, "--config", str(mine / "config.yaml"), "--output_dir", str(mine)]) == 0
+    assert json.loads((mine / "summary.json").read_text())["command"] == "knn"
 
 
 def _posterize_crashes(aa, draws, seed):
@@ -244,6 +263,7 @@ def _posterize_crashes(aa, draws, seed):
 
 @pytest.mark.parametrize("aa, fix", [("rand-m9-mstd0.5-inc1", "cap the magnitude with -mmax9"),
                                      ("rand-m10-inc1", "cap the magnitude with -mmax9"),
+                                     ("rand-m9-mstd0.5-inc1-mmax10", "lower its -mmax to 9"),
                                      ("rand-m2", "choose another policy"), ("v0", "choose another policy")])
 def test_an_augmentation_that_would_crash_mid_run_is_refused_before_anything_runs(aa, fix, capsys, tmp_path):
     """MAE's literal ``rand-m9-mstd0.5-inc1`` draws magnitude 10 for ~2 % of posterize calls, which timm maps
@@ -253,7 +273,8 @@ def test_an_augmentation_that_would_crash_mid_run_is_refused_before_anything_run
     _run_bad(capsys, tmp_path, ["finetune", "--init", "random", "--aa", aa], f"--aa {aa!r}", "0 bits", fix)
 
 
-@pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1-mmax9", "original", "rand-m9-mstd0.5", "augmix-m5-w4-d2"])
+@pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1-mmax9", "original", "rand-m9-mstd0.5", "augmix-m5-w4-d2",
+                                "augmix-m10-w4-d2"])
 def test_accepted_augmentations_never_posterize_to_zero_bits(aa):
     from fastebm.eval.config import make_config
     from fastebm.eval.recipes import RAND_AUGMENT

@@ -91,3 +91,22 @@ def test_a_new_run_replaces_the_earlier_tensorboard_events_and_a_resume_keeps_th
     MetricsLogger(str(tmp_path)).close()
     names = os.listdir(tmp_path / "tb")
     assert sum(n.startswith("events.out.tfevents.") for n in names) == 1 and "notes.txt" in names
+
+
+def test_a_new_run_deletes_no_events_outside_its_folder(tmp_path, caplog):
+    """A ``tb`` that links to a folder other runs share keeps their event files (with a warning), and a
+    folder named like an event file inside the run's own ``tb`` is left alone, not an error."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    other = shared / f"events.out.tfevents.{random.randrange(10**9)}.otherhost"
+    other.write_bytes(os.urandom(64))
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(shared, run / "tb")
+    with caplog.at_level("WARNING", logger="fastebm.runlog"):
+        MetricsLogger(str(run)).close()
+    assert other.exists() and "is a link" in caplog.text
+    own = tmp_path / "own"
+    (own / "tb" / "events.out.tfevents.dir").mkdir(parents=True)
+    MetricsLogger(str(own)).close()
+    assert (own / "tb" / "events.out.tfevents.dir").is_dir()

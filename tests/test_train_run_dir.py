@@ -147,7 +147,7 @@ def test_another_commands_results_are_refused_whatever_the_flags(tmp_path, capsy
     ft.mkdir()
     (ft / "checkpoint.pt").write_bytes(os.urandom(64))
     (ft / "metrics.jsonl").write_text('{"epoch": 1, "top1": 0.5}\n')
-    for out, needle in ((knn, "the results of fastebm-eval knn (summary.json)"),
+    for out, needle in ((knn, "another command's results (its summary.json names command 'knn')"),
                         (str(ft), "a fastebm-eval finetune run (checkpoint.pt)")):
         before = _snapshot(out)
         assert main(fast_args(out, data, max_steps=1, **flags)) == 2

@@ -290,7 +290,7 @@ def _check_posterize_bits(aa: str, transform) -> None:
     and adds Gaussian noise of std ``mstd`` to the magnitude, clipped to [0, ``mmax`` or 10]. With
     MAE's ``rand-m9-mstd0.5-inc1`` about 2 % of draws reach 10; Pillow 13 raises a ValueError for
     0 bits, so fine-tuning would crash within about a thousand images. Each op's reachable magnitudes
-    (noise to 6 std, or [0, m] for timm's uniform ``mstd`` inf) are mapped to bits, and the fewest
+    (noise to 6 std, or [0, m) for timm's uniform ``mstd`` inf) are mapped to bits, and the fewest
     is tried on a tiny image with the installed Pillow, so a Pillow or timm that accepts it passes.
 
     Raises:
@@ -300,7 +300,8 @@ def _check_posterize_bits(aa: str, transform) -> None:
 
     for op in _posterize_ops(transform):
         m, std = float(op.magnitude), float(op.magnitude_std)
-        lo, hi = (0.0, m) if math.isinf(std) else (m - 6 * std, m + 6 * std) if std > 0 else (m, m)
+        # timm's uniform draw is random.uniform(0, m) = m * random(), random() < 1: m itself is never drawn
+        lo, hi = (0.0, m * (1.0 - 2.0 ** -53)) if math.isinf(std) else (m - 6 * std, m + 6 * std) if std > 0 else (m, m)
         upper = float(op.magnitude_max or 10.0)
         bits, at = min((int(op.level_fn(v, op.hparams)[0]), v) for v in (max(0.0, min(v, upper)) for v in (lo, hi)))
         try:
@@ -308,11 +309,12 @@ def _check_posterize_bits(aa: str, transform) -> None:
         except ValueError:
             # RandAugment's increasing posterize loses bits as the magnitude grows, so its -mmax cap
             # fixes it; other policies lose them at a fixed or low magnitude
-            fix = ("cap the magnitude with -mmax9" if aa.startswith("rand") and "Increasing" in op.name
-                   else "choose another policy or magnitude")
-            raise UsageError(f"--aa {aa!r}: timm's {op.name} would keep {bits} bits per channel at magnitude {at:g}, "
-                             f"which the installed Pillow refuses mid-run; {fix} (e.g. rand-m9-mstd0.5-inc1-mmax9, "
-                             "the imagenet recipe's, or original)") from None
+            # (timm keeps the first -mmax it reads, so a second one appended would not help)
+            fix = ("choose another policy or magnitude" if not (aa.startswith("rand") and "Increasing" in op.name)
+                   else "lower its -mmax to 9" if "-mmax" in aa else "cap the magnitude with -mmax9")
+            raise UsageError(f"--aa {aa!r}: timm's {op.name} can keep {bits} bits per channel (its magnitude can "
+                             f"reach {at:g}), which the installed Pillow refuses mid-run; {fix} (e.g. "
+                             "rand-m9-mstd0.5-inc1-mmax9, the imagenet recipe's, augmix-m5-w4-d2, or original)") from None
 
 
 def _check_library_names(cfg) -> None:

@@ -16,11 +16,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Sampler
 
 from ..data.sampling import generator_for, mix_seed
 from .. import distributed
-from ..checkpoint import FINETUNE_CHECKPOINT, LAST
+from ..checkpoint import FINETUNE_CHECKPOINT, LAST, TRAIN_CONFIG
 from ..errors import DistributedSetupError, UsageError
 from .backbone import eval_size
 from .config import COMMANDS, to_dict
@@ -165,18 +166,34 @@ def prepare_output_dir(run: Run, path: str) -> None:
 # What marks a folder as another run's, besides a summary.json it did not write: an unfinished (or killed)
 # fine-tuning run has its checkpoint before any summary, a fastebm-train run its last.pt.
 _RUN_MARKERS = {CKPT_FILE: "finetune", LAST: "fastebm-train"}
+# A fastebm-train run before its first checkpoint has only its config.yaml (and its log, which a new run here
+# would replace). It writes every flag, among them restoration flags no fastebm-eval config has, so a user's
+# own fastebm-eval config.yaml kept in the folder is not mistaken for one.
+_TRAIN_ONLY_KEYS = ("tasks", "grad_mode")
+
+
+def _is_train_config(path: str) -> bool:
+    try:
+        with open(os.path.join(path, TRAIN_CONFIG), encoding="utf-8") as fh:
+            values = yaml.safe_load(fh)
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(values, dict) and all(key in values for key in _TRAIN_ONLY_KEYS)
 
 
 def refuse_other_results(command: str, path: str) -> None:
     """Raises UsageError when ``path`` holds results that fastebm-eval ``command`` would overwrite: a
     ``summary.json`` another command (or program) wrote, or one it cannot read; a fine-tuning checkpoint
-    (unless ``command`` is finetune, which guards it with --resume); a fastebm-train run. The same
+    (unless ``command`` is finetune, which guards it with --resume); a fastebm-train run (its ``last.pt``,
+    or before its first checkpoint its ``config.yaml``). The same
     command's finished results are replaced (a k-NN or probe run is repeated from the start)."""
     fix = f"which fastebm-eval {command} would overwrite: give another --output_dir"
     for name, owner in _RUN_MARKERS.items():
         if owner != command and os.path.exists(os.path.join(path, name)):
             whose = f"fastebm-eval {owner}" if owner == "finetune" else owner
             raise UsageError(f"--output_dir {path} holds a {whose} run ({name}), {fix}")
+    if _is_train_config(path):
+        raise UsageError(f"--output_dir {path} holds a fastebm-train run ({TRAIN_CONFIG}), {fix}")
     summary = os.path.join(path, SUMMARY_FILE)
     if not os.path.lexists(summary):
         return

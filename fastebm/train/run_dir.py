@@ -22,7 +22,7 @@ import os
 from typing import List, Optional
 
 from .. import distributed
-from ..checkpoint import FINETUNE_CHECKPOINT, LAST, PREVIOUS
+from ..checkpoint import FINETUNE_CHECKPOINT, LAST, PREVIOUS, TRAIN_CONFIG
 from ..errors import FastEBMError, OutputError, UsageError
 from ..files import remove_files
 from .checkpoint import EPOCH_CHECKPOINT
@@ -31,7 +31,7 @@ from .config import TrainConfig
 log = logging.getLogger(__name__)
 
 # Files whose presence means the folder holds a run.
-RUN_MARKERS = (LAST, PREVIOUS, "metrics.jsonl", "config.yaml")
+RUN_MARKERS = (LAST, PREVIOUS, "metrics.jsonl", TRAIN_CONFIG)
 
 
 def _nearest_existing(path: str) -> str:
@@ -81,7 +81,7 @@ def other_commands_results(output_dir: str) -> Optional[str]:
     except (OSError, ValueError, RecursionError):
         return None
     command = record.get("command") if isinstance(record, dict) else None
-    return f"the results of fastebm-eval {command} (summary.json)" if isinstance(command, str) else None
+    return f"another command's results (its summary.json names command {command!r})" if isinstance(command, str) else None
 
 
 def output_dir_problem(cfg: TrainConfig) -> Optional[FastEBMError]:
@@ -93,8 +93,8 @@ def output_dir_problem(cfg: TrainConfig) -> Optional[FastEBMError]:
         return OutputError(problem)
     other = other_commands_results(cfg.output_dir) if os.path.isdir(cfg.output_dir) else None
     if other:
-        return UsageError(f"--output_dir {cfg.output_dir!r} holds {other}, which fastebm-train would overwrite "
-                          f"(with --resume or --overwrite too): give another --output_dir")
+        return UsageError(f"--output_dir {cfg.output_dir!r} holds {other}; fastebm-train never trains over them, "
+                          f"even with --resume or --overwrite: give another --output_dir")
     found = run_files(cfg.output_dir) if os.path.isdir(cfg.output_dir) else []
     if found and cfg.resume is None and not cfg.overwrite:
         return UsageError(f"--output_dir {cfg.output_dir!r} holds a run ({', '.join(found)}): continue it with "
@@ -123,7 +123,7 @@ def prepare_output_dir(cfg: TrainConfig) -> None:
         return
     from .pictures import GRID_FILE, LOSS_FILE
 
-    names = [LAST, PREVIOUS, "metrics.jsonl", "summary.json", "config.yaml", "backbone.pth", GRID_FILE, LOSS_FILE]
+    names = [LAST, PREVIOUS, "metrics.jsonl", "summary.json", TRAIN_CONFIG, "backbone.pth", GRID_FILE, LOSS_FILE]
     paths = [os.path.join(cfg.output_dir, n) for n in names]
     paths += glob.glob(os.path.join(glob.escape(cfg.output_dir), EPOCH_CHECKPOINT.format(epoch="*")))
     paths += glob.glob(os.path.join(glob.escape(cfg.output_dir), "tb", "events.out.tfevents.*"))

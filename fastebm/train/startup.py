@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 
 from .. import distributed
-from ..checkpoint import LAST, PREVIOUS, damaged_last, find_resume_checkpoint, load_checkpoint, set_aside_damaged
+from ..checkpoint import (LAST, PREVIOUS, TRAIN_CONFIG, damaged_last, find_resume_checkpoint, load_checkpoint,
+                          set_aside_damaged)
 from ..data.builtin import BuiltinDemoData
 from ..data.streams import resolve_loader
 from ..errors import CheckpointError
@@ -164,7 +165,7 @@ class TrainerStartup:
                 log.warning(f"moved the damaged checkpoint {self.damaged_last} aside to {moved}, so that saving does "
                             f"not rotate it over {os.path.join(cfg.output_dir, PREVIOUS)} (step {st.step}, the good "
                             f"one); delete {moved} when you no longer need it")
-            save_yaml(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+            save_yaml(cfg, os.path.join(cfg.output_dir, TRAIN_CONFIG))
         self.metrics = MetricsLogger(cfg.output_dir, enabled=distributed.is_main(),
                                      resume_step=st.step if self.resumed_from else None)
         self.preview = preview_images(self.source)
