@@ -161,6 +161,15 @@ for _suffix, (_label, _flags) in OTHER_FT.items():
 # arms above); with 100 labels fastebm kept the built-in 32e-3 and timm's init chose 64e-3 (by 0.002): this arm.
 ARMS["random_timm_ft100_blr64e-3"] = ft_only_arm(ARMS["random_timm"], "ft100_blr64e-3", "100-label FT at blr 0.064",
                                                  ["--blr", "0.064"], part="ft_100")
+# Round 18: the 100-label fine-tuning lr searched on the textures at 32 px (texture_ft_lr.py, blr 8e-3 to 64e-3,
+# seeds 0 and 1, a validation split of the texture training tiles). MAE at equal FLOPs kept the built-in 32e-3;
+# timm's init chose 16e-3 and fastebm's defaults 64e-3: these arms fine-tune them at their picks on the test patches,
+# and at the built-in 32e-3 beside them (the same backbones: pretraining is bit-identical only on the same CPU).
+for _base, _picked in (("random_timm_32px", "16e-3"), ("fastebm_16px_8ep", "64e-3")):
+    for _blr in (_picked, "32e-3"):
+        _value = str(float(_blr.replace("e-3", "")) / 1000)
+        ARMS[f"{_base}_ft100_blr{_blr}"] = ft_only_arm(ARMS[_base], f"ft100_blr{_blr}", f"100-label FT at blr {_value}",
+                                                       ["--blr", _value], part="ft_100")
 
 # The default set: what the acceptance checks compare (both random inits, the shipped defaults, MAE at
 # equal epochs and at equal FLOPs), every arm pretrained and evaluated at 16 px since round 12. An arm costs

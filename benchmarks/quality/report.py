@@ -217,7 +217,20 @@ def environment() -> Dict:
     return {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
             "git_dirty": dirty, "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "sklearn": sklearn.__version__, "fastebm": getattr(fastebm, "__version__", None), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _cpu_model() -> str:
+    """/proc/cpuinfo's model name (Linux). A seed's run is bit-identical on one machine, but not always on
+    another (docs/quality.md, round 18): the model and torch's vector path (cpu_capability) say which."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def collect(jobs, meta: Dict, fl: Dict) -> Dict:

@@ -16,7 +16,7 @@ TEXTURES' training patches, never their test patches:
 
     python benchmarks/quality/texture_ft_lr.py --out DIR [--blr 0.008 0.016 0.032 0.064] [--seeds 0 1] [--jobs 2]
 
-Writes DIR/texture_ft_lr.json (every run: arm, blr, seed, val top-1, train top-1, command) and prints the grid.
+Writes DIR/texture_ft_lr.json (every run: arm, blr, seed, val top-1, train top-1, command), DIR/texture_ft_lr.png\n(validation top-1 against the lr) and prints the grid.
 Runs already finished in DIR are kept.
 """
 from __future__ import annotations
@@ -151,10 +151,14 @@ def main() -> int:
             continue
         rows.append(dict(arm=name, blr=blr, seed=seed, val_top1=s["top1"], train_top1=s.get("train_top1"),
                          wall_s=s.get("wall_time_s"), command=" ".join(cmd[1:])))
-    result = {"split": counts, "val_seed": VAL_SEED, "val_tile_fraction": VAL_TILE_FRACTION, "pretrain_seed": args.pretrain_seed,
+    from report import environment
+
+    result = {"env": environment(), "command": " ".join(["python", "benchmarks/quality/texture_ft_lr.py", *sys.argv[1:]]),
+              "split": counts, "val_seed": VAL_SEED, "val_tile_fraction": VAL_TILE_FRACTION, "pretrain_seed": args.pretrain_seed,
               "pretrain_commands": {k: (" ".join(c[1:]) if c else None) for k, (p, c) in pretrain.items()}, "runs": rows}
     with open(os.path.join(out, "texture_ft_lr.json"), "w") as fh:
         json.dump(result, fh, indent=1)
+    plot_grid(rows, args.arms, args.blr, os.path.join(out, "texture_ft_lr.png"))
     print(f"{'arm':20s} " + " ".join(f"{b:>8g}" for b in args.blr))
     for name in args.arms:
         cells = []
@@ -163,6 +167,36 @@ def main() -> int:
             cells.append(f"{np.mean(v):8.3f}" if v else f"{'-':>8s}")
         print(f"{name:20s} " + " ".join(cells))
     return 0
+
+
+def plot_grid(rows: List[dict], arm_names: List[str], blrs: List[float], path: str) -> None:
+    """Validation top-1 against the base lr, one line per arm (the mean) with every seed as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, name in enumerate(arm_names):
+        color = f"C{i}"
+        means = []
+        for blr in blrs:
+            v = [r["val_top1"] for r in rows if r["arm"] == name and r["blr"] == blr]
+            ax.scatter([blr] * len(v), v, color=color, s=14, alpha=0.6)
+            means.append(np.mean(v) if v else np.nan)
+        ax.plot(blrs, means, "-o", color=color, label=A.ARMS[name].label if name in A.ARMS else name)
+    from fastebm.eval.recipes import BLR_FEW
+
+    ax.axvline(BLR_FEW, color="0.6", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(blrs, [f"{b:g}" for b in blrs])
+    ax.set_xlabel("fine-tuning base lr (--blr); dotted: the built-in")
+    ax.set_ylabel("validation top-1 (100 labels)")
+    ax.set_title("textures at 32 px: 100-label fine-tuning lr, seeds as dots")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
