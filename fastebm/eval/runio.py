@@ -176,7 +176,7 @@ def _is_train_config(path: str) -> bool:
     try:
         with open(os.path.join(path, TRAIN_CONFIG), encoding="utf-8") as fh:
             values = yaml.safe_load(fh)
-    except (OSError, ValueError, yaml.YAMLError):
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):  # unreadable, not YAML, absurdly nested
         return False
     return isinstance(values, dict) and all(key in values for key in _TRAIN_ONLY_KEYS)
 
