@@ -67,6 +67,8 @@ def test_a_finished_run_is_never_touched_by_a_bad_start(tmp_path, capsys):
         assert [line.count('"step": 1,') for line in fh] == [1]
     with open(os.path.join(out, "config.yaml")) as fh:
         assert "overwrite" not in fh.read()  # a config.yaml given back to --config never overwrites by itself
+    # the earlier run's TensorBoard events went too: one curve, the new run's
+    assert len([n for n in os.listdir(os.path.join(out, "tb")) if n.startswith("events.out.tfevents.")]) == 1
 
 
 def _unwritable_cases(tmp_path):

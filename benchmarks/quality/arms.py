@@ -165,11 +165,11 @@ ARMS["random_timm_ft100_blr64e-3"] = ft_only_arm(ARMS["random_timm"], "ft100_blr
 # seeds 0 and 1, a validation split of the texture training tiles). MAE at equal FLOPs kept the built-in 32e-3;
 # timm's init chose 16e-3 and fastebm's defaults 64e-3: these arms fine-tune them at their picks on the test patches,
 # and at the built-in 32e-3 beside them (the same backbones: pretraining is bit-identical only on the same CPU).
-for _base, _picked in (("random_timm_32px", "16e-3"), ("fastebm_16px_8ep", "64e-3")):
-    for _blr in (_picked, "32e-3"):
-        _value = str(float(_blr.replace("e-3", "")) / 1000)
-        ARMS[f"{_base}_ft100_blr{_blr}"] = ft_only_arm(ARMS[_base], f"ft100_blr{_blr}", f"100-label FT at blr {_value}",
-                                                       ["--blr", _value], part="ft_100")
+for _base, _blrs in (("random_timm_32px", {"16e-3": "0.016", "32e-3": "0.032"}),
+                     ("fastebm_16px_8ep", {"64e-3": "0.064", "32e-3": "0.032"})):
+    for _suffix, _value in _blrs.items():
+        ARMS[f"{_base}_ft100_blr{_suffix}"] = ft_only_arm(ARMS[_base], f"ft100_blr{_suffix}",
+                                                          f"100-label FT at blr {_value}", ["--blr", _value], part="ft_100")
 
 # The default set: what the acceptance checks compare (both random inits, the shipped defaults, MAE at
 # equal epochs and at equal FLOPs), every arm pretrained and evaluated at 16 px since round 12. An arm costs

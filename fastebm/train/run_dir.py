@@ -114,7 +114,8 @@ def check_output_dir(cfg: TrainConfig) -> None:
 
 def prepare_output_dir(cfg: TrainConfig) -> None:
     """Creates ``--output_dir``; with ``--overwrite``, first deletes the earlier run's outputs
-    (checkpoints, metrics, TensorBoard events, pictures, summary, config, backbone) and nothing else."""
+    (checkpoints, metrics, pictures, summary, config, backbone) and nothing else. Its TensorBoard events
+    go when the new run's log starts (runlog.MetricsLogger, which leaves a linked ``tb/`` alone)."""
     try:
         os.makedirs(cfg.output_dir, exist_ok=True)
     except OSError as exc:
@@ -126,7 +127,6 @@ def prepare_output_dir(cfg: TrainConfig) -> None:
     names = [LAST, PREVIOUS, "metrics.jsonl", "summary.json", TRAIN_CONFIG, "backbone.pth", GRID_FILE, LOSS_FILE]
     paths = [os.path.join(cfg.output_dir, n) for n in names]
     paths += glob.glob(os.path.join(glob.escape(cfg.output_dir), EPOCH_CHECKPOINT.format(epoch="*")))
-    paths += glob.glob(os.path.join(glob.escape(cfg.output_dir), "tb", "events.out.tfevents.*"))
     paths += glob.glob(os.path.join(glob.escape(cfg.output_dir), LAST + ".damaged*"))  # set aside by a fallback resume
     removed = remove_files(paths)
     if removed:
