@@ -27,7 +27,7 @@ import math
 import os
 import platform
 import subprocess
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -220,7 +220,7 @@ def environment() -> Dict:
             "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def _cpu_model() -> str:
+def _cpu_model() -> Optional[str]:
     """/proc/cpuinfo's model name (Linux). A seed's run is bit-identical on one machine, but not always on
     another (docs/quality.md, round 18): the model and torch's vector path (cpu_capability) say which."""
     try:
@@ -230,7 +230,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None  # not Linux: "cpu" has what platform knows
 
 
 def collect(jobs, meta: Dict, fl: Dict) -> Dict:

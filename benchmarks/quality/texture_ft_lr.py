@@ -16,7 +16,8 @@ TEXTURES' training patches, never their test patches:
 
     python benchmarks/quality/texture_ft_lr.py --out DIR [--blr 0.008 0.016 0.032 0.064] [--seeds 0 1] [--jobs 2]
 
-Writes DIR/texture_ft_lr.json (every run: arm, blr, seed, val top-1, train top-1, command), DIR/texture_ft_lr.png\n(validation top-1 against the lr) and prints the grid.
+Writes DIR/texture_ft_lr.json (every run: arm, blr, seed, val top-1, train top-1, command), DIR/texture_ft_lr.png
+(validation top-1 against the lr) and prints the grid.
 Runs already finished in DIR are kept.
 """
 from __future__ import annotations
@@ -163,10 +164,15 @@ def main() -> int:
     for name in args.arms:
         cells = []
         for blr in args.blr:
-            v = [r["val_top1"] for r in rows if r["arm"] == name and r["blr"] == blr]
+            v = val_top1(rows, name, blr)
             cells.append(f"{np.mean(v):8.3f}" if v else f"{'-':>8s}")
         print(f"{name:20s} " + " ".join(cells))
     return 0
+
+
+def val_top1(rows: List[dict], arm: str, blr: float) -> List[float]:
+    """The validation top-1 of every seed of one grid cell."""
+    return [r["val_top1"] for r in rows if r["arm"] == arm and r["blr"] == blr]
 
 
 def plot_grid(rows: List[dict], arm_names: List[str], blrs: List[float], path: str) -> None:
@@ -181,7 +187,7 @@ def plot_grid(rows: List[dict], arm_names: List[str], blrs: List[float], path: s
         color = f"C{i}"
         means = []
         for blr in blrs:
-            v = [r["val_top1"] for r in rows if r["arm"] == name and r["blr"] == blr]
+            v = val_top1(rows, name, blr)
             ax.scatter([blr] * len(v), v, color=color, s=14, alpha=0.6)
             means.append(np.mean(v) if v else np.nan)
         ax.plot(blrs, means, "-o", color=color, label=A.ARMS[name].label if name in A.ARMS else name)
