@@ -853,3 +853,68 @@ def test_an_evaluation_only_arm_shares_its_pretraining_run(tmp_path):
     assert all(len(v) == 3 and all(j.deps == [pre[0].name] for j in v) for v in ev.values())
     sizes = {n: {c[c.index("--img_size") + 1] for j in v for c in j.commands if "--img_size" in c} for n, v in ev.items()}
     assert sizes == {names[0]: {"16"}, names[1]: {"32"}}
+
+
+def test_linear_cka_matches_the_hsic_definition_in_float64():
+    """ft_drift.linear_cka against CKA written from HSIC with a centring matrix (Kornblith et al. 2019, eq. 3-4), on
+    random features of odd sizes; 1 for a rotated, scaled and shifted copy, below 1 for unrelated features."""
+    import ft_drift as D
+
+    rng = np.random.default_rng()
+    n, p, q = 37, 5, 11
+    x = rng.normal(size=(n, p)).astype(np.float32)
+    y = (x @ rng.normal(size=(p, q)) + 0.7 * rng.normal(size=(n, q))).astype(np.float32)
+    h = np.eye(n) - np.ones((n, n)) / n
+
+    def hsic(a, b):
+        return np.trace(a @ a.T @ h @ b @ b.T @ h)
+
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    want = hsic(x64, y64) / np.sqrt(hsic(x64, x64) * hsic(y64, y64))
+    assert D.linear_cka(x, y) == pytest.approx(want, rel=1e-6) and 0 < want < 1
+    rot, _ = np.linalg.qr(rng.normal(size=(p, p)))
+    assert D.linear_cka(x, 3.0 * x @ rot + 5.0) == pytest.approx(1.0, abs=1e-9)
+    assert D.linear_cka(x, rng.normal(size=(n, q))) < 0.9
+
+
+def test_weight_drift_groups_the_backbone_and_leaves_out_the_head():
+    """ft_drift.drift: per block (and patch_embed, pos_embed with cls_token, norm) the norm of the change over the norm
+    of the start, in float64; the head never counts."""
+    import ft_drift as D
+
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(2 ** 31)))
+    names = ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.bias",
+             "blocks.2.norm1.weight", "norm.weight", "head.weight"]
+    start = {k: torch.randn(3, 5, generator=g) for k in names}
+    end = {k: v + torch.randn(3, 5, generator=g) * 0.1 for k, v in start.items()}
+    got = D.drift(start, end)
+    assert set(got) == {"pos_embed", "patch_embed", "block0", "block2", "norm"}
+
+    def ref(keys):
+        d = sum(float(((end[k].double() - start[k].double()) ** 2).sum()) for k in keys)
+        return (d / sum(float((start[k].double() ** 2).sum()) for k in keys)) ** 0.5
+
+    assert got["block0"] == pytest.approx(ref(["blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.bias"]), rel=1e-12)
+    assert got["pos_embed"] == pytest.approx(ref(["cls_token", "pos_embed"]), rel=1e-12)
+    assert D.drift(start, start)["block2"] == 0.0
+
+
+def test_ft_drift_rebuilds_the_start_a_finetune_run_began_from(tmp_path):
+    """A fine-tuning run at a negligible lr leaves every backbone group where ft_drift rebuilds its start (drift
+    ~0, CKA ~1), so the start is the same seeded init; a run at the built-in lr has moved."""
+    import ft_drift as D
+
+    seed = int(np.random.default_rng().integers(1, 1000))
+    for name, lr in (("still", "1e-12"), ("moved", "0.004")):
+        proc = subprocess.run([sys.executable, "-m", "fastebm", "eval", "finetune", "--init", "random", "--few_shot", "4", "--batch_size", "8",
+                               "--epochs", "2", "--lr", lr, "--min_lr", "0", "--img_size", "16", "--seed", str(seed), "--output_dir",
+                               str(tmp_path / name)], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    still = D.measure(str(tmp_path / "still"), images=64)
+    moved = D.measure(str(tmp_path / "moved"), images=64)
+    assert set(still["drift"]) == {"patch_embed", "pos_embed", "norm", *(f"block{i}" for i in range(4))}
+    assert max(still["drift"].values()) < 1e-6 and min(still["cka"].values()) > 1 - 1e-6
+    assert max(moved["drift"].values()) > 1e-3
+    assert D.main([str(tmp_path / "moved"), str(tmp_path / "nothing"), "--out", str(tmp_path / "d.json")]) == 0
+    assert [r["run"] for r in json.loads((tmp_path / "d.json").read_text())["runs"]] == [str(tmp_path / "moved")]

@@ -245,3 +245,59 @@ def test_the_lr_search_split_holds_out_whole_training_tiles(split, tmp_path):
     name = T.CLASSES[int(s["y_val"][0])]
     first = sorted(os.listdir(tmp_path / "split" / "val" / name))[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "split" / "val" / name / first)), s["x_val"][0])
+
+
+@pytest.mark.parametrize("cell", ["builtin", "hflip", "randaug", "steps2000", "hflip_randaug_steps2000", "head_random"])
+def test_the_recipe_grid_cells_parse_as_the_study_command_with_their_flags(cell, tmp_path):
+    """texture_ft_recipe.py: each cell is the study's 100-label fine-tuning on the split with its flags winning:
+    a flip of probability 0.5, MAE's RandAugment, 2,000 optimiser steps at 100 labels and batch 32 (the last partial
+    batch dropped), a random head instead of LP-FT's probe, or the built-in value of each; the test-patch arm of a
+    cell adds the same flags."""
+    import arms as A
+    import texture_ft_lr as L
+    import texture_ft_recipe as R
+    from fastebm.eval.config import parse_args
+    from fastebm.eval.recipes import RAND_AUGMENT, RECIPES, UPDATE_BUDGET
+
+    flags = R.CELLS[cell]
+    split = str(tmp_path / "split")
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    (pre / "backbone.pth").write_bytes(b"")  # fastebm-eval's parser checks that the backbone file exists
+    for arm in R.ARMS:
+        cmd = L.finetune_command(arm, 0, str(pre), 3, A.Budget(data_dir=split), flags, str(tmp_path / "ft"))
+        assert cmd[1:5] == ["-m", "fastebm", "eval", "finetune"]
+        command, cfg = parse_args(cmd[4:])
+        assert command == "finetune" and cfg.few_shot == 10 and cfg.seed == 3 and cfg.data == split and cfg.img_size == 32
+        assert cfg.recipe == "small" and cfg.blr is None and cfg.lr is None  # the built-in lr in every cell
+        assert (cfg.init, cfg.ckpt) == (("random", None) if arm.startswith("random_timm") else (None, str(pre / "backbone.pth")))
+        parts = set(cell.split("_"))
+        builtin = RECIPES["small"]["finetune"]
+        assert cfg.hflip == (0.5 if "hflip" in parts else builtin["hflip"]) and builtin["hflip"] == 0
+        assert cfg.aa == (RAND_AUGMENT if "randaug" in parts else builtin["aa"]) and builtin["aa"] == "off"
+        assert cfg.head_init == ("random" if cell == "head_random" else builtin["head_init"]) and builtin["head_init"] == "probe"
+        if "steps2000" in parts:
+            per_epoch = 100 // RECIPES["small"]["finetune"]["batch_size"]
+            assert 2 * UPDATE_BUDGET <= cfg.epochs * per_epoch < 2 * UPDATE_BUDGET + per_epoch
+        else:
+            assert cfg.epochs is None
+    if flags:
+        arm = A.ARMS[f"fastebm_16px_8ep_ft100_{cell}"]
+        assert arm.ft_flags == flags and arm.parts == ["ft_100"] and arm.pretrained_as == "fastebm_16px_8ep"
+        assert A.ARMS[f"random_timm_32px_ft100_{cell}"].ft_flags == flags
+
+
+def test_the_recipe_grid_picks_each_arms_highest_mean_and_skips_missing_cells():
+    """texture_ft_recipe.picks: per arm, the cell with the highest mean over its seeds (not the highest single run);
+    a tie goes to the cell listed first; cells and arms without a finished run are left out."""
+    import texture_ft_recipe as R
+
+    rng = np.random.default_rng()
+    base = rng.uniform(0.3, 0.6)
+    rows = [dict(arm="a", cell="x", seed=0, val_top1=base + 0.30), dict(arm="a", cell="x", seed=1, val_top1=base),
+            dict(arm="a", cell="y", seed=0, val_top1=base + 0.20), dict(arm="a", cell="y", seed=1, val_top1=base + 0.12),
+            dict(arm="b", cell="y", seed=0, val_top1=base), dict(arm="b", cell="z", seed=0, val_top1=base)]
+    # a: x has the best run (base + 0.30) but y the best mean (base + 0.16 against base + 0.15)
+    assert R.picks(rows, ["a", "b", "c"], ["x", "y", "z"]) == {"a": "y", "b": "y"}
+    assert R.picks(rows, ["b"], ["z", "y"]) == {"b": "z"}
+    assert R.cell_top1(rows, "a", "y") == [base + 0.20, base + 0.12]

@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from fastebm.eval.recipes import RAND_AUGMENT
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRETRAIN_BATCH = 32  # fastebm-train's default batch, and the MAE baseline's
 PRETRAIN_EPOCHS = 8  # the study's pretraining budget: fastebm-train's default (8 epochs at vit_demo's 16 px)
@@ -170,6 +172,27 @@ for _base, _blrs in (("random_timm_32px", {"16e-3": "0.016", "32e-3": "0.032"}),
     for _suffix, _value in _blrs.items():
         ARMS[f"{_base}_ft100_blr{_suffix}"] = ft_only_arm(ARMS[_base], f"ft100_blr{_suffix}",
                                                           f"100-label FT at blr {_value}", ["--blr", _value], part="ft_100")
+# Round 19: the rest of the 100-label fine-tuning recipe on the textures at 32 px (texture_ft_recipe.py: each cell's
+# flags added to the built-in recipe, seeds 0 and 1 on round 18's validation split). The digits' recipe has no flip
+# (digits are not mirror-symmetric; textures are), no RandAugment and 1,000 steps; 100 labels at batch 32 are 3 steps
+# per epoch (the last partial batch is dropped), so 667 epochs are 2,001 steps. The arms below fine-tune timm's init
+# and fastebm's defaults with each cell on the test patches, beside the built-in (``*_ft100_blr32e-3``).
+TEXTURE_FT_CELLS: Dict[str, List[str]] = {
+    "builtin": [],
+    "hflip": ["--hflip", "0.5"],
+    "randaug": ["--aa", RAND_AUGMENT],
+    "steps2000": ["--epochs", "667"],
+    "hflip_randaug_steps2000": ["--hflip", "0.5", "--aa", RAND_AUGMENT, "--epochs", "667"],  # augmentation wants time
+    # not a recipe choice but a cause check: LP-FT starts fastebm's head as a probe of its better frozen features, so
+    # its loss starts low and its backbone moves less than a random init's (round 16: peak loss 1.29 against 2.10);
+    # does a random head (MAE's) change the gap?
+    "head_random": ["--head_init", "random"],
+}
+for _base in ("random_timm_32px", "fastebm_16px_8ep"):
+    for _cell, _flags in TEXTURE_FT_CELLS.items():
+        if _flags:
+            ARMS[f"{_base}_ft100_{_cell}"] = ft_only_arm(ARMS[_base], f"ft100_{_cell}", f"100-label FT, {_cell.replace('_', ' + ')}",
+                                                         _flags, part="ft_100")
 
 # The default set: what the acceptance checks compare (both random inits, the shipped defaults, MAE at
 # equal epochs and at equal FLOPs), every arm pretrained and evaluated at 16 px since round 12. An arm costs

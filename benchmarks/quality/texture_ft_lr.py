@@ -90,9 +90,75 @@ def run_logged(cmds: List[List[str]], log_path: str, env: Dict[str, str]) -> int
     return 0
 
 
-def main() -> int:
+def finetune_command(arm: str, pretrain_seed: int, pretrain_dir: str, seed: int, budget, flags: List[str],
+                     run_dir: str) -> List[str]:
+    """The study's 100-label fine-tuning of ``arm`` (``fastebm-eval finetune ... --few_shot 10``) on the split that
+    ``budget`` (an ``arms.Budget``) names, with ``flags`` added after the study's own (so they win), as a command list."""
+    return [sys.executable, "-m", "fastebm", "eval", "finetune", *A.source_flags(A.ARMS[arm], pretrain_seed, pretrain_dir),
+            "--seed", str(seed), *budget.eval_data_flags(), "--few_shot", "10", *flags, "--output_dir", run_dir]
+
+
+def run_grid(out: str, arm_names: List[str], cells: Dict[str, List[str]], seeds: List[int], pretrain_seed: int = 0,
+             jobs: int = 2) -> Dict:
+    """Pretrains each arm (seed ``pretrain_seed``) on the split's training patches and fine-tunes it with the study's
+    100-label command plus each cell's flags, for every fine-tuning seed; runs already finished in ``out`` are kept.
+
+    Returns {"split": counts, "pretrain_commands": {arm: command or None}, "runs": [dict(arm, cell, seed, val_top1,
+    train_top1, wall_s, command)]}, the runs of failed jobs left out (each failure is printed with its log's path).
+    Raises SystemExit when a pretraining fails (no fine-tuning is meaningful without it)."""
     import run as R
 
+    split = os.path.join(out, "split")
+    counts = write_val_split(split)
+    print(f"validation split: {counts['train']} training / {counts['val']} validation patches", flush=True)
+    budget = A.Budget(data_dir=split)
+    fl = R.flops_table(arm_names, budget)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    pretrain = {}  # arm -> (its pretraining folder, its command or None)
+    for name in arm_names:
+        arm = A.ARMS[name]
+        base = A.ARMS[arm.pretrain_name]
+        pdir = os.path.join(out, "pretrain", f"{base.name}_s{pretrain_seed}")
+        pretrain[name] = (pdir, A.pretrain_command(base, pretrain_seed, pdir, budget, fl["arms"].get(name, {}).get("epochs")))
+    # pretraining first (two at a time), then every fine-tuning
+    with ThreadPoolExecutor(jobs) as pool:
+        todo = [(p, c) for p, c in pretrain.values() if c is not None and not os.path.exists(os.path.join(p, "backbone.pth"))]
+        for (pdir, cmd), rc in zip(todo, pool.map(lambda pc: run_logged([pc[1]], pc[0] + ".log", env), todo)):
+            if rc:
+                raise SystemExit(f"FAILED pretraining {pdir} (exit {rc}; see {pdir}.log)")
+    grid = []
+    for name in arm_names:
+        pdir = pretrain[name][0]
+        for cell, flags in cells.items():
+            for seed in seeds:
+                run_dir = os.path.join(out, "ft", f"{name}_{cell}_s{seed}")
+                grid.append((name, cell, seed, run_dir, finetune_command(name, pretrain_seed, pdir, seed, budget, flags, run_dir)))
+
+    def run(job):
+        name, cell, seed, run_dir, cmd = job
+        if os.path.exists(os.path.join(run_dir, "summary.json")):
+            return f"kept {run_dir}"
+        rc = run_logged([cmd], run_dir + ".log", env)
+        return f"done {run_dir}" if rc == 0 else f"FAILED {run_dir} (exit {rc}; see {run_dir}.log)"
+
+    with ThreadPoolExecutor(jobs) as pool:
+        for status in pool.map(run, grid):
+            print(status, flush=True)
+    rows = []
+    for name, cell, seed, run_dir, cmd in grid:
+        try:
+            with open(os.path.join(run_dir, "summary.json")) as fh:
+                s = json.load(fh)
+        except OSError:
+            continue
+        rows.append(dict(arm=name, cell=cell, seed=seed, val_top1=s["top1"], train_top1=s.get("train_top1"),
+                         wall_s=s.get("wall_time_s"), command=" ".join(cmd[1:])))
+    return {"split": counts, "pretrain_commands": {k: (" ".join(c[1:]) if c else None) for k, (p, c) in pretrain.items()},
+            "runs": rows}
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--arms", nargs="+", default=ARMS, choices=sorted(A.ARMS))
@@ -102,61 +168,16 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
     out = os.path.abspath(args.out)
-    split = os.path.join(out, "split")
-    counts = write_val_split(split)
-    print(f"validation split: {counts['train']} training / {counts['val']} validation patches", flush=True)
-    budget = A.Budget(data_dir=split)
-    fl = R.flops_table(args.arms, budget)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-
-    pretrain = {}  # arm -> its pretraining folder
-    jobs = []
-    for name in args.arms:
-        arm = A.ARMS[name]
-        base = A.ARMS[arm.pretrain_name]
-        pdir = os.path.join(out, "pretrain", f"{base.name}_s{args.pretrain_seed}")
-        pretrain[name] = (pdir, A.pretrain_command(base, args.pretrain_seed, pdir, budget, fl["arms"].get(name, {}).get("epochs")))
-    # pretraining first (two at a time), then every fine-tuning
-    with ThreadPoolExecutor(args.jobs) as pool:
-        todo = [(p, c) for p, c in pretrain.values() if c is not None and not os.path.exists(os.path.join(p, "backbone.pth"))]
-        for (pdir, cmd), rc in zip(todo, pool.map(lambda pc: run_logged([pc[1]], pc[0] + ".log", env), todo)):
-            if rc:
-                print(f"FAILED pretraining {pdir} (exit {rc}; see {pdir}.log)")
-                return 1
-    for name in args.arms:
-        pdir = pretrain[name][0]
-        for blr in args.blr:
-            for seed in args.seeds:
-                run_dir = os.path.join(out, "ft", f"{name}_blr{blr:g}_s{seed}")
-                cmd = [sys.executable, "-m", "fastebm", "eval", "finetune", *A.source_flags(A.ARMS[name], args.pretrain_seed, pdir),
-                       "--seed", str(seed), *budget.eval_data_flags(), "--few_shot", "10", "--blr", f"{blr:g}",
-                       "--output_dir", run_dir]
-                jobs.append((name, blr, seed, run_dir, cmd))
-
-    def run(job):
-        name, blr, seed, run_dir, cmd = job
-        if os.path.exists(os.path.join(run_dir, "summary.json")):
-            return f"kept {run_dir}"
-        rc = run_logged([cmd], run_dir + ".log", env)
-        return f"done {run_dir}" if rc == 0 else f"FAILED {run_dir} (exit {rc}; see {run_dir}.log)"
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for status in pool.map(run, jobs):
-            print(status, flush=True)
-    rows = []
-    for name, blr, seed, run_dir, cmd in jobs:
-        try:
-            with open(os.path.join(run_dir, "summary.json")) as fh:
-                s = json.load(fh)
-        except OSError:
-            continue
-        rows.append(dict(arm=name, blr=blr, seed=seed, val_top1=s["top1"], train_top1=s.get("train_top1"),
-                         wall_s=s.get("wall_time_s"), command=" ".join(cmd[1:])))
+    cells = {f"blr{blr:g}": ["--blr", f"{blr:g}"] for blr in args.blr}
+    grid = run_grid(out, args.arms, cells, args.seeds, args.pretrain_seed, args.jobs)
+    rows = grid["runs"]
+    for r in rows:
+        r["blr"] = float(r["cell"][len("blr"):])
     from report import environment
 
     result = {"env": environment(), "command": " ".join(["python", "benchmarks/quality/texture_ft_lr.py", *sys.argv[1:]]),
-              "split": counts, "val_seed": VAL_SEED, "val_tile_fraction": VAL_TILE_FRACTION, "pretrain_seed": args.pretrain_seed,
-              "pretrain_commands": {k: (" ".join(c[1:]) if c else None) for k, (p, c) in pretrain.items()}, "runs": rows}
+              "split": grid["split"], "val_seed": VAL_SEED, "val_tile_fraction": VAL_TILE_FRACTION,
+              "pretrain_seed": args.pretrain_seed, "pretrain_commands": grid["pretrain_commands"], "runs": rows}
     with open(os.path.join(out, "texture_ft_lr.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     plot_grid(rows, args.arms, args.blr, os.path.join(out, "texture_ft_lr.png"))
