@@ -42,7 +42,7 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 
 def weight_group(name: str) -> str | None:
     """The group a backbone parameter belongs to (``block3`` for blocks.3.*), or None for the head."""
-    if name.startswith("head") or name.startswith("fc_norm"):
+    if name.startswith("head."):
         return None
     if name.startswith("blocks."):
         return "block" + name.split(".")[1]
