@@ -38,6 +38,7 @@ import texture_ft_lr as L  # noqa: E402
 
 ARMS = ["random_timm_32px", "fastebm_16px_8ep"]
 CELLS: Dict[str, List[str]] = A.TEXTURE_FT_CELLS  # cell name -> the flags it adds to the built-in recipe (arms.py)
+CELL_LABELS = {"hflip_randaug_steps2000": "hflip\n+randaug\n+steps2000", "head_random": "random head\n(no LP-FT)"}
 
 
 def main() -> int:
@@ -103,7 +104,7 @@ def plot_cells(rows: List[dict], arm_names: List[str], cells: List[str], path: s
             if v:
                 ax.hlines(np.mean(v), x - width / 2.5, x + width / 2.5, color=color, lw=2)
         ax.plot([], [], "-", color=color, lw=2, label=A.ARMS[name].label if name in A.ARMS else name)
-    ax.set_xticks(np.arange(len(cells)), [c.replace("_", "\n+") for c in cells], fontsize=8)
+    ax.set_xticks(np.arange(len(cells)), [CELL_LABELS.get(c, c) for c in cells], fontsize=8)
     ax.set_ylabel("validation top-1 (100 labels)")
     ax.set_title("textures at 32 px: 100-label fine-tuning recipe (bar: mean; dots: seeds)")
     ax.legend(fontsize=7)
